@@ -1,0 +1,15 @@
+"""Building WEMoE artifacts: reading checkpoints, merging, zero-shot heads, saving."""
+
+from .artifact import default_image_processor, load_image_processor, save_artifact
+from .clip import merge_clip
+from .merge_methods import STATIC_MERGE_METHODS, magnitude_keep_mask, task_arithmetic
+
+__all__ = [
+    "STATIC_MERGE_METHODS",
+    "default_image_processor",
+    "load_image_processor",
+    "magnitude_keep_mask",
+    "merge_clip",
+    "save_artifact",
+    "task_arithmetic",
+]

@@ -1,0 +1,205 @@
+"""Building a WEMoE / E-WEMoE CLIP classifier from a base CLIP model and fine-tuned experts, in memory."""
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, PreTrainedTokenizerBase
+
+from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
+from modeling_wemoe.modeling_wemoe import WEMoELinear, WEMoESparseTaskVectors
+
+from .checkpoints import (
+    ModelSource,
+    check_finite,
+    check_matching_tensors,
+    check_same_architecture,
+    load_clip_model,
+    load_vision_tower,
+)
+from .heads import DEFAULT_TEMPLATES, zero_shot_head
+from .merge_methods import get_static_merge, magnitude_keep_mask
+
+logger = logging.getLogger(__name__)
+
+# WEMoE (ICML 2024): a router per layer, dense task vectors. E-WEMoE: one shared router, sparse task vectors.
+VARIANTS = {
+    "wemoe": {"router_mode": "per_layer", "expert_format": "dense"},
+    "e-wemoe": {"router_mode": "shared", "expert_format": "sparse"},
+}
+
+
+def check_task_names(experts: Mapping[str, object], classnames: Mapping[str, Sequence[str]]) -> None:
+    if not experts:
+        raise ValueError("`experts` is empty: give at least one fine-tuned model, keyed by task name.")
+    if set(experts) != set(classnames):
+        raise ValueError(
+            f"`experts` and `classnames` must name the same tasks: experts {sorted(experts)}, "
+            f"classnames {sorted(classnames)}."
+        )
+    empty = [task for task in experts if not classnames[task]]
+    if empty:
+        raise ValueError(f"`classnames` has an empty class list for task(s) {empty}.")
+
+
+def resolve_tokenizer(base: ModelSource, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    if tokenizer is not None:
+        return tokenizer
+    if isinstance(base, CLIPModel):
+        raise ValueError("`tokenizer` is required when `base` is a model in memory (it builds the zero-shot heads).")
+    return AutoTokenizer.from_pretrained(base)
+
+
+def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str) -> None:
+    # Heads and projection come from the base model, as in the paper; say so when an expert changed them.
+    if not isinstance(expert, CLIPModel):
+        return
+    if not torch.equal(expert.visual_projection.weight, clip.visual_projection.weight):
+        logger.warning("Expert %r has a fine-tuned visual_projection; the base model's is used.", task)
+    if not torch.equal(expert.text_projection.weight, clip.text_projection.weight):
+        logger.warning("Expert %r has a fine-tuned text tower; the base model's builds the heads.", task)
+
+
+def assign_task_vectors(store: torch.nn.Module, task_vectors: torch.Tensor, keep: float | None) -> None:
+    if isinstance(store, WEMoESparseTaskVectors):
+        store.assign(task_vectors, magnitude_keep_mask(task_vectors, keep))
+    else:
+        store.assign(task_vectors)
+
+
+def load_vision_towers(clip: CLIPModel, experts: Mapping[str, ModelSource]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every expert's vision-tower state dict, checked against the base before anything is built."""
+    base_tower = clip.vision_model
+    base_state = base_tower.state_dict()
+    check_finite(base_state, "the base model")
+    expert_states = {}
+    for task, source in tqdm(experts.items(), desc="Loading experts", unit="expert"):
+        tower: CLIPVisionModel = load_vision_tower(source, task)
+        check_same_architecture(base_tower.config, tower.config, task)
+        state = tower.state_dict()
+        check_matching_tensors(base_state, state, task)
+        check_finite(state, f"expert {task!r}")
+        warn_on_ignored_expert_parts(clip, source, task)
+        expert_states[task] = state
+    return expert_states
+
+
+@torch.no_grad()
+def fill_vision_model(
+    model: WEMoEForImageClassification,
+    base_state: dict[str, torch.Tensor],
+    expert_states: dict[str, dict[str, torch.Tensor]],
+    static_merge: dict,
+) -> None:
+    """Weight-ensembled linears keep theta_0 plus their stacked task vectors; every other tensor is merged once."""
+    config = model.config
+    method = get_static_merge(static_merge["method"])
+    merge_options = {key: value for key, value in static_merge.items() if key != "method"}
+    linears = {name: module for name, module in model.vision_model.named_modules() if isinstance(module, WEMoELinear)}
+    ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
+
+    merged_state = {}
+    for key, pretrained in tqdm(base_state.items(), desc="Merging tensors", unit="tensor"):
+        task_vectors = torch.stack([expert_states[task][key].float() - pretrained.float() for task in config.tasks])
+        if key in ensembled:
+            module, kind = ensembled[key]
+            assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, config.keep)
+            merged_state[key] = pretrained
+        else:
+            merged_state[key] = method.merge(pretrained.float(), task_vectors, **merge_options)
+
+    result = model.vision_model.load_state_dict(merged_state, strict=False)
+    not_written = [key for key in result.missing_keys if "task_vectors" not in key and ".router." not in key]
+    if not_written or result.unexpected_keys:
+        raise RuntimeError(
+            f"The WEMoE vision tower does not match the CLIP vision tower: not written {not_written}, "
+            f"unexpected {result.unexpected_keys}."
+        )
+
+
+def merge_clip(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]],
+    *,
+    variant: str = "wemoe",
+    keep: float = 0.1,
+    init_lambda: float = 0.3,
+    scaling: float = 0.3,
+    router_hidden_layers: int = 2,
+    granularity: str = "sample",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> WEMoEForImageClassification:
+    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier.
+
+    Args:
+        base: the pre-trained `CLIPModel`, or its local directory / Hub id.
+        experts: task name -> fine-tuned `CLIPVisionModel` or `CLIPModel` (or directory / Hub id), in expert order.
+        classnames: task name -> class names; each task's head is built from the base text tower.
+        variant: `"wemoe"` (a router per layer, dense task vectors) or `"e-wemoe"` (one shared router, task vectors
+            pruned to the `keep` fraction of largest-magnitude entries per tensor).
+        keep: kept fraction for `"e-wemoe"` (0.1 = "E-WEMoE-90%"); ignored for `"wemoe"`.
+        init_lambda: initial routing weight of every expert.
+        scaling: task-arithmetic coefficient for the statically merged (non-MLP) parameters.
+        router_hidden_layers: router depth, 0, 1 or 2.
+        granularity: `"sample"` (one routing vector per image) or `"token"`.
+        tokenizer: the base model's tokenizer; loaded from `base` when it is a path or Hub id.
+        templates: task name -> prompt templates with one `{}` for the class name (default: CLIP photo prompts).
+
+    Returns:
+        A `WEMoEForImageClassification` in eval mode whose only trainable parameters are the routers; at init it
+        equals task arithmetic with coefficient `init_lambda` on the MLPs.
+
+    Example:
+
+    ```python
+    >>> from conversion import merge_clip
+    >>> model = merge_clip(
+    ...     "openai/clip-vit-base-patch32",
+    ...     {"eurosat": "tanganke/clip-vit-base-patch32_eurosat", "gtsrb": "tanganke/clip-vit-base-patch32_gtsrb"},
+    ...     {"eurosat": eurosat_classnames, "gtsrb": gtsrb_classnames},
+    ...     variant="e-wemoe",
+    ... )
+    ```
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    check_task_names(experts, classnames)
+    templates = templates or {}
+    unknown_templates = sorted(set(templates) - set(experts))
+    if unknown_templates:
+        raise ValueError(f"`templates` names tasks without an expert: {unknown_templates}.")
+
+    clip = load_clip_model(base)
+    tokenizer = resolve_tokenizer(base, tokenizer)
+    expert_states = load_vision_towers(clip, experts)
+
+    static_merge = {"method": "task_arithmetic", "scaling": scaling}
+    config = WEMoEConfig(
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        tasks=list(experts),
+        task_labels={task: list(classnames[task]) for task in experts},
+        init_lambda=init_lambda,
+        router_hidden_layers=router_hidden_layers,
+        routing_granularity=granularity,
+        keep=keep if VARIANTS[variant]["expert_format"] == "sparse" else None,
+        static_merge=static_merge,
+        **VARIANTS[variant],
+    )
+    model = WEMoEForImageClassification(config)
+    logger.info("Merging %d experts into a %s model (%s).", len(experts), variant, ", ".join(experts))
+    fill_vision_model(model, clip.vision_model.state_dict(), expert_states, static_merge)
+
+    with torch.no_grad():
+        model.visual_projection.weight.copy_(clip.visual_projection.weight)
+        model.logit_scale.copy_(clip.logit_scale)
+        heads = [
+            zero_shot_head(clip, tokenizer, classnames[task], templates.get(task, DEFAULT_TEMPLATES))
+            for task in tqdm(config.tasks, desc="Building zero-shot heads", unit="task")
+        ]
+        model.classifier.weight.copy_(torch.cat(heads))
+    model.freeze_all_but_routers()
+    return model.eval()

@@ -1,0 +1,39 @@
+"""Zero-shot classification heads from the base CLIP text tower (as in the paper and CLIP's own evaluation)."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+# A few of CLIP's ImageNet prompt templates; tasks may bring their own.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a good photo of a {}.",
+    "a close-up photo of a {}.",
+)
+
+
+@torch.no_grad()
+def zero_shot_head(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> torch.Tensor:
+    """`(num_classes, projection_dim)` class embeddings: each class's prompts embedded by the text tower,
+    L2-normalised, averaged over templates and normalised again."""
+    texts = [template.format(name) for name in classnames for template in templates]
+    inputs = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=clip.config.text_config.max_position_embeddings,
+        return_tensors="pt",
+    ).to(clip.device)
+    embeddings = clip.get_text_features(**inputs).pooler_output
+    embeddings = F.normalize(embeddings, dim=-1).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)

@@ -1,0 +1,21 @@
+"""The code that ships inside every WEMoE artifact (copied flat next to config.json by `save_pretrained`)."""
+
+from .configuration_wemoe import WEMoEConfig
+from .modeling_wemoe import (
+    WEMoEDenseTaskVectors,
+    WEMoEForImageClassification,
+    WEMoELinear,
+    WEMoEPreTrainedModel,
+    WEMoERouter,
+    WEMoESparseTaskVectors,
+)
+
+__all__ = [
+    "WEMoEConfig",
+    "WEMoEDenseTaskVectors",
+    "WEMoEForImageClassification",
+    "WEMoELinear",
+    "WEMoEPreTrainedModel",
+    "WEMoERouter",
+    "WEMoESparseTaskVectors",
+]

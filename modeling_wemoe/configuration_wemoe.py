@@ -1,0 +1,158 @@
+"""WEMoE model configuration.
+
+Shipped inside every artifact: imports only transformers (and, through it, huggingface_hub).
+"""
+
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class WEMoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a weight-ensembling mixture-of-experts (WEMoE / E-WEMoE) model: a backbone whose MLP blocks
+    re-mix per input the task vectors of several fine-tuned experts, everything else merged statically.
+
+    It holds architecture facts only (what `__init__` needs to build every tensor); device, dtype and seeds never
+    go here. `static_merge` is recorded for provenance and is not read by the model.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`):
+            The CLIP vision tower the experts were fine-tuned from.
+        projection_dim (`int`):
+            Output size of the visual projection (the CLIP joint embedding size); required with `vision_config`.
+        tasks (`list[str]`):
+            Task names, one per expert, in expert order. Names are unique and non-empty.
+        task_labels (`dict[str, list[str]]`, *optional*):
+            Class names of each task's classification head, keyed by task (every task must have a non-empty list).
+            `id2label` is derived from it as `"<task>: <label>"`, in task order.
+        num_experts (`int`, *optional*):
+            Number of experts (task vectors) per WEMoE layer. Defaults to `len(tasks)` and must equal it.
+        router_mode (`"per_layer"` or `"shared"`, defaults to `"per_layer"`):
+            `"per_layer"`: one router in every WEMoE layer (WEMoE). `"shared"`: one router owned by the model and
+            used by every layer (E-WEMoE).
+        router_hidden_layers (`int`, defaults to 2):
+            Router depth. 2: `Linear(d, d) -> ReLU -> Linear(d, num_experts)` (the paper's default);
+            1: `Linear(d, num_experts)`; 0: a learned vector of `num_experts` weights, the same for every input.
+        init_lambda (`float`, defaults to 0.3):
+            Initial routing weight of every expert: the last router layer starts at weight 0 and bias
+            `init_lambda`, so a fresh model is task arithmetic with scaling `init_lambda`.
+        routing_granularity (`"sample"` or `"token"`, defaults to `"sample"`):
+            `"sample"`: one routing vector per sample, the router outputs averaged over its tokens (padding
+            excluded). `"token"`: one routing vector per token (exact per-token weight ensembling).
+        expert_format (`"dense"` or `"sparse"`, defaults to `"dense"`):
+            How task vectors are stored. `"sparse"` keeps the `keep` fraction of largest-magnitude entries of each
+            tensor, stored as values plus a packed bitmask.
+        keep (`float`, *optional*):
+            Fraction of entries kept per task-vector tensor, in (0, 1]; required with `expert_format="sparse"`
+            (0.1 is "E-WEMoE-90%"), must be unset otherwise.
+        static_merge (`dict`, *optional*):
+            How the non-MLP parameters were merged, e.g. `{"method": "task_arithmetic", "scaling": 0.3}`.
+            Provenance only.
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPVisionConfig
+    >>> from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
+
+    >>> config = WEMoEConfig(
+    ...     vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                    num_attention_heads=4, image_size=32, patch_size=8),
+    ...     projection_dim=32,
+    ...     tasks=["digits", "shapes"],
+    ...     task_labels={"digits": ["zero", "one"], "shapes": ["circle", "square", "triangle"]},
+    ... )
+    >>> model = WEMoEForImageClassification(config)
+    >>> config.id2label[2]
+    'shapes: circle'
+    ```
+    """
+
+    model_type = "wemoe"
+    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=CLIPVisionConfig, optional=True)}
+
+    vision_config: dict | PreTrainedConfig | None = None
+    projection_dim: int | None = None
+    tasks: list[str] | None = None
+    task_labels: dict[str, list[str]] | None = None
+    num_experts: int | None = None
+    router_mode: Literal["per_layer", "shared"] = "per_layer"
+    router_hidden_layers: int = 2
+    init_lambda: float | int = 0.3
+    routing_granularity: Literal["sample", "token"] = "sample"
+    expert_format: Literal["dense", "sparse"] = "dense"
+    keep: float | int | None = None
+    static_merge: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_experts is None and self.tasks is not None:
+            self.num_experts = len(self.tasks)
+        if self.task_labels is not None and self.tasks is not None:
+            labels = [f"{task}: {label}" for task in self.tasks for label in self.task_labels.get(task, [])]
+            self.id2label = dict(enumerate(labels))
+            self.label2id = {label: i for i, label in enumerate(labels)}
+
+    def validate_backbone(self):
+        if self.vision_config is None:
+            raise ValueError("`vision_config` is required: WEMoEConfig needs the backbone it was merged from.")
+        if self.projection_dim is None or self.projection_dim <= 0:
+            raise ValueError(
+                f"`projection_dim` must be a positive int with a CLIP backbone, got {self.projection_dim}."
+            )
+
+    def validate_tasks(self):
+        if not self.tasks:
+            raise ValueError("`tasks` must list at least one task name.")
+        if any(not isinstance(t, str) or not t for t in self.tasks):
+            raise ValueError(f"`tasks` must hold non-empty strings, got {self.tasks}.")
+        duplicates = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"`tasks` has duplicate names {duplicates}; every task needs its own name.")
+        if self.num_experts != len(self.tasks):
+            raise ValueError(
+                f"`num_experts` ({self.num_experts}) must equal the number of tasks ({len(self.tasks)}): "
+                "every expert is one task's fine-tuned model."
+            )
+        if self.task_labels is None:
+            return
+        if set(self.task_labels) != set(self.tasks):
+            raise ValueError(
+                f"`task_labels` must have one entry per task: tasks {self.tasks}, "
+                f"task_labels keys {list(self.task_labels)}."
+            )
+        empty = [t for t in self.tasks if not self.task_labels[t]]
+        if empty:
+            raise ValueError(f"`task_labels` has an empty class list for task(s) {empty}.")
+
+    def validate_router(self):
+        if self.router_hidden_layers not in (0, 1, 2):
+            raise ValueError(f"`router_hidden_layers` must be 0, 1 or 2, got {self.router_hidden_layers}.")
+
+    def validate_expert_format(self):
+        if self.expert_format == "sparse":
+            if self.keep is None or not 0 < self.keep <= 1:
+                raise ValueError(f"`keep` must be in (0, 1] with expert_format='sparse', got {self.keep}.")
+        elif self.keep is not None:
+            raise ValueError(
+                f"`keep` ({self.keep}) only applies to expert_format='sparse', got '{self.expert_format}'."
+            )
+
+    @property
+    def task_label_offsets(self) -> dict[str, tuple[int, int]]:
+        """`(start, end)` of each task's classes in the concatenated label space."""
+        offsets, start = {}, 0
+        for task in self.tasks:
+            end = start + len(self.task_labels[task])
+            offsets[task] = (start, end)
+            start = end
+        return offsets
+
+
+WEMoEConfig.register_for_auto_class()
+
+__all__ = ["WEMoEConfig"]

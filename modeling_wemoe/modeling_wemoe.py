@@ -1,0 +1,522 @@
+"""PyTorch WEMoE models: weight-ensembling mixtures of experts over fine-tuned task vectors.
+
+Method: Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024) and
+Shen et al., "Efficient and Effective Weight-Ensembling Mixture of Experts for Multi-Task Model Merging" (E-WEMoE).
+Every MLP weight W of layer l becomes, for input x, W(x) = W0 + sum_i r_i(x) * tau_i, with r = router_l(h) and
+tau_i = theta_i - theta_0 the task vector of expert i; everything else is merged once by the converter.
+
+Shipped inside every artifact: imports only torch, transformers and the sibling configuration file.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPVisionEmbeddings
+
+from .configuration_wemoe import WEMoEConfig
+
+
+def num_kept_entries(numel: int, keep: float) -> int:
+    """Entries a sparse task-vector tensor of `numel` entries keeps: round(keep * numel)."""
+    return round(keep * numel)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean `(..., n)` mask into `(..., ceil(n / 8))` bytes, least significant bit first."""
+    padded = F.pad(mask.to(torch.uint8), (0, -mask.shape[-1] % 8))
+    bits = padded.view(*mask.shape[:-1], -1, 8)
+    place_values = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * place_values).sum(-1).to(torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bitmask`: `(..., ceil(n / 8))` bytes to a boolean `(..., n)` mask."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :numel].bool()
+
+
+class WEMoEDenseTaskVectors(nn.Module):
+    """The task vectors of one tensor, stacked as `(num_experts, *shape)`."""
+
+    def __init__(self, num_experts: int, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.values = nn.Parameter(torch.zeros(num_experts, *shape), requires_grad=False)
+
+    @property
+    def num_stored_entries(self) -> int:
+        return self.values.numel()
+
+    def assign(self, task_vectors: torch.Tensor) -> None:
+        """Store `(num_experts, *shape)` task vectors."""
+        with torch.no_grad():
+            self.values.copy_(task_vectors)
+
+    def dense(self) -> torch.Tensor:
+        return self.values
+
+    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        """sum_i r[b, i] * tau_i for every row b of `(batch, num_experts)` routing weights: `(batch, *shape)`."""
+        merged = routing_weights.to(self.values.dtype) @ self.values.flatten(1)
+        return merged.view(-1, *self.shape)
+
+
+class WEMoESparseTaskVectors(nn.Module):
+    """The task vectors of one tensor, each pruned to its `round(keep * numel)` kept entries.
+
+    Stored compactly: `values` `(num_experts, k)` in ascending flat-index order and `bitmask`
+    `(num_experts, ceil(numel / 8))` marking which entries were kept (1 bit per entry instead of a 64-bit index).
+    """
+
+    def __init__(self, num_experts: int, shape: tuple[int, ...], keep: float):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.numel = math.prod(shape)
+        self.num_kept = num_kept_entries(self.numel, keep)
+        self.values = nn.Parameter(torch.zeros(num_experts, self.num_kept), requires_grad=False)
+        self.register_buffer("bitmask", torch.zeros(num_experts, math.ceil(self.numel / 8), dtype=torch.uint8))
+
+    @property
+    def num_stored_entries(self) -> int:
+        return self.values.numel()
+
+    def assign(self, task_vectors: torch.Tensor, keep_mask: torch.Tensor) -> None:
+        """Store the entries of `(num_experts, *shape)` task vectors where `keep_mask` is set."""
+        flat_mask = keep_mask.reshape(keep_mask.shape[0], -1)
+        kept_per_expert = flat_mask.sum(-1).tolist()
+        if any(count != self.num_kept for count in kept_per_expert):
+            raise ValueError(
+                f"Sparse task vectors of shape {self.shape} keep {self.num_kept} entries per expert, "
+                f"but the keep mask sets {kept_per_expert}."
+            )
+        with torch.no_grad():
+            self.values.copy_(task_vectors.reshape(flat_mask.shape)[flat_mask].view_as(self.values))
+            self.bitmask.copy_(pack_bitmask(flat_mask))
+
+    def flat_indices(self) -> torch.Tensor:
+        """`(num_experts, k)` flat indices of the kept entries (ascending, matching `values`)."""
+        mask = unpack_bitmask(self.bitmask, self.numel)
+        indices = mask.nonzero()[:, 1]
+        if indices.numel() != mask.shape[0] * self.num_kept:
+            raise ValueError(
+                f"Corrupt sparse task vectors: the bitmask sets {indices.numel()} entries, expected "
+                f"{self.num_kept} per expert for {mask.shape[0]} experts (tensor shape {self.shape})."
+            )
+        return indices.view(mask.shape[0], self.num_kept)
+
+    def dense(self) -> torch.Tensor:
+        flat = self.values.new_zeros(self.values.shape[0], self.numel)
+        return flat.scatter_(1, self.flat_indices(), self.values).view(-1, *self.shape)
+
+    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        batch_size = routing_weights.shape[0]
+        contributions = routing_weights.to(self.values.dtype).unsqueeze(-1) * self.values  # (batch, experts, k)
+        index = self.flat_indices().view(1, -1).expand(batch_size, -1)
+        merged = self.values.new_zeros(batch_size, self.numel)
+        merged.scatter_add_(1, index, contributions.reshape(batch_size, -1))
+        return merged.view(batch_size, *self.shape)
+
+
+def build_task_vectors(config: WEMoEConfig, shape: tuple[int, ...]) -> nn.Module:
+    if config.expert_format == "sparse":
+        return WEMoESparseTaskVectors(config.num_experts, shape, config.keep)
+    return WEMoEDenseTaskVectors(config.num_experts, shape)
+
+
+class WEMoELinear(nn.Module):
+    """A linear layer whose weight and bias are `W0 + sum_i r_i * tau_i`, re-mixed for every sample or token.
+
+    `weight`/`bias` hold the frozen pre-trained W0 and b0; `weight_task_vectors`/`bias_task_vectors` the experts'
+    task vectors. Routing weights `(batch, num_experts)` mix one weight per sample; `(batch, seq, num_experts)`
+    mix one per token. Knows nothing of the model family around it.
+    """
+
+    def __init__(self, config: WEMoEConfig, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight_task_vectors = build_task_vectors(config, (out_features, in_features))
+        self.bias_task_vectors = build_task_vectors(config, (out_features,)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        if routing_weights.dim() == 2:
+            return self._forward_per_sample(hidden_states, routing_weights)
+        return self._forward_per_token(hidden_states, routing_weights)
+
+    def _forward_per_sample(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + self.weight_task_vectors.combine(routing_weights)  # (batch, out, in)
+        output = torch.matmul(hidden_states, weight.transpose(-1, -2))
+        if self.bias is not None:
+            output = output + (self.bias + self.bias_task_vectors.combine(routing_weights)).unsqueeze(1)
+        return output
+
+    def _forward_per_token(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        # x (W0 + sum_i r_i tau_i)^T = x W0^T + sum_i r_i (x tau_i^T): exact per token, no per-token weight copies.
+        output = F.linear(hidden_states, self.weight, self.bias)
+        per_expert = torch.einsum("bni,eoi->bneo", hidden_states, self.weight_task_vectors.dense())
+        output = output + torch.einsum("bne,bneo->bno", routing_weights.to(output.dtype), per_expert)
+        if self.bias is not None:
+            output = output + routing_weights.to(output.dtype) @ self.bias_task_vectors.dense()
+        return output
+
+
+class WEMoERouterLinear(nn.Linear):
+    """A router layer, initialised for routing rather than by the generic `nn.Linear` rule: the output layer starts
+    at weight 0 and bias `init_lambda` (so routing starts as task arithmetic), a hidden layer at N(0, 0.01)."""
+
+    def __init__(self, in_features: int, out_features: int, is_output: bool):
+        super().__init__(in_features, out_features)
+        self.is_output = is_output
+
+    def reset_for_routing(self, init_lambda: float) -> None:
+        if self.is_output:
+            init.zeros_(self.weight)
+            init.constant_(self.bias, init_lambda)
+        else:
+            init.normal_(self.weight, std=0.01)
+            init.zeros_(self.bias)
+
+
+class WEMoERouter(nn.Module):
+    """Maps hidden states `(..., hidden_size)` to raw routing weights `(..., num_experts)` (no softmax).
+
+    Depth 2: Linear(d, d) -> ReLU -> Linear(d, num_experts); depth 1: Linear(d, num_experts); depth 0: one learned
+    vector for every input. The output starts at `init_lambda` for every expert (task arithmetic).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, hidden_layers: int):
+        super().__init__()
+        self.hidden_layers = hidden_layers
+        self.num_experts = num_experts
+        if hidden_layers == 0:
+            self.weight = nn.Parameter(torch.empty(num_experts))
+        elif hidden_layers == 1:
+            self.fc = WEMoERouterLinear(hidden_size, num_experts, is_output=True)
+        else:
+            self.fc1 = WEMoERouterLinear(hidden_size, hidden_size, is_output=False)
+            self.fc2 = WEMoERouterLinear(hidden_size, num_experts, is_output=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.hidden_layers == 0:
+            return self.weight.expand(*hidden_states.shape[:-1], self.num_experts)
+        if self.hidden_layers == 1:
+            return self.fc(hidden_states)
+        return self.fc2(F.relu(self.fc1(hidden_states)))
+
+
+def compute_routing_weights(
+    router: WEMoERouter,
+    hidden_states: torch.Tensor,
+    granularity: str,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Router outputs per token `(batch, seq, experts)`, or per sample `(batch, experts)` averaged over its real
+    tokens. Each sample is reduced on its own: a sample's routing never depends on the rest of its batch."""
+    token_weights = router(hidden_states)
+    if granularity == "token":
+        return token_weights
+    if token_mask is None:
+        return token_weights.mean(dim=1)
+    mask = token_mask.to(token_weights.dtype).unsqueeze(-1)
+    return (token_weights * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class WEMoECLIPMLP(nn.Module):
+    """CLIP's fc1 -> activation -> fc2 block with both linears weight-ensembled under one routing vector."""
+
+    def __init__(self, config: WEMoEConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.granularity = config.routing_granularity
+        self.activation_fn = ACT2FN[vision_config.hidden_act]
+        self.fc1 = WEMoELinear(config, vision_config.hidden_size, vision_config.intermediate_size)
+        self.fc2 = WEMoELinear(config, vision_config.intermediate_size, vision_config.hidden_size)
+        self.router = (
+            WEMoERouter(vision_config.hidden_size, config.num_experts, config.router_hidden_layers)
+            if config.router_mode == "per_layer"
+            else None
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        router = self.router if self.router is not None else shared_router
+        routing_weights = compute_routing_weights(router, hidden_states, self.granularity)
+        hidden_states = self.fc1(hidden_states, routing_weights)
+        hidden_states = self.activation_fn(hidden_states)
+        hidden_states = self.fc2(hidden_states, routing_weights)
+        return hidden_states, routing_weights
+
+
+class WEMoECLIPEncoderLayer(nn.Module):
+    """A CLIP encoder layer (pre-norm attention, then pre-norm MLP) whose MLP is a WEMoE block."""
+
+    def __init__(self, config: WEMoEConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.self_attn = CLIPAttention(vision_config)
+        self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.mlp = WEMoECLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states))
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states, routing_weights = self.mlp(self.layer_norm2(hidden_states), shared_router=shared_router)
+        return residual + hidden_states, routing_weights
+
+
+class WEMoECLIPEncoder(nn.Module):
+    def __init__(self, config: WEMoEConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [WEMoECLIPEncoderLayer(config) for _ in range(config.vision_config.num_hidden_layers)]
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        all_hidden_states, all_routing_weights = (hidden_states,), ()
+        for layer in self.layers:
+            hidden_states, routing_weights = layer(hidden_states, shared_router=shared_router)
+            all_hidden_states += (hidden_states,)
+            all_routing_weights += (routing_weights,)
+        return hidden_states, all_hidden_states, all_routing_weights
+
+
+class WEMoECLIPVisionTransformer(nn.Module):
+    """CLIP's vision tower (same parameter names as `CLIPVisionModel`) with WEMoE MLPs."""
+
+    def __init__(self, config: WEMoEConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.embeddings = CLIPVisionEmbeddings(vision_config)
+        self.pre_layrnorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.encoder = WEMoECLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        shared_router: WEMoERouter | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.pre_layrnorm(hidden_states)
+        return self.encoder(hidden_states, shared_router=shared_router)
+
+
+@dataclass
+class WEMoEImageClassifierOutput(ImageClassifierOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Cross-entropy over the returned logits.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_classes)`):
+        Scaled cosine similarities to the class embeddings of `task`, or of every task's classes.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The embeddings output and every layer's output, each `(batch_size, seq_len, hidden_size)`.
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised projected image embeddings.
+    routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
+        Per layer, the routing weights used: `(batch_size, num_experts)` per sample or
+        `(batch_size, seq_len, num_experts)` per token.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+class WEMoEPreTrainedModel(PreTrainedModel):
+    config_class = WEMoEConfig
+    config: WEMoEConfig
+    base_model_prefix = "wemoe"
+    _no_split_modules = ["WEMoECLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Everything but the routers is overwritten by conversion; these defaults only make a model built from
+        # the config alone well defined (the pre-trained base with zero task vectors). A tensor is initialised
+        # only once, so router layers must not fall through to the generic `nn.Linear` rule.
+        if isinstance(module, WEMoERouterLinear):
+            module.reset_for_routing(self.config.init_lambda)
+            return
+        super()._init_weights(module)
+        if isinstance(module, WEMoERouter) and module.hidden_layers == 0:
+            init.constant_(module.weight, self.config.init_lambda)
+        elif isinstance(module, WEMoELinear):
+            init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, WEMoEDenseTaskVectors):
+            init.zeros_(module.values)
+        elif isinstance(module, WEMoESparseTaskVectors):
+            init.zeros_(module.values)
+            first_entries = torch.arange(module.numel) < module.num_kept
+            init.copy_(module.bitmask, pack_bitmask(first_entries).expand_as(module.bitmask))
+        elif isinstance(module, CLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+
+    def freeze_all_but_routers(self) -> None:
+        """Only the routers train (test-time adaptation); every merged weight and task vector stays fixed."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(is_router_parameter(name))
+
+    def parameter_report(self) -> dict[str, int]:
+        """Trainable and total parameter counts, and how many task-vector entries are stored."""
+        task_vector_entries = sum(
+            module.num_stored_entries
+            for module in self.modules()
+            if isinstance(module, (WEMoEDenseTaskVectors, WEMoESparseTaskVectors))
+        )
+        return {
+            "trainable_parameters": self.num_parameters(only_trainable=True),
+            "total_parameters": self.num_parameters(),
+            "task_vector_entries": task_vector_entries,
+        }
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading materialises fresh parameters (all trainable); restore "only routers train".
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_all_but_routers()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` records a single auto class per model class; AutoModel must resolve too.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModel"] = f"modeling_wemoe.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def is_router_parameter(name: str) -> bool:
+    return name.startswith("router.") or ".router." in name
+
+
+class WEMoEForImageClassification(WEMoEPreTrainedModel):
+    """CLIP vision tower with WEMoE MLPs, CLIP's visual projection and one zero-shot head per task.
+
+    Logits are `exp(logit_scale) * normalize(visual_projection(pooled)) @ classifier.weight.T`, where the rows of
+    `classifier.weight` are the L2-normalised text embeddings of every task's class names, in task order.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: WEMoEConfig):
+        super().__init__(config)
+        # The setter hands the attention implementation down to `vision_config`, which CLIPAttention reads.
+        config._attn_implementation = config._attn_implementation
+        if config.task_labels is None:
+            raise ValueError("WEMoEForImageClassification needs `config.task_labels` (each task's class names).")
+        vision_config = config.vision_config
+        self.vision_model = WEMoECLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.classifier = nn.Linear(config.projection_dim, len(config.id2label), bias=False)
+        self.router = (
+            WEMoERouter(vision_config.hidden_size, config.num_experts, config.router_hidden_layers)
+            if config.router_mode == "shared"
+            else None
+        )
+        self.post_init()
+        self.freeze_all_but_routers()
+
+    def task_slice(self, task: str | None) -> slice:
+        """Columns of the logits that belong to `task` (all columns for `None`)."""
+        if task is None:
+            return slice(None)
+        offsets = self.config.task_label_offsets
+        if task not in offsets:
+            raise ValueError(f"Unknown task {task!r}: this model has tasks {list(offsets)}.")
+        return slice(*offsets[task])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        task: str | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_weights: bool = False,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+    ) -> WEMoEImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images prepared by the artifact's image processor.
+            task (`str`, *optional*):
+                Return only this task's classes. Without it the logits span every task's classes, matching
+                `config.id2label` (`"<task>: <label>"`).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices within the returned logits; a cross-entropy loss is returned with them.
+            output_routing_weights (`bool`, *optional*, defaults to `False`):
+                Return every layer's routing weights, for analysis.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from transformers import AutoModel
+        >>> model = AutoModel.from_pretrained("path/to/wemoe-artifact", trust_remote_code=True)
+        >>> pixel_values = torch.randn(2, 3, 224, 224)
+        >>> logits = model(pixel_values, task="eurosat").logits  # (2, number of eurosat classes)
+        ```
+        """
+        columns = self.task_slice(task)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        last_hidden_state, hidden_states, routing_weights = self.vision_model(
+            pixel_values, shared_router=self.router, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        pooled_output = self.vision_model.post_layernorm(last_hidden_state[:, 0, :])
+        image_embeds = F.normalize(self.visual_projection(pooled_output), dim=-1)
+        class_embeds = self.classifier.weight[columns]
+        logits = self.logit_scale.exp() * image_embeds @ class_embeds.t()
+
+        loss = F.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        output = WEMoEImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden_states if output_hidden_states else None,
+            image_embeds=image_embeds,
+            routing_weights=routing_weights if output_routing_weights else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+WEMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "WEMoEDenseTaskVectors",
+    "WEMoEForImageClassification",
+    "WEMoELinear",
+    "WEMoEPreTrainedModel",
+    "WEMoERouter",
+    "WEMoESparseTaskVectors",
+    "WEMoECLIPMLP",
+    "compute_routing_weights",
+    "num_kept_entries",
+    "pack_bitmask",
+    "unpack_bitmask",
+]
