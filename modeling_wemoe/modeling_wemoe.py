@@ -104,12 +104,13 @@ class WEMoESparseTaskVectors(nn.Module):
     def flat_indices(self) -> torch.Tensor:
         """`(num_experts, k)` flat indices of the kept entries (ascending, matching `values`)."""
         mask = unpack_bitmask(self.bitmask, self.numel)
-        indices = mask.nonzero()[:, 1]
-        if indices.numel() != mask.shape[0] * self.num_kept:
+        kept_per_expert = mask.sum(dim=-1)
+        if (kept_per_expert != self.num_kept).any():
             raise ValueError(
-                f"Corrupt sparse task vectors: the bitmask sets {indices.numel()} entries, expected "
-                f"{self.num_kept} per expert for {mask.shape[0]} experts (tensor shape {self.shape})."
+                f"Corrupt sparse task vectors: the bitmask sets {kept_per_expert.tolist()} entries per expert, "
+                f"expected {self.num_kept} each (tensor shape {self.shape})."
             )
+        indices = mask.nonzero()[:, 1]
         return indices.view(mask.shape[0], self.num_kept)
 
     def dense(self) -> torch.Tensor:

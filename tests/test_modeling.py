@@ -1,0 +1,141 @@
+"""The WEMoE layer math on plain tensors, against loops that merge one weight per sample or per token."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
+from modeling_wemoe.modeling_wemoe import (
+    WEMoELinear,
+    WEMoERouter,
+    compute_routing_weights,
+    num_kept_entries,
+    pack_bitmask,
+    unpack_bitmask,
+)
+
+NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 3, 12, 10
+
+
+def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELinear, torch.Tensor, torch.Tensor]:
+    """A WEMoELinear with random W0/b0 and task vectors; returns it with the dense task vectors it stores."""
+    config = WEMoEConfig(
+        vision_config={"hidden_size": 16, "num_attention_heads": 4},
+        projection_dim=8,
+        tasks=[f"task{i}" for i in range(NUM_EXPERTS)],
+        expert_format=expert_format,
+        keep=0.3 if expert_format == "sparse" else None,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    layer = WEMoELinear(config, IN_FEATURES, OUT_FEATURES, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator))
+        stores = [("weight", (OUT_FEATURES, IN_FEATURES))] + ([("bias", (OUT_FEATURES,))] if bias else [])
+        for name, shape in stores:
+            if name == "bias":
+                layer.bias.copy_(torch.randn(shape, generator=generator))
+            task_vectors = torch.randn(NUM_EXPERTS, *shape, generator=generator)
+            store = getattr(layer, f"{name}_task_vectors")
+            if expert_format == "sparse":
+                flat = task_vectors.flatten(1)
+                mask = torch.zeros_like(flat, dtype=torch.bool)
+                mask.scatter_(1, flat.abs().topk(store.num_kept, dim=1).indices, True)
+                store.assign(task_vectors, mask.view_as(task_vectors))
+            else:
+                store.assign(task_vectors)
+    weight_tv = layer.weight_task_vectors.dense()
+    bias_tv = layer.bias_task_vectors.dense() if bias else None
+    return layer, weight_tv, bias_tv
+
+
+def merged_linear(layer, weight_tv, bias_tv, routing, inputs):
+    weight = layer.weight + torch.einsum("e,eoi->oi", routing, weight_tv)
+    bias = layer.bias + routing @ bias_tv if bias_tv is not None else None
+    return F.linear(inputs, weight, bias)
+
+
+@pytest.mark.parametrize("expert_format", ["dense", "sparse"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias):
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias)
+    inputs = torch.randn(5, 7, IN_FEATURES)
+    routing = torch.randn(5, NUM_EXPERTS)
+    expected = torch.stack(
+        [merged_linear(layer, weight_tv, bias_tv, r, x) for r, x in zip(routing, inputs, strict=True)]
+    )
+    torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("expert_format", ["dense", "sparse"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_per_token_linear_matches_a_weight_merged_for_each_token(expert_format, bias):
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias)
+    inputs = torch.randn(2, 4, IN_FEATURES)
+    routing = torch.randn(2, 4, NUM_EXPERTS)
+    expected = torch.stack(
+        [
+            torch.stack([merged_linear(layer, weight_tv, bias_tv, routing[b, n], inputs[b, n]) for n in range(4)])
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+def test_sparse_store_keeps_values_and_positions():
+    layer, weight_tv, _ = make_linear("sparse", bias=False)
+    store = layer.weight_task_vectors
+    assert store.values.shape == (NUM_EXPERTS, num_kept_entries(OUT_FEATURES * IN_FEATURES, 0.3))
+    assert store.bitmask.dtype == torch.uint8 and store.bitmask.shape == (NUM_EXPERTS, 15)
+    assert ((weight_tv != 0).sum(dim=(1, 2)) == store.num_kept).all()
+
+
+def test_sparse_store_rejects_a_mask_with_the_wrong_count():
+    layer, _, _ = make_linear("sparse", bias=False)
+    wrong = torch.zeros(NUM_EXPERTS, OUT_FEATURES, IN_FEATURES, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep 36 entries per expert, but the keep mask sets"):
+        layer.weight_task_vectors.assign(torch.randn(wrong.shape), wrong)
+
+
+def test_corrupt_bitmask_is_reported():
+    layer, _, _ = make_linear("sparse", bias=False)
+    store = layer.weight_task_vectors
+    first_unset = int((~unpack_bitmask(store.bitmask[0], store.numel)).nonzero()[0])
+    with torch.no_grad():
+        store.bitmask[0, first_unset // 8] |= 1 << (first_unset % 8)
+    with pytest.raises(ValueError, match="Corrupt sparse task vectors"):
+        layer(torch.randn(1, 2, IN_FEATURES), torch.randn(1, NUM_EXPERTS))
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 100])
+def test_bitmask_round_trip(numel):
+    mask = torch.rand(3, numel, generator=torch.Generator().manual_seed(numel)) > 0.5
+    packed = pack_bitmask(mask)
+    assert packed.shape == (3, (numel + 7) // 8)
+    assert torch.equal(unpack_bitmask(packed, numel), mask)
+
+
+@pytest.mark.parametrize("hidden_layers", [0, 1, 2])
+def test_fresh_router_outputs_init_lambda_for_any_input(hidden_layers):
+    config = WEMoEConfig(
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4},
+        projection_dim=8,
+        tasks=["a", "b", "c"],
+        task_labels={"a": ["x"], "b": ["y"], "c": ["z"]},
+        router_hidden_layers=hidden_layers,
+        init_lambda=0.4,
+    )
+    router = WEMoEForImageClassification(config).vision_model.encoder.layers[0].mlp.router
+    assert isinstance(router, WEMoERouter)
+    output = router(torch.randn(2, 5, 16))
+    torch.testing.assert_close(output, torch.full((2, 5, 3), 0.4))
+
+
+def test_sample_routing_averages_only_real_tokens():
+    router = WEMoERouter(8, 2, hidden_layers=1)
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    padded = hidden.clone()
+    padded[0, 3:] = 100.0  # padding content must not matter
+    routing = compute_routing_weights(router, padded, "sample", token_mask=mask)
+    torch.testing.assert_close(routing[0], router(hidden[0, :3]).mean(0))
+    torch.testing.assert_close(routing[1], router(hidden[1]).mean(0))
