@@ -6,8 +6,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel
+from transformers import AutoImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import is_torchvision_available
 
 from .checkpoints import ModelSource
 
@@ -15,7 +16,12 @@ logger = logging.getLogger(__name__)
 
 
 def default_image_processor(vision_config: CLIPVisionConfig) -> BaseImageProcessor:
-    """CLIP's preprocessing (resize, center crop, CLIP mean/std) at the tower's image size."""
+    """CLIP's preprocessing (resize, center crop, CLIP mean/std) at the tower's image size, on torchvision when it is
+    installed and on PIL otherwise (naming the backend avoids transformers' fallback warning)."""
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+    else:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     size = vision_config.image_size
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
