@@ -28,16 +28,21 @@ CLIP_VISION_ARCHITECTURE_FIELDS = (
 )
 
 
-def _raise_on_missing_keys(loading_info: dict, source: str | os.PathLike, what: str) -> None:
+def from_pretrained_checked(model_class: type[PreTrainedModel], source: ModelSource, owner: str) -> PreTrainedModel:
+    """`model_class.from_pretrained(source)`, refusing checkpoints that leave tensors missing or mis-shaped."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{owner} must be a CLIP model, a local directory or a Hub id, got {type(source).__name__}.")
+    model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
     # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
     missing = sorted(loading_info.get("missing_keys", ()))
     if missing:
-        raise ValueError(f"{what} checkpoint {str(source)!r} is missing tensors {missing}.")
+        raise ValueError(f"{owner} checkpoint {str(source)!r} is missing tensors {missing}.")
     mismatched = sorted(loading_info.get("mismatched_keys", ()))
     if mismatched:
         raise ValueError(
-            f"{what} checkpoint {str(source)!r} has tensors whose shape does not match its config: {mismatched}."
+            f"{owner} checkpoint {str(source)!r} has tensors whose shape does not match its config: {mismatched}."
         )
+    return model
 
 
 def load_clip_model(source: ModelSource) -> CLIPModel:
@@ -46,13 +51,7 @@ def load_clip_model(source: ModelSource) -> CLIPModel:
         return source
     if isinstance(source, PreTrainedModel):
         raise TypeError(f"The base model must be a CLIPModel (vision and text towers), got {type(source).__name__}.")
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"The base model must be a CLIPModel, a local directory or a Hub id, got {type(source).__name__}."
-        )
-    model, loading_info = CLIPModel.from_pretrained(source, output_loading_info=True)
-    _raise_on_missing_keys(loading_info, source, "Base")
-    return model
+    return from_pretrained_checked(CLIPModel, source, "The base model")
 
 
 def load_vision_tower(source: ModelSource, task: str) -> CLIPVisionModel:
@@ -64,13 +63,7 @@ def load_vision_tower(source: ModelSource, task: str) -> CLIPVisionModel:
         return source
     if isinstance(source, PreTrainedModel):
         raise TypeError(f"Expert {task!r} must be a CLIPVisionModel or CLIPModel, got {type(source).__name__}.")
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"Expert {task!r} must be a CLIP model, a local directory or a Hub id, got {type(source).__name__}."
-        )
-    model, loading_info = CLIPVisionModel.from_pretrained(source, output_loading_info=True)
-    _raise_on_missing_keys(loading_info, source, f"Expert {task!r}")
-    return model
+    return from_pretrained_checked(CLIPVisionModel, source, f"Expert {task!r}")
 
 
 def check_same_architecture(base: CLIPVisionConfig, expert: CLIPVisionConfig, task: str) -> None:
