@@ -101,3 +101,18 @@ def test_e_wemoe_keeps_the_largest_entries_of_each_tensor(base, experts, classna
             torch.testing.assert_close(stored[expert_index].flatten()[kept], full[expert_index].flatten()[kept])
         checked += 1
     assert checked == 4 * model.config.vision_config.num_hidden_layers  # fc1/fc2 weight and bias per layer
+
+
+@pytest.mark.parametrize("task", [None, "colors"])
+def test_labels_give_cross_entropy_and_gradients_reach_only_the_routers(
+    base, experts, classnames, tokenizer, pixel_values, task
+):
+    model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
+    labels = torch.tensor([0, 1, 2, 1])
+    output = model(pixel_values, task=task, labels=labels)
+    torch.testing.assert_close(output.loss, F.cross_entropy(output.logits, labels))
+    output.loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    output_layers = {name for name in with_grad if ".router.fc2." in name}
+    assert with_grad and with_grad <= {name for name, p in model.named_parameters() if p.requires_grad}
+    assert len(output_layers) == 2 * model.config.vision_config.num_hidden_layers  # weight and bias of each layer
