@@ -57,7 +57,10 @@ def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str
         return
     if not torch.equal(expert.visual_projection.weight, clip.visual_projection.weight):
         logger.warning("Expert %r has a fine-tuned visual_projection; the base model's is used.", task)
-    if not torch.equal(expert.text_projection.weight, clip.text_projection.weight):
+    text_parts = ("text_model", "text_projection")
+    expert_text = {k: v for k, v in expert.state_dict().items() if k.startswith(text_parts)}
+    base_text = {k: v for k, v in clip.state_dict().items() if k.startswith(text_parts)}
+    if any(not torch.equal(tensor, base_text[key]) for key, tensor in expert_text.items()):
         logger.warning("Expert %r has a fine-tuned text tower; the base model's builds the heads.", task)
 
 

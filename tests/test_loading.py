@@ -46,3 +46,17 @@ def test_only_routers_train_and_the_report_counts_what_is_stored(base, experts, 
     assert sparse.parameter_report()["trainable_parameters"] == vision.hidden_size * (vision.hidden_size + 1) + 3 * (
         vision.hidden_size + 1
     )
+
+
+def test_a_full_clip_expert_with_a_changed_text_tower_is_reported(base, experts, classnames, tokenizer, caplog):
+    changed = type(experts["scenes"])(base.config).eval()
+    changed.load_state_dict(experts["scenes"].state_dict())
+    with torch.no_grad():
+        changed.text_model.encoder.layers[0].mlp.fc1.bias.add_(1.0)
+    with caplog.at_level("WARNING", logger="conversion.clip"):
+        merge_clip(base, {**experts, "scenes": changed}, classnames, tokenizer=tokenizer)
+    assert "Expert 'scenes' has a fine-tuned text tower" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="conversion.clip"):
+        merge_clip(base, experts, classnames, tokenizer=tokenizer)
+    assert "text tower" not in caplog.text
