@@ -1,14 +1,23 @@
 """Reading CLIP base models and fine-tuned experts, and checking up front that they can be merged.
 
-Every problem is reported with the task, the tensor or config field, and what was expected: a merge either
-succeeds with the right model or stops before building anything.
+An expert is read as a `TensorSource`: a mapping from vision-tower key (`encoder.layers.0.mlp.fc1.weight`, without
+the `vision_model.` prefix) to the fine-tuned tensor, whose shapes are known before any tensor is read. Checkpoint
+directories are read lazily, one tensor at a time (safetensors through `safe_open`, `.bin` memory-mapped), so a
+merge holds one tensor per expert at a time rather than every expert model. Every problem is reported with the
+task, the file or tensor, and what was expected.
 """
 
+import json
 import logging
+import math
 import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
-from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -26,44 +35,254 @@ CLIP_VISION_ARCHITECTURE_FIELDS = (
     "hidden_act",
     "layer_norm_eps",
 )
+VISION_TOWER_ROOTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
+PEFT_ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
-def from_pretrained_checked(model_class: type[PreTrainedModel], source: ModelSource, owner: str) -> PreTrainedModel:
-    """`model_class.from_pretrained(source)`, refusing checkpoints that leave tensors missing or mis-shaped."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"{owner} must be a CLIP model, a local directory or a Hub id, got {type(source).__name__}.")
-    model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
-    # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
-    missing = sorted(loading_info.get("missing_keys", ()))
-    if missing:
-        raise ValueError(f"{owner} checkpoint {str(source)!r} is missing tensors {missing}.")
-    mismatched = sorted(loading_info.get("mismatched_keys", ()))
-    if mismatched:
+class TensorSource(Mapping[str, torch.Tensor]):
+    """Vision-tower tensors of one model, by key; `shapes` is known without reading any tensor."""
+
+    owner: str
+    shapes: dict[str, torch.Size]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class InMemoryTensors(TensorSource):
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], owner: str):
+        self.owner = owner
+        self._state_dict = state_dict
+        self.shapes = {key: tensor.shape for key, tensor in state_dict.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._state_dict[key]
+
+
+def vision_tower_key(checkpoint_key: str) -> str | None:
+    """The vision-tower key of a checkpoint key in either CLIP layout, or None for anything else (text tower,
+    projections, logit scale, and the non-persistent `position_ids` buffers older checkpoints carry)."""
+    key = checkpoint_key.removeprefix("vision_model.")
+    if key.split(".")[0] not in VISION_TOWER_ROOTS or key.endswith("position_ids"):
+        return None
+    return key
+
+
+class CheckpointTensors(TensorSource):
+    """The vision-tower tensors of a full fine-tune saved as safetensors (single or sharded) or `.bin`."""
+
+    def __init__(self, directory: Path, owner: str):
+        self.owner = owner
+        self.directory = directory
+        self._handles: dict[Path, object] = {}
+        self._location: dict[str, tuple[Path, str]] = {}
+        self.shapes = {}
+        for file in checkpoint_files(directory, owner):
+            for checkpoint_key, shape in self._read_header(file).items():
+                key = vision_tower_key(checkpoint_key)
+                if key is not None:
+                    self._location[key] = (file, checkpoint_key)
+                    self.shapes[key] = shape
+        if not self.shapes:
+            raise ValueError(f"{owner}: no CLIP vision-tower tensors found in {str(directory)!r}.")
+
+    def _read_header(self, file: Path) -> dict[str, torch.Size]:
+        try:
+            if file.suffix == ".safetensors":
+                handle = safe_open(str(file), framework="pt")
+                self._handles[file] = handle
+                return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            state_dict = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, EOFError) as error:
+            raise ValueError(f"{self.owner}: cannot read checkpoint file {str(file)!r} ({error}).") from error
+        self._handles[file] = state_dict
+        return {key: tensor.shape for key, tensor in state_dict.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file, checkpoint_key = self._location[key]
+        handle = self._handles[file]
+        try:
+            return handle.get_tensor(checkpoint_key) if file.suffix == ".safetensors" else handle[checkpoint_key]
+        except SafetensorError as error:
+            raise ValueError(
+                f"{self.owner}: cannot read tensor {checkpoint_key!r} from {str(file)!r} ({error})."
+            ) from error
+
+
+def checkpoint_files(directory: Path, owner: str) -> list[Path]:
+    """The weight files of a checkpoint directory, preferring safetensors over `.bin`, following shard indexes."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (directory / single).is_file():
+            return [directory / single]
+        if (directory / index).is_file():
+            weight_map = json.loads((directory / index).read_text())["weight_map"]
+            return [directory / name for name in sorted(set(weight_map.values()))]
+    raise ValueError(
+        f"{owner}: {str(directory)!r} holds no model.safetensors, pytorch_model.bin or shard index "
+        f"(and no {PEFT_ADAPTER_CONFIG} for a LoRA adapter)."
+    )
+
+
+class LoraExpertTensors(TensorSource):
+    """A PEFT LoRA adapter read as the fine-tuned tensors it stands for: W0 + scale * B @ A for adapted weights,
+    the saved value for fully trained tensors (`bias`, `modules_to_save`), W0 elsewhere."""
+
+    def __init__(self, directory: str | os.PathLike, base: TensorSource, owner: str):
+        from peft import PeftConfig, PeftType
+        from peft.utils import load_peft_weights
+
+        self.owner = owner
+        self.base = base
+        self.shapes = dict(base.shapes)
+        config = PeftConfig.from_pretrained(str(directory))
+        if config.peft_type != PeftType.LORA:
+            raise ValueError(
+                f"{owner}: {str(directory)!r} is a {config.peft_type.value} adapter; only LoRA is supported."
+            )
+        unsupported = {
+            "use_dora": "DoRA (weight-decomposed LoRA) is not supported: its update is not a fixed task vector",
+            "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not occur in CLIP",
+            "lora_bias": "lora_bias is not supported",
+        }
+        for field, reason in unsupported.items():
+            if getattr(config, field, False):
+                raise ValueError(f"{owner}: adapter {str(directory)!r} sets {field}: {reason}.")
+        self.config = config
+        self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._replaced: dict[str, torch.Tensor] = {}
+        self._read_adapter(load_peft_weights(str(directory)), directory)
+
+    def _read_adapter(self, weights: dict[str, torch.Tensor], directory) -> None:
+        from peft.utils.other import get_pattern_key
+
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for saved_key, tensor in weights.items():
+            model_key = saved_key.removeprefix("base_model.model.")
+            for part in ("lora_A", "lora_B"):
+                if f".{part}." in model_key:
+                    module, _, _ = model_key.partition(f".{part}.")
+                    factors.setdefault(module, {})[part] = tensor
+                    break
+            else:
+                key = vision_tower_key(model_key)
+                if key is None:
+                    logger.warning("%s: ignoring adapter tensor %r outside the vision tower.", self.owner, saved_key)
+                    continue
+                self._check_shape(key, tensor.shape, saved_key)
+                self._replaced[key] = tensor
+        for module, pair in factors.items():
+            key = vision_tower_key(f"{module}.weight")
+            if key is None:
+                logger.warning("%s: ignoring LoRA on %r, outside the vision tower.", self.owner, module)
+                continue
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(
+                    f"{self.owner}: adapter {str(directory)!r} has an incomplete LoRA pair for {module!r}."
+                )
+            lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+            if lora_a.dim() != 2:
+                raise ValueError(
+                    f"{self.owner}: LoRA on {module!r} is not on a Linear layer; only Linear LoRA is supported."
+                )
+            rank_key = get_pattern_key(self.config.rank_pattern.keys(), module)
+            alpha_key = get_pattern_key(self.config.alpha_pattern.keys(), module)
+            rank = self.config.rank_pattern.get(rank_key, self.config.r)
+            alpha = self.config.alpha_pattern.get(alpha_key, self.config.lora_alpha)
+            if lora_a.shape[0] != rank:
+                raise ValueError(
+                    f"{self.owner}: LoRA on {module!r} has rank {lora_a.shape[0]}, its config says {rank}."
+                )
+            self._check_shape(key, torch.Size((lora_b.shape[0], lora_a.shape[1])), module)
+            scale = alpha / math.sqrt(rank) if self.config.use_rslora else alpha / rank
+            self._deltas[key] = (lora_b, lora_a, scale)
+
+    def _check_shape(self, key: str, shape: torch.Size, saved_as: str) -> None:
+        if key not in self.base.shapes:
+            raise ValueError(
+                f"{self.owner}: adapter tensor {saved_as!r} targets {key!r}, which the base model does not have."
+            )
+        if shape != self.base.shapes[key]:
+            raise ValueError(
+                f"{self.owner}: adapter tensor {saved_as!r} implies shape {tuple(shape)} for {key!r}, "
+                f"the base model's is {tuple(self.base.shapes[key])}."
+            )
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._replaced:
+            return self._replaced[key]
+        pretrained = self.base[key]
+        if key not in self._deltas:
+            return pretrained
+        lora_b, lora_a, scale = self._deltas[key]
+        return pretrained + scale * (lora_b.float() @ lora_a.float()).to(pretrained.dtype)
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, owner: str) -> Path:
+    """A local directory as is; anything else as a Hub repo id, downloaded (weights as safetensors when the repo has
+    them, else `.bin`)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        directory = Path(snapshot_download(str(name_or_path), allow_patterns=CHECKPOINT_PATTERNS))
+        if not any(directory.glob("*.safetensors")) and not (directory / PEFT_ADAPTER_CONFIG).exists():
+            directory = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.bin"]))
+    except Exception as error:  # huggingface_hub raises many types: offline, not found, gated, network
         raise ValueError(
-            f"{owner} checkpoint {str(source)!r} has tensors whose shape does not match its config: {mismatched}."
-        )
-    return model
+            f"{owner}: {str(name_or_path)!r} is not a local directory and could not be fetched from the Hub ({error})."
+        ) from error
+    return directory
+
+
+def read_clip_vision_config(directory: Path, owner: str) -> CLIPVisionConfig:
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{owner}: {str(directory)!r} has no config.json.")
+    config = AutoConfig.from_pretrained(directory)
+    if isinstance(config, CLIPConfig):
+        return config.vision_config
+    if isinstance(config, CLIPVisionConfig):
+        return config
+    raise ValueError(f"{owner}: {str(directory)!r} is a {config.model_type!r} checkpoint; expected a CLIP model.")
 
 
 def load_clip_model(source: ModelSource) -> CLIPModel:
     """The base model: a `CLIPModel` (its text tower builds the zero-shot heads), in memory, a local dir or a Hub id."""
     if isinstance(source, CLIPModel):
         return source
-    if isinstance(source, PreTrainedModel):
-        raise TypeError(f"The base model must be a CLIPModel (vision and text towers), got {type(source).__name__}.")
-    return from_pretrained_checked(CLIPModel, source, "The base model")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"The base model must be a CLIPModel (vision and text towers), a local directory or a Hub id, "
+            f"got {type(source).__name__}."
+        )
+    model, loading_info = CLIPModel.from_pretrained(source, output_loading_info=True)
+    # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
+    missing = sorted(loading_info.get("missing_keys", ()))
+    if missing:
+        raise ValueError(f"The base model checkpoint {str(source)!r} is missing tensors {missing}.")
+    return model
 
 
-def load_vision_tower(source: ModelSource, task: str) -> CLIPVisionModel:
-    """A fine-tuned expert's vision tower, from a `CLIPModel` or `CLIPVisionModel` in memory, a local dir or a Hub id
-    (both checkpoint key layouts, with and without the `vision_model.` prefix)."""
-    if isinstance(source, CLIPModel):
-        return source.vision_model
-    if isinstance(source, CLIPVisionModel):
-        return source
+def open_expert(source: ModelSource, task: str, base: TensorSource) -> tuple[TensorSource, CLIPVisionConfig | None]:
+    """An expert's tensors and its vision config (None for a LoRA adapter, which has the base's architecture)."""
+    owner = f"Expert {task!r}"
+    if isinstance(source, (CLIPModel, CLIPVisionModel)):
+        tower = source.vision_model if isinstance(source, CLIPModel) else source
+        return InMemoryTensors(tower.state_dict(), owner), tower.config
     if isinstance(source, PreTrainedModel):
-        raise TypeError(f"Expert {task!r} must be a CLIPVisionModel or CLIPModel, got {type(source).__name__}.")
-    return from_pretrained_checked(CLIPVisionModel, source, f"Expert {task!r}")
+        raise TypeError(f"{owner} must be a CLIPVisionModel or CLIPModel, got {type(source).__name__}.")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{owner} must be a CLIP model, a local directory or a Hub id, got {type(source).__name__}.")
+    directory = resolve_checkpoint_dir(source, owner)
+    if (directory / PEFT_ADAPTER_CONFIG).is_file():
+        return LoraExpertTensors(directory, base, owner), None
+    return CheckpointTensors(directory, owner), read_clip_vision_config(directory, owner)
 
 
 def check_same_architecture(base: CLIPVisionConfig, expert: CLIPVisionConfig, task: str) -> None:
@@ -76,22 +295,22 @@ def check_same_architecture(base: CLIPVisionConfig, expert: CLIPVisionConfig, ta
         raise ValueError(f"Expert {task!r} does not share the base model's architecture: {'; '.join(differences)}.")
 
 
-def check_finite(state_dict: dict[str, torch.Tensor], owner: str) -> None:
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"Tensor {key!r} of {owner} contains NaN or inf values.")
-
-
-def check_matching_tensors(base: dict[str, torch.Tensor], expert: dict[str, torch.Tensor], task: str) -> None:
-    missing = sorted(base.keys() - expert.keys())
+def check_matching_tensors(base: TensorSource, expert: TensorSource) -> None:
+    where = f" checkpoint {str(expert.directory)!r}" if isinstance(expert, CheckpointTensors) else ""
+    missing = sorted(base.shapes.keys() - expert.shapes.keys())
     if missing:
-        raise ValueError(f"Expert {task!r} is missing tensors that the base model has: {missing}.")
-    extra = sorted(expert.keys() - base.keys())
+        raise ValueError(f"{expert.owner}{where} is missing tensors that the base model has: {missing}.")
+    extra = sorted(expert.shapes.keys() - base.shapes.keys())
     if extra:
-        raise ValueError(f"Expert {task!r} has tensors that the base model does not: {extra}.")
-    for key, tensor in base.items():
-        if expert[key].shape != tensor.shape:
+        raise ValueError(f"{expert.owner}{where} has tensors that the base model does not: {extra}.")
+    for key, shape in base.shapes.items():
+        if expert.shapes[key] != shape:
             raise ValueError(
-                f"Tensor {key!r} of expert {task!r} has shape {tuple(expert[key].shape)}, "
-                f"the base model's has {tuple(tensor.shape)}."
+                f"Tensor {key!r} of {expert.owner}{where} has shape {tuple(expert.shapes[key])}, "
+                f"the base model's has {tuple(shape)}."
             )
+
+
+def check_finite(key: str, tensor: torch.Tensor, owner: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{owner}: tensor {key!r} contains NaN or inf values.")

@@ -5,18 +5,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 from modeling_wemoe.modeling_wemoe import WEMoELinear, WEMoESparseTaskVectors
 
 from .checkpoints import (
+    InMemoryTensors,
     ModelSource,
+    TensorSource,
     check_finite,
     check_matching_tensors,
     check_same_architecture,
     load_clip_model,
-    load_vision_tower,
+    open_expert,
 )
 from .heads import DEFAULT_TEMPLATES, zero_shot_head
 from .merge_methods import get_static_merge, magnitude_keep_mask
@@ -71,46 +73,56 @@ def assign_task_vectors(store: torch.nn.Module, task_vectors: torch.Tensor, keep
         store.assign(task_vectors)
 
 
-def load_vision_towers(clip: CLIPModel, experts: Mapping[str, ModelSource]) -> dict[str, dict[str, torch.Tensor]]:
-    """Every expert's vision-tower state dict, checked against the base before anything is built."""
-    base_tower = clip.vision_model
-    base_state = base_tower.state_dict()
-    check_finite(base_state, "the base model")
-    expert_states = {}
-    for task, source in tqdm(experts.items(), desc="Loading experts", unit="expert"):
-        tower: CLIPVisionModel = load_vision_tower(source, task)
-        check_same_architecture(base_tower.config, tower.config, task)
-        state = tower.state_dict()
-        check_matching_tensors(base_state, state, task)
-        check_finite(state, f"expert {task!r}")
+def open_experts(clip: CLIPModel, experts: Mapping[str, ModelSource]) -> tuple[TensorSource, dict[str, TensorSource]]:
+    """The base's and every expert's vision-tower tensors, their architectures and tensor shapes checked before
+    anything is built (tensors themselves are read later, one at a time)."""
+    base = InMemoryTensors(clip.vision_model.state_dict(), "The base model")
+    sources = {}
+    for task, source in tqdm(experts.items(), desc="Opening experts", unit="expert"):
+        tensors, vision_config = open_expert(source, task, base)
+        if vision_config is not None:
+            check_same_architecture(clip.config.vision_config, vision_config, task)
+        check_matching_tensors(base, tensors)
         warn_on_ignored_expert_parts(clip, source, task)
-        expert_states[task] = state
-    return expert_states
+        sources[task] = tensors
+    return base, sources
+
+
+def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, TensorSource]) -> torch.Tensor:
+    """`(num_experts, *shape)` task vectors of one tensor, in float32, each expert's tensor read and checked once."""
+    pretrained = base[key].float()
+    check_finite(key, pretrained, base.owner)
+    rows = []
+    for expert in experts.values():
+        tensor = expert[key]
+        check_finite(key, tensor, expert.owner)
+        rows.append(tensor.float() - pretrained)
+    return torch.stack(rows)
 
 
 @torch.no_grad()
 def fill_vision_model(
     model: WEMoEForImageClassification,
-    base_state: dict[str, torch.Tensor],
-    expert_states: dict[str, dict[str, torch.Tensor]],
+    base: TensorSource,
+    experts: dict[str, TensorSource],
     static_merge: dict,
 ) -> None:
-    """Weight-ensembled linears keep theta_0 plus their stacked task vectors; every other tensor is merged once."""
-    config = model.config
+    """Weight-ensembled linears keep theta_0 plus their stacked task vectors; every other tensor is merged once.
+    Tensors are processed one key at a time, so only one tensor per expert is held in memory."""
     method = get_static_merge(static_merge["method"])
     merge_options = {key: value for key, value in static_merge.items() if key != "method"}
     linears = {name: module for name, module in model.vision_model.named_modules() if isinstance(module, WEMoELinear)}
     ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
 
     merged_state = {}
-    for key, pretrained in tqdm(base_state.items(), desc="Merging tensors", unit="tensor"):
-        task_vectors = torch.stack([expert_states[task][key].float() - pretrained.float() for task in config.tasks])
+    for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
+        task_vectors = stacked_task_vectors(key, base, experts)
         if key in ensembled:
             module, kind = ensembled[key]
-            assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, config.keep)
-            merged_state[key] = pretrained
+            assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, model.config.keep)
+            merged_state[key] = base[key]
         else:
-            merged_state[key] = method.merge(pretrained.float(), task_vectors, **merge_options)
+            merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
 
     result = model.vision_model.load_state_dict(merged_state, strict=False)
     not_written = [key for key in result.missing_keys if "task_vectors" not in key and ".router." not in key]
@@ -132,6 +144,7 @@ def merge_clip(
     scaling: float = 0.3,
     router_hidden_layers: int = 2,
     granularity: str = "sample",
+    static_merge: Mapping | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     templates: Mapping[str, Sequence[str]] | None = None,
 ) -> WEMoEForImageClassification:
@@ -139,13 +152,16 @@ def merge_clip(
 
     Args:
         base: the pre-trained `CLIPModel`, or its local directory / Hub id.
-        experts: task name -> fine-tuned `CLIPVisionModel` or `CLIPModel` (or directory / Hub id), in expert order.
+        experts: task name -> fine-tuned `CLIPVisionModel` or `CLIPModel` in memory, or a directory / Hub id holding
+            a full fine-tune (either CLIP key layout, safetensors or `.bin`) or a PEFT LoRA adapter; in expert order.
         classnames: task name -> class names; each task's head is built from the base text tower.
         variant: `"wemoe"` (a router per layer, dense task vectors) or `"e-wemoe"` (one shared router, task vectors
             pruned to the `keep` fraction of largest-magnitude entries per tensor).
         keep: kept fraction for `"e-wemoe"` (0.1 = "E-WEMoE-90%"); ignored for `"wemoe"`.
         init_lambda: initial routing weight of every expert.
         scaling: task-arithmetic coefficient for the statically merged (non-MLP) parameters.
+        static_merge: another static merge for the non-MLP parameters, e.g.
+            `{"method": "ties", "scaling": 0.3, "density": 0.2}`; overrides `scaling`.
         router_hidden_layers: router depth, 0, 1 or 2.
         granularity: `"sample"` (one routing vector per image) or `"token"`.
         tokenizer: the base model's tokenizer; loaded from `base` when it is a path or Hub id.
@@ -175,11 +191,12 @@ def merge_clip(
     if unknown_templates:
         raise ValueError(f"`templates` names tasks without an expert: {unknown_templates}.")
 
+    static_merge = dict(static_merge or {"method": "task_arithmetic", "scaling": scaling})
+    get_static_merge(static_merge.get("method", ""))
     clip = load_clip_model(base)
     tokenizer = resolve_tokenizer(base, tokenizer)
-    expert_states = load_vision_towers(clip, experts)
+    base_tensors, expert_tensors = open_experts(clip, experts)
 
-    static_merge = {"method": "task_arithmetic", "scaling": scaling}
     config = WEMoEConfig(
         vision_config=clip.config.vision_config.to_dict(),
         projection_dim=clip.config.projection_dim,
@@ -194,7 +211,7 @@ def merge_clip(
     )
     model = WEMoEForImageClassification(config)
     logger.info("Merging %d experts into a %s model (%s).", len(experts), variant, ", ".join(experts))
-    fill_vision_model(model, clip.vision_model.state_dict(), expert_states, static_merge)
+    fill_vision_model(model, base_tensors, expert_tensors, static_merge)
 
     with torch.no_grad():
         model.visual_projection.weight.copy_(clip.visual_projection.weight)
