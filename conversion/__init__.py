@@ -2,10 +2,12 @@
 
 from .artifact import default_image_processor, load_image_processor, save_artifact
 from .clip import merge_clip
+from .convert import convert
 from .merge_methods import STATIC_MERGE_METHODS, magnitude_keep_mask, task_arithmetic
 
 __all__ = [
     "STATIC_MERGE_METHODS",
+    "convert",
     "default_image_processor",
     "load_image_processor",
     "magnitude_keep_mask",

@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from transformers import AutoImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel
@@ -38,25 +39,34 @@ def load_image_processor(base: ModelSource, vision_config: CLIPVisionConfig) -> 
     return default_image_processor(vision_config)
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"Output directory {str(output_dir)!r} already exists (pass overwrite=True to replace it)."
+        )
+
+
 def save_artifact(
     model: PreTrainedModel,
     output_dir: str | os.PathLike,
     image_processor: BaseImageProcessor,
     *,
+    extra_files: Mapping[str, str] | None = None,
+    max_shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
     """Save a loadable artifact into `output_dir`: written to a temporary sibling directory and renamed into place
-    only when complete, so a failure never leaves a partial artifact behind."""
+    only when complete, so a failure never leaves a partial artifact behind. `extra_files` maps file names to text
+    (model card, recipe)."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"Output directory {str(output_dir)!r} already exists (pass overwrite=True to replace it)."
-        )
+    check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
         image_processor.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

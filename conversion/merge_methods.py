@@ -51,3 +51,24 @@ def magnitude_keep_mask(task_vectors: torch.Tensor, keep: float) -> torch.Tensor
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask.scatter_(1, flat.abs().topk(num_kept, dim=1).indices, True)
     return mask.view(task_vectors.shape)
+
+
+@register_static_merge("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708")
+def ties_merging(
+    pretrained: torch.Tensor,
+    task_vectors: torch.Tensor,
+    scaling: float = 0.3,
+    density: float = 0.2,
+    majority_sign: str = "total",
+) -> torch.Tensor:
+    """TIES on one tensor: trim each task vector to its `density` largest-magnitude entries, elect a sign per entry
+    (`"total"`: sign of the summed trimmed values; `"frequency"`: sign held by most experts), average the entries
+    that agree with it, and add `scaling` times that to theta_0. Trimming is per tensor, as in mergekit."""
+    trimmed = task_vectors * magnitude_keep_mask(task_vectors, density)
+    votes = trimmed.sum(dim=0) if majority_sign == "total" else torch.sign(trimmed).sum(dim=0)
+    elected = torch.sign(votes)
+    # Entries with a tied vote take the tensor's overall majority sign (as the reference implementation does).
+    elected[elected == 0] = torch.sign(elected.sum()) if elected.sum() != 0 else 1.0
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    merged = (trimmed * agrees).sum(dim=0) / agrees.sum(dim=0).clamp_min(1)
+    return pretrained + scaling * merged

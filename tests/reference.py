@@ -77,3 +77,29 @@ def randomize_routers(model, seed: int = 0, std: float = 0.5) -> None:
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.copy_(std * torch.randn(parameter.shape, generator=generator))
+
+
+def textbook_ties(pretrained, task_vectors, scaling, density, majority_sign):
+    """TIES-Merging, Yadav et al. 2023, Algorithm 1, written out entry by entry on flat tensors."""
+    num_experts = task_vectors.shape[0]
+    flat = task_vectors.reshape(num_experts, -1)
+    trimmed = torch.zeros_like(flat)
+    keep = round(density * flat.shape[1])
+    for i in range(num_experts):
+        order = sorted(range(flat.shape[1]), key=lambda j, i=i: -abs(float(flat[i, j])))[:keep]
+        trimmed[i, order] = flat[i, order]
+    elected = []
+    for j in range(flat.shape[1]):
+        column = trimmed[:, j]
+        if majority_sign == "total":
+            vote = float(column.sum())
+        else:
+            vote = float((column > 0).sum() - (column < 0).sum())
+        elected.append(1.0 if vote > 0 else -1.0 if vote < 0 else 0.0)
+    overall = 1.0 if sum(elected) >= 0 else -1.0
+    elected = [sign if sign != 0 else overall for sign in elected]
+    merged = torch.zeros(flat.shape[1])
+    for j, sign in enumerate(elected):
+        agreeing = [float(v) for v in trimmed[:, j] if v != 0 and (v > 0) == (sign > 0)]
+        merged[j] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return pretrained + scaling * merged.view_as(pretrained)

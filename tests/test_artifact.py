@@ -1,70 +1,14 @@
 """Saved artifacts load through trust_remote_code alone, in a process that cannot import this repository."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from fresh_process import run_in_fresh_process
 from reference import randomize_routers
 
 from conversion import default_image_processor, merge_clip, save_artifact
 from conversion.toy import build_toy_expert
-
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-
-    class BlockRepositoryPackages:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"modeling_wemoe", "conversion"}:
-                raise ImportError(f"{name} must not be importable here")
-
-    sys.meta_path.insert(0, BlockRepositoryPackages())
-
-    import torch
-    from PIL import Image
-    from transformers import AutoModel, AutoModelForImageClassification, pipeline
-
-    artifact, pixels_path, out_path = sys.argv[1:4]
-    pixel_values = torch.load(pixels_path)
-    results = {}
-    for auto_class in (AutoModel, AutoModelForImageClassification):
-        model, info = auto_class.from_pretrained(artifact, trust_remote_code=True, output_loading_info=True)
-        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-        with torch.no_grad():
-            logits = model(pixel_values).logits
-        results[auto_class.__name__] = {
-            "missing": sorted(info["missing_keys"]),
-            "unexpected": sorted(info["unexpected_keys"]),
-            "logits": logits.tolist(),
-            "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        }
-    classifier = pipeline("image-classification", model=artifact, trust_remote_code=True)
-    results["pipeline"] = classifier(Image.new("RGB", (48, 40), "red"), top_k=2)
-    json.dump(results, open(out_path, "w"))
-    """
-)
-
-
-def run_in_fresh_process(artifact, pixel_values, tmp_path) -> dict:
-    script, pixels, out = tmp_path / "load.py", tmp_path / "pixels.pt", tmp_path / "out.json"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    torch.save(pixel_values, pixels)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    completed = subprocess.run(
-        [sys.executable, str(script), str(artifact), str(pixels), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("variant", ["wemoe", "e-wemoe"])

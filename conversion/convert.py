@@ -1,0 +1,178 @@
+"""`wemoe-convert`: a base model and fine-tuned checkpoints (full or LoRA) to a WEMoE artifact ready for the Hub.
+
+The recipe is validated before anything is loaded; the artifact is written to a temporary directory and renamed
+into place only when complete, so a failed conversion leaves nothing behind.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi
+
+from .artifact import check_output_dir, load_image_processor, save_artifact
+from .clip import merge_clip
+from .model_card import render_model_card
+from .recipe import DatasetClassnames, MergeRecipe, RecipeError, load_recipe
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+EPILOG = """example recipe (clip-8task.yaml):
+  base_model: openai/clip-vit-base-patch32
+  variant: e-wemoe
+  keep: 0.1
+  static_merge: {method: task_arithmetic, scaling: 0.3}
+  router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
+  tasks:
+    - name: eurosat
+      model: tanganke/clip-vit-base-patch32_eurosat      # full fine-tune or PEFT LoRA adapter
+      dataset: {path: tanganke/eurosat, split: test, label_column: label}
+    - name: shapes
+      model: ./my-lora-adapter
+      classnames: [circle, square, triangle]
+      templates: ["a drawing of a {}."]
+
+examples:
+  wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
+  wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
+"""
+
+
+def dataset_classnames(spec: DatasetClassnames, task: str) -> list[str]:
+    """Class names from a `datasets` ClassLabel column."""
+    from datasets import ClassLabel, load_dataset
+
+    try:
+        dataset = load_dataset(
+            spec.path, spec.name, data_dir=spec.data_dir, data_files=spec.data_files, split=spec.split
+        )
+    except Exception as error:  # datasets raises many types for a missing or unreadable dataset
+        raise ValueError(f"Task {task!r}: cannot load dataset {spec.path!r} split {spec.split!r} ({error}).") from error
+    if spec.label_column not in dataset.features:
+        raise ValueError(
+            f"Task {task!r}: dataset {spec.path!r} has no column {spec.label_column!r}; "
+            f"columns: {list(dataset.features)}."
+        )
+    feature = dataset.features[spec.label_column]
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(
+            f"Task {task!r}: column {spec.label_column!r} of {spec.path!r} is {feature!r}, not a ClassLabel; "
+            "give `classnames` instead."
+        )
+    return list(feature.names)
+
+
+def push_artifact(folder: Path, repo_id: str, private: bool) -> str:
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=folder, repo_id=repo_id, repo_type="model", commit_message="Upload WEMoE model"
+    )
+    logger.info("Pushed %s to %s", folder, repo_id)
+    return commit.commit_url
+
+
+def convert(
+    recipe: MergeRecipe | dict | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Build a WEMoE artifact from a recipe (a `MergeRecipe`, a dict, or a YAML path) into `output_dir`.
+
+    Args:
+        recipe: what to merge; see `conversion.recipe.MergeRecipe`.
+        output_dir: the artifact directory; must not exist unless `overwrite`.
+        dtype: storage dtype of the weights, `"float32"` or `"bfloat16"` (merging itself runs in float32).
+        max_shard_size: safetensors shard size, as for `save_pretrained`.
+        push_to_hub: `org/name` of a Hub model repo to upload the artifact to.
+        private: create that repo private.
+        overwrite: replace an existing `output_dir`.
+
+    Returns:
+        The artifact directory.
+    """
+    recipe = load_recipe(recipe)
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+
+    classnames = {
+        task.name: task.classnames if task.classnames is not None else dataset_classnames(task.dataset, task.name)
+        for task in recipe.tasks
+    }
+    model = merge_clip(
+        recipe.base_model,
+        {task.name: task.model for task in recipe.tasks},
+        classnames,
+        variant=recipe.variant,
+        keep=recipe.keep,
+        init_lambda=recipe.router.init_lambda,
+        router_hidden_layers=recipe.router.hidden_layers,
+        granularity=recipe.router.granularity,
+        static_merge=recipe.static_merge.model_dump(),
+        templates={task.name: task.templates for task in recipe.tasks if task.templates},
+    ).to(DTYPES[dtype])
+    card = render_model_card(model, recipe, repo_id=push_to_hub)
+    save_artifact(
+        model,
+        output_dir,
+        load_image_processor(recipe.base_model, model.config.vision_config),
+        extra_files={"README.md": str(card), "merge_config.yaml": recipe.to_yaml()},
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
+    if push_to_hub:
+        push_artifact(output_dir, push_to_hub, private)
+    return output_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wemoe-convert",
+        description=__doc__.splitlines()[0].removeprefix("`wemoe-convert`: "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="YAML recipe: base model, variant, router, tasks with their models.")
+    parser.add_argument("output_dir", type=Path, help="Directory to write the artifact to (must not exist).")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the finished artifact to this Hub repo.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Storage dtype (default: float32).")
+    parser.add_argument("--max-shard-size", default="5GB", help="Safetensors shard size (default: 5GB).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log what is loaded and merged.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        output = convert(
+            args.config,
+            args.output_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            overwrite=args.overwrite,
+        )
+    except (RecipeError, ValueError, TypeError, FileExistsError) as error:
+        print(f"wemoe-convert: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"Wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

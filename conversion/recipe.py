@@ -1,0 +1,148 @@
+"""The conversion recipe: a declarative YAML file, validated in full before anything is loaded.
+
+Unknown keys, missing fields and wrong types are errors that name the key (`tasks.1.classnames: ...`).
+"""
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A conversion recipe that cannot be used; the message names every offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskArithmeticSpec(Strict):
+    """theta_0 + scaling * sum_i tau_i."""
+
+    method: Literal["task_arithmetic"]
+    scaling: float = 0.3
+
+
+class TiesSpec(Strict):
+    """TIES-Merging: trim each task vector to `density`, elect signs, average the agreeing entries."""
+
+    method: Literal["ties"]
+    scaling: float = 0.3
+    density: float = Field(0.2, gt=0, le=1)
+    majority_sign: Literal["total", "frequency"] = "total"
+
+
+StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec, Field(discriminator="method")]
+
+
+class RouterSpec(Strict):
+    hidden_layers: Literal[0, 1, 2] = 2
+    init_lambda: float = 0.3
+    granularity: Literal["sample", "token"] = "sample"
+
+
+class DatasetClassnames(Strict):
+    """Class names read from a `datasets` ClassLabel column (`datasets.load_dataset(path, name, ...)`)."""
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    split: str = "test"
+    label_column: str = "label"
+
+
+class TaskSpec(Strict):
+    name: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1, description="Full fine-tune or PEFT LoRA adapter: local dir or Hub id.")]
+    classnames: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    dataset: DatasetClassnames | None = None
+    templates: Annotated[list[str], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def exactly_one_class_source(self) -> "TaskSpec":
+        if (self.classnames is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `classnames` and `dataset`")
+        return self
+
+    @field_validator("templates")
+    @classmethod
+    def templates_have_a_slot(cls, templates: list[str] | None) -> list[str] | None:
+        for template in templates or []:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+        return templates
+
+
+class MergeRecipe(Strict):
+    """What `wemoe-convert` builds. Example:
+
+    ```yaml
+    base_model: openai/clip-vit-base-patch32
+    variant: e-wemoe
+    keep: 0.1
+    static_merge: {method: task_arithmetic, scaling: 0.3}
+    router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
+    tasks:
+      - name: eurosat
+        model: tanganke/clip-vit-base-patch32_eurosat
+        classnames: [annual crop land, forest]
+        templates: ["a centered satellite photo of {}."]
+    ```
+    """
+
+    base_model: Annotated[str, Field(min_length=1)]
+    architecture: Literal["clip"] = "clip"
+    variant: Literal["wemoe", "e-wemoe"] = "wemoe"
+    keep: float = Field(0.1, gt=0, le=1)
+    static_merge: StaticMergeSpec = TaskArithmeticSpec(method="task_arithmetic")
+    router: RouterSpec = RouterSpec()
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+
+    @field_validator("tasks")
+    @classmethod
+    def unique_task_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        names = [task.name for task in tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate task names {duplicates}")
+        return tasks
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for problem in error.errors():
+        parts = [str(part) for part in problem["loc"]]
+        if parts[:1] == ["static_merge"] and len(parts) > 1:
+            del parts[1]  # the union's tag (`ties`, ...) pydantic puts in the path
+        location = ".".join(parts) or "(top)"
+        lines.append(f"  {location}: {problem['msg']}")
+    return f"Invalid conversion recipe {source}:\n" + "\n".join(lines)
+
+
+def load_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:
+    """A validated recipe from a `MergeRecipe`, a dict, or a YAML file path."""
+    if isinstance(recipe, MergeRecipe):
+        return recipe
+    source = "(dict)"
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        source = repr(str(path))
+        try:
+            recipe = yaml.safe_load(path.read_text())
+        except OSError as error:
+            raise RecipeError(f"Cannot read conversion recipe {source}: {error}") from error
+        except yaml.YAMLError as error:
+            raise RecipeError(f"Conversion recipe {source} is not valid YAML: {error}") from error
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Conversion recipe {source} must be a mapping of keys, got {type(recipe).__name__}.")
+    try:
+        return MergeRecipe.model_validate(recipe)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error, source)) from None
