@@ -78,7 +78,7 @@ class CheckpointTensors(TensorSource):
     def __init__(self, directory: Path, owner: str):
         self.owner = owner
         self.directory = directory
-        self._handles: dict[Path, object] = {}
+        self._bin_state_dicts: dict[Path, dict[str, torch.Tensor]] = {}  # memory-mapped by torch.load
         self._location: dict[str, tuple[Path, str]] = {}
         self.shapes = {}
         for file in checkpoint_files(directory, owner):
@@ -93,20 +93,23 @@ class CheckpointTensors(TensorSource):
     def _read_header(self, file: Path) -> dict[str, torch.Size]:
         try:
             if file.suffix == ".safetensors":
-                handle = safe_open(str(file), framework="pt")
-                self._handles[file] = handle
-                return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                with safe_open(str(file), framework="pt") as handle:
+                    return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
             state_dict = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except (SafetensorError, RuntimeError, OSError, EOFError) as error:
             raise ValueError(f"{self.owner}: cannot read checkpoint file {str(file)!r} ({error}).") from error
-        self._handles[file] = state_dict
+        self._bin_state_dicts[file] = state_dict
         return {key: tensor.shape for key, tensor in state_dict.items()}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         file, checkpoint_key = self._location[key]
-        handle = self._handles[file]
+        if file.suffix != ".safetensors":
+            return self._bin_state_dicts[file][checkpoint_key]
         try:
-            return handle.get_tensor(checkpoint_key) if file.suffix == ".safetensors" else handle[checkpoint_key]
+            # Opened per read so the file's pages are unmapped again: a mapping held open for every expert would
+            # keep all of them resident, which is the memory streaming is meant to save.
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(checkpoint_key)
         except SafetensorError as error:
             raise ValueError(
                 f"{self.owner}: cannot read tensor {checkpoint_key!r} from {str(file)!r} ({error})."

@@ -1,7 +1,8 @@
 """`wemoe-demo`: the whole product path on an embedded default, with no Hub access.
 
-Builds a tiny CLIP base and three task experts in-process, merges them into a WEMoE model, saves the artifact,
-reloads it through `trust_remote_code` in a `pipeline()` and classifies a drawn image.
+Builds a tiny CLIP base and three task experts and saves them as ordinary checkpoints, converts them with a YAML
+recipe exactly as `wemoe-convert` does, reloads the artifact through `trust_remote_code` in a `pipeline()` and
+classifies a drawn image.
 """
 
 import argparse
@@ -12,8 +13,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from transformers import pipeline
 
-from .artifact import default_image_processor, save_artifact
-from .clip import VARIANTS, merge_clip
+from .artifact import default_image_processor
+from .clip import VARIANTS
+from .convert import convert
+from .recipe import MergeRecipe
 from .toy import build_toy_base, build_toy_expert, toy_tokenizer
 
 DEMO_TASKS = {
@@ -54,25 +57,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
+    """A tiny CLIP base (with tokenizer and image processor) and one expert per demo task, as checkpoint dirs."""
+    base = build_toy_base(seed=seed)
+    base.save_pretrained(workspace / "base")
+    toy_tokenizer().save_pretrained(workspace / "base")
+    default_image_processor(base.config.vision_config).save_pretrained(workspace / "base")
+    paths = {"base": str(workspace / "base")}
+    for i, task in enumerate(DEMO_TASKS):
+        build_toy_expert(base, seed=seed + i + 1).save_pretrained(workspace / task)
+        paths[task] = str(workspace / task)
+    return paths
+
+
 def run_demo(args: argparse.Namespace) -> list[dict]:
-    base = build_toy_base(seed=args.seed)
-    experts = {task: build_toy_expert(base, seed=args.seed + i + 1) for i, task in enumerate(DEMO_TASKS)}
-    print(f"Built a tiny CLIP base and {len(experts)} toy experts: {', '.join(experts)}")
+    workspace = Path(tempfile.mkdtemp(prefix="wemoe-demo-"))
+    checkpoints = save_toy_checkpoints(workspace, args.seed)
+    print(f"Saved a tiny CLIP base and {len(DEMO_TASKS)} toy experts ({', '.join(DEMO_TASKS)}) under {workspace}")
 
-    model = merge_clip(base, experts, DEMO_TASKS, variant=args.variant, keep=args.keep, tokenizer=toy_tokenizer())
-    report = model.parameter_report()
-    print(
-        f"Merged into {args.variant}: {report['trainable_parameters']:,} trainable (routers) of "
-        f"{report['total_parameters']:,} parameters, {report['task_vector_entries']:,} stored task-vector entries"
+    recipe = MergeRecipe.model_validate(
+        {
+            "base_model": checkpoints["base"],
+            "variant": args.variant,
+            "keep": args.keep,
+            "tasks": [
+                {"name": task, "model": checkpoints[task], "classnames": names} for task, names in DEMO_TASKS.items()
+            ],
+        }
     )
-
-    output = args.output or Path(tempfile.mkdtemp(prefix="wemoe-demo-")) / "artifact"
-    save_artifact(model, output, default_image_processor(base.config.vision_config), overwrite=args.output is not None)
-    print(f"Saved the artifact to {output}: {', '.join(sorted(p.name for p in output.iterdir()))}")
+    (workspace / "recipe.yaml").write_text(recipe.to_yaml())
+    output = args.output or workspace / "artifact"
+    convert(workspace / "recipe.yaml", output, overwrite=args.output is not None)
+    print(f"Converted them with {workspace / 'recipe.yaml'} (as `wemoe-convert` does) into {output}:")
+    print(f"  {', '.join(sorted(p.name for p in output.iterdir()))}")
 
     classifier = pipeline("image-classification", model=str(output), trust_remote_code=True)
+    report = classifier.model.parameter_report()
+    print(
+        f"Reloaded it with trust_remote_code ({type(classifier.model).__name__}, {args.variant}): "
+        f"{report['trainable_parameters']:,} trainable (routers) of {report['total_parameters']:,} parameters, "
+        f"{report['task_vector_entries']:,} stored task-vector entries"
+    )
     predictions = classifier(draw_demo_image(), top_k=3)
-    print(f"Reloaded it with trust_remote_code ({type(classifier.model).__name__}) and classified a drawn red circle:")
+    print("Classified a drawn red circle:")
     for prediction in predictions:
         print(f"  {prediction['label']:<20} {prediction['score']:.3f}")
     return predictions
