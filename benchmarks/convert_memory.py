@@ -83,15 +83,12 @@ def main() -> None:
     expert_size = directory_size(workdir / "expert0")
     artifact_size = directory_size(workdir / "artifact")
     print(f"{args.variant}, {args.experts} ViT-B/32-shaped experts (fp32):")
+    all_experts = args.experts * expert_size
     print(f"  base checkpoint            {base_size / MIB:9.0f} MiB")
-    print(
-        f"  one expert checkpoint      {expert_size / MIB:9.0f} MiB  (all experts: {args.experts * expert_size / MIB:.0f} MiB)"
-    )
+    print(f"  one expert checkpoint      {expert_size / MIB:9.0f} MiB  (all experts: {all_experts / MIB:.0f} MiB)")
     print(f"  artifact written           {artifact_size / MIB:9.0f} MiB")
     print(f"  peak RSS of wemoe-convert  {peak / MIB:9.0f} MiB")
-    print(
-        f"  base + all experts         {(base_size + args.experts * expert_size) / MIB:9.0f} MiB  (what loading every model would hold)"
-    )
+    print(f"  base + all experts         {(base_size + all_experts) / MIB:9.0f} MiB  (what loading every model holds)")
 
 
 if __name__ == "__main__":
