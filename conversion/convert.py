@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -16,31 +17,21 @@ from huggingface_hub import HfApi
 from .artifact import check_output_dir, load_image_processor, save_artifact
 from .clip import merge_clip
 from .model_card import render_model_card
-from .recipe import DatasetClassnames, MergeRecipe, RecipeError, load_recipe
+from .recipe import EXAMPLE_RECIPE, DatasetClassnames, MergeRecipe, RecipeError, load_recipe
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-EPILOG = """example recipe (clip-8task.yaml):
-  base_model: openai/clip-vit-base-patch32
-  variant: e-wemoe
-  keep: 0.1
-  static_merge: {method: task_arithmetic, scaling: 0.3}
-  router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
-  tasks:
-    - name: eurosat
-      model: tanganke/clip-vit-base-patch32_eurosat      # full fine-tune or PEFT LoRA adapter
-      dataset: {path: tanganke/eurosat, split: test, label_column: label}
-    - name: shapes
-      model: ./my-lora-adapter
-      classnames: [circle, square, triangle]
-      templates: ["a drawing of a {}."]
-
+EPILOG = (
+    "example recipe (clip-8task.yaml):\n"
+    + textwrap.indent(EXAMPLE_RECIPE, "  ")
+    + """
 examples:
   wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
   wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
 """
+)
 
 
 def dataset_classnames(spec: DatasetClassnames, task: str) -> list[str]:

@@ -77,22 +77,25 @@ class TaskSpec(Strict):
         return templates
 
 
-class MergeRecipe(Strict):
-    """What `wemoe-convert` builds. Example:
+EXAMPLE_RECIPE = """\
+base_model: openai/clip-vit-base-patch32
+variant: e-wemoe
+keep: 0.1
+static_merge: {method: task_arithmetic, scaling: 0.3}
+router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
+tasks:
+  - name: eurosat
+    model: tanganke/clip-vit-base-patch32_eurosat      # full fine-tune or PEFT LoRA adapter
+    dataset: {path: tanganke/eurosat, split: test, label_column: label}
+  - name: shapes
+    model: ./my-lora-adapter
+    classnames: [circle, square, triangle]
+    templates: ["a drawing of a {}."]
+"""
 
-    ```yaml
-    base_model: openai/clip-vit-base-patch32
-    variant: e-wemoe
-    keep: 0.1
-    static_merge: {method: task_arithmetic, scaling: 0.3}
-    router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
-    tasks:
-      - name: eurosat
-        model: tanganke/clip-vit-base-patch32_eurosat
-        classnames: [annual crop land, forest]
-        templates: ["a centered satellite photo of {}."]
-    ```
-    """
+
+class MergeRecipe(Strict):
+    """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section."""
 
     base_model: Annotated[str, Field(min_length=1)]
     architecture: Literal["clip"] = "clip"

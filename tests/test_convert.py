@@ -210,3 +210,13 @@ def test_existing_output_is_refused_before_any_work(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([write_recipe(recipe, tmp_path), str(tmp_path / "artifact")])
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_documented_example_recipe_is_valid(capsys):
+    from conversion.recipe import EXAMPLE_RECIPE, load_recipe
+
+    recipe = load_recipe(yaml.safe_load(EXAMPLE_RECIPE))
+    assert recipe.variant == "e-wemoe" and recipe.tasks[0].dataset.path == "tanganke/eurosat"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "model: ./my-lora-adapter" in capsys.readouterr().out
