@@ -16,6 +16,7 @@ from huggingface_hub import HfApi
 
 from .artifact import check_output_dir, load_image_processor, save_artifact
 from .clip import merge_clip
+from .data import open_dataset
 from .model_card import render_model_card
 from .recipe import EXAMPLE_RECIPE, DatasetClassnames, MergeRecipe, RecipeError, load_recipe
 
@@ -36,14 +37,9 @@ examples:
 
 def dataset_classnames(spec: DatasetClassnames, task: str) -> list[str]:
     """Class names from a `datasets` ClassLabel column."""
-    from datasets import ClassLabel, load_dataset
+    from datasets import ClassLabel
 
-    try:
-        dataset = load_dataset(
-            spec.path, spec.name, data_dir=spec.data_dir, data_files=spec.data_files, split=spec.split
-        )
-    except Exception as error:  # datasets raises many types for a missing or unreadable dataset
-        raise ValueError(f"Task {task!r}: cannot load dataset {spec.path!r} split {spec.split!r} ({error}).") from error
+    dataset = open_dataset(task, spec.path, spec.name, spec.data_dir, spec.data_files, spec.split)
     if spec.label_column not in dataset.features:
         raise ValueError(
             f"Task {task!r}: dataset {spec.path!r} has no column {spec.label_column!r}; "

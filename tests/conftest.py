@@ -71,3 +71,39 @@ def recipe(saved_checkpoints, classnames):
             {"name": task, "model": saved_checkpoints[task], "classnames": names} for task, names in classnames.items()
         ],
     }
+
+
+def write_image_dataset(path, classnames: list[str], size: int, seed: int) -> None:
+    """A small labeled image dataset (random coloured squares) as parquet with Image and ClassLabel features."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(size)]
+    labels = rng.integers(0, len(classnames), size).tolist()
+    features = Features({"image": Image(), "label": ClassLabel(names=classnames)})
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(path)
+
+
+@pytest.fixture(scope="session")
+def task_data(classnames, tmp_path_factory):
+    """DATA.yaml content: one small parquet image dataset per task (labels included, for evaluation)."""
+    root = tmp_path_factory.mktemp("data")
+    tasks = {}
+    for i, (task, names) in enumerate(classnames.items()):
+        write_image_dataset(root / f"{task}.parquet", names, size=20, seed=i)
+        tasks[task] = {"path": "parquet", "data_files": str(root / f"{task}.parquet"), "split": "train"}
+    return {"tasks": tasks}
+
+
+@pytest.fixture(scope="session")
+def artifact(saved_checkpoints, classnames, tmp_path_factory):
+    """A converted WEMoE artifact of the saved base and experts."""
+    from conversion import convert
+
+    recipe = {
+        "base_model": saved_checkpoints["base"],
+        "tasks": [{"name": t, "model": saved_checkpoints[t], "classnames": n} for t, n in classnames.items()],
+    }
+    return convert(recipe, tmp_path_factory.mktemp("artifacts") / "wemoe")

@@ -1,0 +1,178 @@
+"""`wemoe-eval`: per-task accuracy of a model on labeled task data, and optionally its model card's model-index.
+
+Works on any model whose forward takes `(pixel_values, task=...)` and returns that task's logits: a WEMoE artifact
+(adapted or not: a fresh conversion is task arithmetic), or a plain `CLIPModel` directory evaluated zero-shot with
+class names from each dataset's ClassLabel.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import EvalResult, ModelCard
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .data import TaskData, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
+from .heads import DEFAULT_TEMPLATES, zero_shot_head
+from .recipe import RecipeError
+
+logger = logging.getLogger(__name__)
+
+# `datasets` loaders for local files: not a dataset's identity, so results name the task instead.
+PACKAGED_BUILDERS = {"parquet", "imagefolder", "csv", "json", "arrow", "webdataset", "text"}
+
+EPILOG = """example DATA.yaml:
+  tasks:
+    eurosat: {path: tanganke/eurosat, split: test, image_column: image, label_column: label}
+
+examples:
+  wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
+  wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
+"""
+
+
+class ZeroShotCLIP(torch.nn.Module):
+    """A plain `CLIPModel` as a per-task classifier: heads from its own text tower and the tasks' class names."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, classnames: Mapping[str, Sequence[str]]):
+        super().__init__()
+        self.clip = clip
+        self.heads = {
+            task: zero_shot_head(clip, tokenizer, names, DEFAULT_TEMPLATES) for task, names in classnames.items()
+        }
+        self.task_labels = {task: list(names) for task, names in classnames.items()}
+
+    def forward(self, pixel_values: torch.Tensor, task: str):
+        image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        logits = self.clip.logit_scale.exp() * image_embeds @ self.heads[task].t()
+        return ImageClassifierOutput(logits=logits)
+
+
+def class_names_of(dataset, spec: TaskData) -> list[str] | None:
+    from datasets import ClassLabel
+
+    feature = dataset.features[spec.label_column]
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def check_label_names(task: str, dataset_names: list[str] | None, model_names: list[str]) -> None:
+    """Integer labels only mean the same classes when the dataset's ClassLabel names match the model's head."""
+    if dataset_names is not None and dataset_names != model_names:
+        raise ValueError(
+            f"Task {task!r}: the dataset's classes {dataset_names} differ from the model's {model_names}; "
+            "labels would be compared against the wrong classes."
+        )
+
+
+@torch.no_grad()
+def task_predictions(model, task: str, dataset, spec: TaskData, image_processor, batch_size: int) -> torch.Tensor:
+    """The predicted class of every sample, in dataset order."""
+    device = next(model.parameters()).device
+    predictions = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=f"Evaluating {task}", unit="batch", leave=False):
+        images = dataset[start : start + batch_size][spec.image_column]
+        pixel_values = pixel_values_of(images, image_processor).to(device)
+        predictions.append(model(pixel_values, task=task).logits.argmax(dim=-1).cpu())
+    return torch.cat(predictions)
+
+
+def load_model_for_eval(model_dir: str, datasets: Mapping[str, object], data_config):
+    """A WEMoE artifact as it is, or a plain CLIPModel wrapped zero-shot; with its image processor and class names."""
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    if AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type == "clip":
+        classnames = {}
+        for task, dataset in datasets.items():
+            names = class_names_of(dataset, data_config.tasks[task])
+            if names is None:
+                raise ValueError(f"Task {task!r}: a plain CLIP model needs a ClassLabel label column for class names.")
+            classnames[task] = names
+        clip = CLIPModel.from_pretrained(model_dir).eval()
+        return ZeroShotCLIP(clip, AutoTokenizer.from_pretrained(model_dir), classnames), image_processor, classnames
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    check_tasks_known(list(datasets), list(model.config.tasks))
+    return model, image_processor, model.config.task_labels
+
+
+def evaluate(model_dir: str | os.PathLike, data, *, split: str | None = None, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`)."""
+    data_config = load_data_config(data)
+    datasets = {
+        task: load_task_dataset(task, spec, split=split, need_labels=True) for task, spec in data_config.tasks.items()
+    }
+    model, image_processor, model_labels = load_model_for_eval(str(model_dir), datasets, data_config)
+    results = {}
+    for task, dataset in datasets.items():
+        spec = data_config.tasks[task]
+        check_label_names(task, class_names_of(dataset, spec), list(model_labels[task]))
+        predictions = task_predictions(model, task, dataset, spec, image_processor, batch_size)
+        results[task] = int((predictions == torch.tensor(dataset[spec.label_column])).sum()) / len(dataset)
+        logger.info("%s: accuracy %.4f on %d samples", task, results[task], len(dataset))
+    results["average"] = sum(results.values()) / len(results)
+    return results
+
+
+def update_model_card(model_dir: Path, results: Mapping[str, float], data_config, split: str | None) -> None:
+    """Write the accuracies into the artifact's README.md as model-index results (replaced atomically)."""
+    card_path = model_dir / "README.md"
+    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    card.data.model_name = card.data.model_name or model_dir.name
+    card.data.eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=task if spec.path in PACKAGED_BUILDERS else spec.path,
+            dataset_name=task,
+            dataset_config=spec.config_name,
+            dataset_split=split or spec.split,
+            metric_type="accuracy",
+            metric_value=results[task],
+        )
+        for task, spec in data_config.tasks.items()
+    ]
+    with tempfile.NamedTemporaryFile("w", dir=model_dir, suffix=".md", delete=False) as handle:
+        handle.write(str(card))
+    os.replace(handle.name, card_path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wemoe-eval",
+        description=__doc__.splitlines()[0].removeprefix("`wemoe-eval`: "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", help="A WEMoE artifact, or a plain CLIPModel directory (zero-shot).")
+    parser.add_argument("data", type=Path, help="DATA.yaml with a label column per task.")
+    parser.add_argument("--split", default=None, help="Override every task's split (e.g. test).")
+    parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size (default: 64).")
+    parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        results = evaluate(args.model_dir, args.data, split=args.split, batch_size=args.batch_size)
+        if args.update_model_card:
+            update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
+    except (RecipeError, ValueError) as error:
+        print(f"wemoe-eval: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for task, accuracy in results.items():
+        print(f"{task:<24} {100 * accuracy:6.2f}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""`wemoe-tta`: test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate.
+
+Only router parameters train. Each step draws one batch per task (round-robin over every task, from shuffled,
+endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted class distribution.
+Launchable unchanged with `accelerate launch` on several processes (DDP): every process takes an equal share of
+each global batch.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+
+from modeling_wemoe.modeling_wemoe import is_router_parameter
+
+from .artifact import check_output_dir, save_artifact
+from .data import batch_indices, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
+from .recipe import RecipeError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+STEP_FILE = "wemoe_tta_step.json"
+CARRIED_FILES = ("README.md", "merge_config.yaml")
+
+EPILOG = """example DATA.yaml (labels are never read):
+  tasks:
+    eurosat: {path: tanganke/eurosat, split: test, image_column: image}
+    shapes: {path: imagefolder, data_dir: ./data/shapes, split: train}
+
+examples:
+  wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
+  wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
+  accelerate launch --num_processes 4 -m conversion.tta ./model data.yaml --output ./adapted --mixed-precision bf16
+"""
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax over the classes, one value per sample averaged over the batch."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+class TaskStream:
+    """One task's unlabeled images, served as the batch `batch_indices` picks for each step."""
+
+    def __init__(self, dataset, image_column: str, image_processor, batch_size: int, task: str):
+        if len(dataset) < batch_size:
+            raise ValueError(f"Task {task!r} has {len(dataset)} samples, fewer than the batch size {batch_size}.")
+        self.dataset = dataset
+        self.image_column = image_column
+        self.image_processor = image_processor
+        self.batch_size = batch_size
+
+    def batch(self, seed: int, task_index: int, step: int, process_index: int, num_processes: int) -> torch.Tensor:
+        indices = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)
+        images = self.dataset[indices[process_index::num_processes]][self.image_column]
+        return pixel_values_of(images, self.image_processor)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    steps = [p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STEP_FILE).is_file()]
+    return max(steps, key=lambda p: json.loads((p / STEP_FILE).read_text())["step"], default=None)
+
+
+def keep_only_routers(models, weights, output_dir) -> None:
+    """accelerate save-state hook: checkpoints hold the routers (plus optimizer and RNG), not the frozen model."""
+    for i, state in enumerate(weights):
+        weights[i] = {key: value for key, value in state.items() if is_router_parameter(key)}
+
+
+def adapt(
+    model,
+    tasks: Mapping[str, TaskStream],
+    *,
+    steps: int = 1000,
+    lr: float = 1e-4,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpointing_steps: int | None = None,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    report_to: str | None = None,
+    accelerator: Accelerator | None = None,
+):
+    """Train the routers of `model` on `tasks` (task name -> `TaskStream`) by entropy minimisation.
+
+    Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
+    `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
+    same weights as an uninterrupted run with the same seed.
+    """
+    check_tasks_known(list(tasks), list(model.config.tasks))
+    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
+    set_seed(seed)
+    model.freeze_all_but_routers()
+    model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_save_state_pre_hook(keep_only_routers)
+    if report_to:
+        accelerator.init_trackers("wemoe-tta", config={"steps": steps, "lr": lr, "seed": seed, "tasks": list(tasks)})
+
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start_step = 0
+    if resume:
+        checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if checkpoint is None:
+            raise ValueError(f"--resume: no checkpoint found in {str(checkpoint_dir)!r}.")
+        accelerator.load_state(str(checkpoint), strict=False)
+        start_step = json.loads((checkpoint / STEP_FILE).read_text())["step"]
+        logger.info("Resumed from %s at step %d", checkpoint, start_step)
+
+    def save_checkpoint(step: int) -> None:
+        target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+        accelerator.save_state(str(target))
+        if accelerator.is_main_process:
+            (target / STEP_FILE).write_text(json.dumps({"step": step}))
+        accelerator.wait_for_everyone()
+
+    progress = tqdm(
+        range(start_step, steps),
+        initial=start_step,
+        total=steps,
+        desc="TTA",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    for step in progress:
+        step_loss = 0.0
+        for task_index, (task, stream) in enumerate(tasks.items()):
+            pixel_values = stream.batch(seed, task_index, step, accelerator.process_index, accelerator.num_processes)
+            last_task = task_index == len(tasks) - 1
+            # One backward per task keeps one task's graph in memory; gradients are synchronised once per step.
+            with accelerator.no_sync(model) if not last_task else contextlib.nullcontext():
+                with accelerator.autocast():
+                    logits = model(pixel_values.to(accelerator.device), task=task).logits
+                    loss = entropy_loss(logits) / len(tasks)
+                accelerator.backward(loss)
+            step_loss += loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+        progress.set_postfix(entropy=f"{step_loss:.4f}")
+        if report_to:
+            accelerator.log({"entropy": step_loss}, step=step + 1)
+        if checkpoint_dir is not None and (
+            step + 1 == steps or (checkpointing_steps and (step + 1) % checkpointing_steps == 0)
+        ):
+            save_checkpoint(step + 1)
+    if report_to:
+        accelerator.end_training()
+    return accelerator.unwrap_model(model)
+
+
+def load_task_streams(
+    data_config, model, image_processor, batch_size: int, num_processes: int
+) -> dict[str, TaskStream]:
+    if batch_size % num_processes:
+        raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
+    data_config = load_data_config(data_config)
+    check_tasks_known(list(data_config.tasks), list(model.config.tasks))
+    return {
+        task: TaskStream(load_task_dataset(task, spec), spec.image_column, image_processor, batch_size, task)
+        for task, spec in data_config.tasks.items()
+    }
+
+
+def training_function(args: argparse.Namespace) -> Path:
+    output = Path(args.output)
+    check_output_dir(output, args.overwrite)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
+    model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(args.model_dir)
+    tasks = load_task_streams(args.data, model, image_processor, args.batch_size, accelerator.num_processes)
+    checkpoint_dir = Path(args.checkpoint_dir or f"{output}.checkpoints")
+    model = adapt(
+        model,
+        tasks,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_dir=checkpoint_dir,
+        checkpointing_steps=args.checkpointing_steps,
+        resume=args.resume,
+        report_to=args.report_to,
+        accelerator=accelerator,
+    )
+    if accelerator.is_main_process:
+        carried = {
+            name: (Path(args.model_dir) / name).read_text()
+            for name in CARRIED_FILES
+            if (Path(args.model_dir) / name).is_file()
+        }
+        save_artifact(model, output, image_processor, extra_files=carried, overwrite=args.overwrite)
+    accelerator.wait_for_everyone()
+    return output
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wemoe-tta",
+        description=__doc__.splitlines()[0].removeprefix("`wemoe-tta`: "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", help="WEMoE artifact to adapt (local directory or Hub id).")
+    parser.add_argument("data", type=Path, help="DATA.yaml: a datasets.load_dataset spec per task.")
+    parser.add_argument("--output", required=True, type=Path, help="Directory for the adapted artifact.")
+    parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (default: 1000).")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Global batch size per task (default: 16).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for data order and router init (default: 0).")
+    parser.add_argument(
+        "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
+    )
+    parser.add_argument("--checkpoint-dir", default=None, help="Where checkpoints go (default: OUTPUT.checkpoints).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="Autocast (default: no)."
+    )
+    parser.add_argument(
+        "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        output = training_function(args)
+    except (RecipeError, ValueError, FileExistsError) as error:
+        print(f"wemoe-tta: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"Wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Test-time adaptation: entropy goes down, only routers change, resume is exact, bad data is named."""
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel
+
+from conversion.data import batch_indices
+from conversion.tta import entropy_loss, load_task_streams, main
+
+
+def write_yaml(content: dict, path) -> str:
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def run_tta(artifact, data_yaml, output, *extra) -> None:
+    main([str(artifact), data_yaml, "--output", str(output), "--batch-size", "4", "--lr", "1e-3", *extra])
+
+
+@torch.no_grad()
+def mean_entropy(model_dir, task_data) -> float:
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    streams = load_task_streams(task_data, model, AutoImageProcessor.from_pretrained(model_dir), 4, 1)
+    losses = [
+        entropy_loss(model(stream.batch(0, i, step, 0, 1), task=task).logits)
+        for i, (task, stream) in enumerate(streams.items())
+        for step in range(5)
+    ]
+    return float(torch.stack(losses).mean())
+
+
+def all_tensors(model_dir) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_twenty_steps_lower_entropy_and_change_only_routers(artifact, task_data, tmp_path):
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+    run_tta(artifact, data_yaml, tmp_path / "adapted", "--steps", "20")
+
+    before, after = all_tensors(artifact), all_tensors(tmp_path / "adapted")
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(".router." in key for key in changed)
+    assert {key for key in before if ".router.fc2." in key} <= changed
+    assert mean_entropy(tmp_path / "adapted", task_data) < mean_entropy(artifact, task_data)
+    assert (tmp_path / "adapted" / "README.md").read_text() == (artifact / "README.md").read_text()
+    assert AutoModel.from_pretrained(tmp_path / "adapted", trust_remote_code=True).config.tasks == [
+        "shapes",
+        "colors",
+        "scenes",
+    ]
+
+
+def test_resume_after_a_kill_ends_with_the_same_routers(artifact, task_data, tmp_path):
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+    straight = tmp_path / "straight"
+    run_tta(artifact, data_yaml, straight, "--steps", "20", "--checkpointing-steps", "5")
+    checkpoints = tmp_path / "straight.checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_10", "step_15", "step_20", "step_5"]
+    router_checkpoint = load_file(checkpoints / "step_5" / "model.safetensors")
+    assert router_checkpoint and all(".router." in key for key in router_checkpoint)
+
+    # What a kill after step 10 leaves on disk: checkpoints up to step 10, no artifact.
+    shutil.copytree(checkpoints, tmp_path / "killed.checkpoints")
+    for late in ("step_15", "step_20"):
+        shutil.rmtree(tmp_path / "killed.checkpoints" / late)
+    run_tta(artifact, data_yaml, tmp_path / "killed", "--steps", "20", "--checkpointing-steps", "5", "--resume")
+
+    expected, resumed = all_tensors(straight), all_tensors(tmp_path / "killed")
+    routers = [key for key in expected if ".router." in key]
+    assert routers
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+
+
+def test_batches_cycle_through_every_sample_each_epoch():
+    first_epoch = [i for step in range(5) for i in batch_indices(20, 4, seed=3, task_index=1, step=step)]
+    assert sorted(first_epoch) == list(range(20))
+    assert batch_indices(20, 4, 3, 1, step=5) != batch_indices(20, 4, 3, 1, step=0)  # reshuffled next epoch
+    assert batch_indices(20, 4, 3, 1, step=7) == batch_indices(20, 4, 3, 1, step=7)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d, tmp: d["tasks"].update(cars=dict(d["tasks"]["shapes"])),
+            r"task\(s\) \['cars'\] that the model does not have",
+        ),
+        (
+            lambda d, tmp: d["tasks"]["shapes"].update(image_column="img"),
+            r"Task 'shapes': .* has no column 'img'; columns: \['image', 'label'\]",
+        ),
+        (
+            lambda d, tmp: d["tasks"]["colors"].update(data_files=empty_dataset(tmp)),
+            r"Task 'colors': dataset 'parquet' split 'train' is empty",
+        ),
+        (lambda d, tmp: d["tasks"]["shapes"].update(colour=1), r"tasks.shapes.colour: Extra inputs are not permitted"),
+    ],
+    ids=["unknown-task", "missing-image-column", "empty-dataset", "unknown-key"],
+)
+def test_bad_data_is_reported_by_name(artifact, task_data, tmp_path, capsys, change, message):
+    data = yaml.safe_load(yaml.safe_dump(task_data))
+    change(data, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_tta(artifact, write_yaml(data, tmp_path / "data.yaml"), tmp_path / "out", "--steps", "1")
+    assert exit_info.value.code == 1
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def empty_dataset(tmp_path) -> str:
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["red"])})
+    Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(tmp_path / "empty.parquet")
+    return str(tmp_path / "empty.parquet")
