@@ -1,8 +1,8 @@
 """`wemoe-demo`: the whole product path on an embedded default, with no Hub access.
 
 Builds a tiny CLIP base and three task experts and saves them as ordinary checkpoints, converts them with a YAML
-recipe exactly as `wemoe-convert` does, reloads the artifact through `trust_remote_code` in a `pipeline()` and
-classifies a drawn image.
+recipe as `wemoe-convert` does, adapts the routers on drawn task images as `wemoe-tta` does, evaluates before and
+after as `wemoe-eval` does, and classifies a drawn image through `pipeline()` with `trust_remote_code`.
 """
 
 import argparse
@@ -10,51 +10,70 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from transformers import pipeline
 
 from .artifact import default_image_processor
 from .clip import VARIANTS
 from .convert import convert
+from .evaluate import evaluate
 from .recipe import MergeRecipe
 from .toy import build_toy_base, build_toy_expert, toy_tokenizer
+from .tta import adapt_artifact
 
 DEMO_TASKS = {
     "shapes": ["circle", "square", "triangle"],
     "colors": ["red", "green", "blue", "yellow"],
-    "scenes": ["beach", "forest", "city"],
+    "stripes": ["horizontal stripes", "vertical stripes"],
 }
+IMAGES_PER_TASK = 24
 
 EPILOG = """examples:
   wemoe-demo
-  wemoe-demo --variant e-wemoe --keep 0.1 --output ./demo-artifact
+  wemoe-demo --variant e-wemoe --keep 0.1 --tta-steps 40 --output ./demo-artifact
 """
 
 
-def draw_demo_image(size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill="red")
+def draw(task: str, label: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One procedurally drawn image of `label` for a demo task."""
+    background = tuple(int(v) for v in rng.integers(200, 256, 3))
+    image = Image.new("RGB", (size, size), background)
+    canvas = ImageDraw.Draw(image)
+    low, high = int(rng.integers(4, size // 4)), int(rng.integers(3 * size // 4, size - 4))
+    if task == "shapes":
+        box = (low, low, high, high)
+        if label == "circle":
+            canvas.ellipse(box, fill="black")
+        elif label == "square":
+            canvas.rectangle(box, fill="black")
+        else:
+            canvas.polygon([(low, high), (high, high), ((low + high) // 2, low)], fill="black")
+    elif task == "colors":
+        canvas.rectangle((low, low, high, high), fill=label)
+    else:
+        for offset in range(0, size, 8):
+            line = [(0, offset), (size, offset)] if label.startswith("horizontal") else [(offset, 0), (offset, size)]
+            canvas.line(line, fill="black", width=3)
     return image
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="wemoe-demo",
-        description=__doc__.splitlines()[0] + " Weights are random: the labels show the plumbing, not skill.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--variant", choices=sorted(VARIANTS), default="wemoe", help="WEMoE or E-WEMoE (default: wemoe)."
-    )
-    parser.add_argument(
-        "--keep", type=float, default=0.1, help="E-WEMoE: kept fraction of each task vector (default: 0.1)."
-    )
-    parser.add_argument(
-        "--output", type=Path, default=None, help="Where to write the artifact (default: a temporary directory)."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the toy base and experts (default: 0).")
-    return parser.parse_args(argv)
+def write_demo_data(workspace: Path, seed: int) -> dict:
+    """A small labeled image set per task (parquet), and the DATA.yaml content that names them."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(seed)
+    tasks = {}
+    for task, labels in DEMO_TASKS.items():
+        targets = [i % len(labels) for i in range(IMAGES_PER_TASK)]
+        images = [draw(task, labels[target], rng) for target in targets]
+        features = Features({"image": ImageFeature(), "label": ClassLabel(names=labels)})
+        Dataset.from_dict({"image": images, "label": targets}, features=features).to_parquet(
+            workspace / f"{task}.parquet"
+        )
+        tasks[task] = {"path": "parquet", "data_files": str(workspace / f"{task}.parquet"), "split": "train"}
+    return {"tasks": tasks}
 
 
 def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
@@ -70,26 +89,62 @@ def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
     return paths
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wemoe-demo",
+        description=__doc__.splitlines()[0] + " Weights are random: the numbers show the plumbing, not skill.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--variant", choices=sorted(VARIANTS), default="wemoe", help="WEMoE or E-WEMoE (default: wemoe)."
+    )
+    parser.add_argument(
+        "--keep", type=float, default=0.1, help="E-WEMoE: kept fraction of each task vector (default: 0.1)."
+    )
+    parser.add_argument("--tta-steps", type=int, default=20, help="Test-time adaptation steps (default: 20).")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="Where to write the adapted artifact (default: a temp dir)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the toy models and drawn data (default: 0).")
+    return parser.parse_args(argv)
+
+
 def run_demo(args: argparse.Namespace) -> list[dict]:
     workspace = Path(tempfile.mkdtemp(prefix="wemoe-demo-"))
     checkpoints = save_toy_checkpoints(workspace, args.seed)
-    print(f"Saved a tiny CLIP base and {len(DEMO_TASKS)} toy experts ({', '.join(DEMO_TASKS)}) under {workspace}")
+    data = write_demo_data(workspace, args.seed)
+    print(f"Saved a tiny CLIP base, {len(DEMO_TASKS)} toy experts and drawn task images under {workspace}")
 
     recipe = MergeRecipe.model_validate(
         {
             "base_model": checkpoints["base"],
             "variant": args.variant,
             "keep": args.keep,
-            "tasks": [
-                {"name": task, "model": checkpoints[task], "classnames": names} for task, names in DEMO_TASKS.items()
-            ],
+            "tasks": [{"name": t, "model": checkpoints[t], "classnames": names} for t, names in DEMO_TASKS.items()],
         }
     )
     (workspace / "recipe.yaml").write_text(recipe.to_yaml())
-    output = args.output or workspace / "artifact"
-    convert(workspace / "recipe.yaml", output, overwrite=args.output is not None)
-    print(f"Converted them with {workspace / 'recipe.yaml'} (as `wemoe-convert` does) into {output}:")
-    print(f"  {', '.join(sorted(p.name for p in output.iterdir()))}")
+    merged = convert(workspace / "recipe.yaml", workspace / "merged")
+    print(f"Converted them with {workspace / 'recipe.yaml'} (as `wemoe-convert` does) into {merged}")
+
+    output = args.output or workspace / "adapted"
+    adapt_artifact(
+        merged,
+        data,
+        output,
+        steps=args.tta_steps,
+        lr=1e-3,
+        batch_size=8,
+        seed=args.seed,
+        overwrite=args.output is not None,
+    )
+    print(f"Adapted the routers for {args.tta_steps} steps on unlabeled images (as `wemoe-tta` does) into {output}")
+
+    before, after = evaluate(merged, data), evaluate(output, data)
+    print("Accuracy (as `wemoe-eval` computes it; chance level, the toy weights are random):")
+    for task in [*DEMO_TASKS, "average"]:
+        print(f"  {task:<10} task arithmetic {100 * before[task]:5.1f}   after TTA {100 * after[task]:5.1f}")
 
     classifier = pipeline("image-classification", model=str(output), trust_remote_code=True)
     report = classifier.model.parameter_report()
@@ -98,10 +153,10 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
         f"{report['trainable_parameters']:,} trainable (routers) of {report['total_parameters']:,} parameters, "
         f"{report['task_vector_entries']:,} stored task-vector entries"
     )
-    predictions = classifier(draw_demo_image(), top_k=3)
-    print("Classified a drawn red circle:")
+    predictions = classifier(draw("shapes", "circle", np.random.default_rng(args.seed)), top_k=3)
+    print("Classified a drawn circle:")
     for prediction in predictions:
-        print(f"  {prediction['label']:<20} {prediction['score']:.3f}")
+        print(f"  {prediction['label']:<28} {prediction['score']:.3f}")
     return predictions
 
 

@@ -176,33 +176,46 @@ def load_task_streams(
     }
 
 
-def training_function(args: argparse.Namespace) -> Path:
-    output = Path(args.output)
-    check_output_dir(output, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to)
-    model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True)
-    image_processor = AutoImageProcessor.from_pretrained(args.model_dir)
-    tasks = load_task_streams(args.data, model, image_processor, args.batch_size, accelerator.num_processes)
-    checkpoint_dir = Path(args.checkpoint_dir or f"{output}.checkpoints")
+def adapt_artifact(
+    model_dir: str | os.PathLike,
+    data,
+    output: str | os.PathLike,
+    *,
+    steps: int = 1000,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpointing_steps: int | None = 100,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    report_to: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
+    complete artifact in `output` (atomically). Checkpoints go to `checkpoint_dir` (default: `OUTPUT.checkpoints`)."""
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    tasks = load_task_streams(data, model, image_processor, batch_size, accelerator.num_processes)
     model = adapt(
         model,
         tasks,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        checkpoint_dir=checkpoint_dir,
-        checkpointing_steps=args.checkpointing_steps,
-        resume=args.resume,
-        report_to=args.report_to,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir or f"{output}.checkpoints",
+        checkpointing_steps=checkpointing_steps,
+        resume=resume,
+        report_to=report_to,
         accelerator=accelerator,
     )
     if accelerator.is_main_process:
-        carried = {
-            name: (Path(args.model_dir) / name).read_text()
-            for name in CARRIED_FILES
-            if (Path(args.model_dir) / name).is_file()
-        }
-        save_artifact(model, output, image_processor, extra_files=carried, overwrite=args.overwrite)
+        source = Path(model_dir)
+        carried = {name: (source / name).read_text() for name in CARRIED_FILES if (source / name).is_file()}
+        save_artifact(model, output, image_processor, extra_files=carried, overwrite=overwrite)
     accelerator.wait_for_everyone()
     return output
 
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        output = training_function(args)
+        options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
+        output = adapt_artifact(args.model_dir, args.data, args.output, **options)
     except (RecipeError, ValueError, FileExistsError) as error:
         print(f"wemoe-tta: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

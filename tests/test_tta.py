@@ -122,3 +122,35 @@ def empty_dataset(tmp_path) -> str:
     features = Features({"image": Image(), "label": ClassLabel(names=["red"])})
     Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(tmp_path / "empty.parquet")
     return str(tmp_path / "empty.parquet")
+
+
+def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifact, task_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+    arguments = [str(artifact), data_yaml, "--steps", "6", "--batch-size", "4", "--lr", "1e-3"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conversion.tta"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    completed = subprocess.run(
+        [*launch, *arguments, "--output", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    main([*arguments, "--output", str(tmp_path / "single")])
+
+    ddp, single, start = all_tensors(tmp_path / "ddp"), all_tensors(tmp_path / "single"), all_tensors(artifact)
+    routers = [key for key in single if ".router." in key]
+    assert max((single[k] - start[k]).abs().max() for k in routers) > 1e-3  # the routers did move
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-6, rtol=0, msg=key)
