@@ -68,6 +68,12 @@ class WEMoEDenseTaskVectors(nn.Module):
         merged = routing_weights.to(self.values.dtype) @ self.values.flatten(1)
         return merged.view(-1, *self.shape)
 
+    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
+        """`combine` restricted to rows `[tile * tile_rows, (tile + 1) * tile_rows)`: `(batch, rows, *shape[1:])`."""
+        rows = self.values[:, tile * tile_rows : (tile + 1) * tile_rows]
+        merged = routing_weights.to(self.values.dtype) @ rows.reshape(rows.shape[0], -1)
+        return merged.view(-1, rows.shape[1], *self.shape[1:])
+
 
 class WEMoESparseTaskVectors(nn.Module):
     """The task vectors of one tensor, each pruned to its `round(keep * numel)` kept entries.
@@ -83,6 +89,8 @@ class WEMoESparseTaskVectors(nn.Module):
         self.num_kept = num_kept_entries(self.numel, keep)
         self.values = nn.Parameter(torch.zeros(num_experts, self.num_kept), requires_grad=False)
         self.register_buffer("bitmask", torch.zeros(num_experts, math.ceil(self.numel / 8), dtype=torch.uint8))
+        self._tile_layout_key = None
+        self._tile_layout: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_stored_entries(self) -> int:
@@ -117,6 +125,37 @@ class WEMoESparseTaskVectors(nn.Module):
         flat = self.values.new_zeros(self.values.shape[0], self.numel)
         return flat.scatter_(1, self.flat_indices(), self.values).view(-1, *self.shape)
 
+    def tile_layout(self, tile_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab, and which
+        entry of `values` it is (int32). Derived from the bitmask once, and again only when the bitmask changes."""
+        key = (tile_rows, self.bitmask.device, self.bitmask.data_ptr(), self.bitmask._version)
+        if key == self._tile_layout_key:
+            return self._tile_layout
+        row_width = self.numel // self.shape[0]
+        slab_numel = tile_rows * row_width
+        indices = self.flat_indices()
+        num_tiles = math.ceil(self.shape[0] / tile_rows)
+        tile_of = (indices // slab_numel).flatten()
+        experts = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
+        positions = (experts * slab_numel + indices % slab_numel).flatten()
+        order = torch.argsort(tile_of, stable=True)
+        counts = torch.bincount(tile_of, minlength=num_tiles).tolist()
+        self._tile_layout = [
+            (slab_positions.to(torch.int32), value_index.to(torch.int32))
+            for slab_positions, value_index in zip(positions[order].split(counts), order.split(counts), strict=True)
+        ]
+        self._tile_layout_key = key
+        return self._tile_layout
+
+    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
+        positions, value_index = self.tile_layout(tile_rows)[tile]
+        row_width = self.numel // self.shape[0]
+        rows = min(tile_rows, self.shape[0] - tile * tile_rows)
+        slab = self.values.new_zeros(self.values.shape[0], tile_rows * row_width)
+        slab.view(-1)[positions] = self.values.view(-1)[value_index]
+        merged = routing_weights.to(self.values.dtype) @ slab[:, : rows * row_width]
+        return merged.view(-1, rows, *self.shape[1:])
+
     def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
         batch_size = routing_weights.shape[0]
         contributions = routing_weights.to(self.values.dtype).unsqueeze(-1) * self.values  # (batch, experts, k)
@@ -124,6 +163,11 @@ class WEMoESparseTaskVectors(nn.Module):
         merged = self.values.new_zeros(batch_size, self.numel)
         merged.scatter_add_(1, index, contributions.reshape(batch_size, -1))
         return merged.view(batch_size, *self.shape)
+
+
+# Output rows merged and applied together per sample: a tile of 32 rows of a ViT-B/32 MLP weight, for 16 samples,
+# is 1.5-6 MB, which measured fastest on CPU (16 and 64 rows were slower on one matrix or the other).
+TILE_ROWS = 32
 
 
 def build_task_vectors(config: WEMoEConfig, shape: tuple[int, ...]) -> nn.Module:
@@ -155,8 +199,16 @@ class WEMoELinear(nn.Module):
         return self._forward_per_token(hidden_states, routing_weights)
 
     def _forward_per_sample(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + self.weight_task_vectors.combine(routing_weights)  # (batch, out, in)
-        output = torch.matmul(hidden_states, weight.transpose(-1, -2))
+        # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
+        # in cache, and the task vectors are read once per batch, instead of writing and re-reading a whole merged
+        # weight per sample (memory-bound: ~6x a dense linear at ViT-B/32 size against ~2x tiled).
+        outputs = []
+        for tile in range(math.ceil(self.out_features / TILE_ROWS)):
+            start = tile * TILE_ROWS
+            weight = self.weight_task_vectors.combine_tile(routing_weights, tile, TILE_ROWS)
+            weight = weight + self.weight[start : start + TILE_ROWS]
+            outputs.append(torch.matmul(hidden_states, weight.transpose(-1, -2)))
+        output = torch.cat(outputs, dim=-1)
         if self.bias is not None:
             output = output + (self.bias + self.bias_task_vectors.combine(routing_weights)).unsqueeze(1)
         return output

@@ -14,7 +14,8 @@ from modeling_wemoe.modeling_wemoe import (
     unpack_bitmask,
 )
 
-NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 3, 12, 10
+# 70 output rows: two full row tiles of the per-sample path and a partial third.
+NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 3, 12, 70
 
 
 def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELinear, torch.Tensor, torch.Tensor]:
@@ -85,14 +86,14 @@ def test_sparse_store_keeps_values_and_positions():
     layer, weight_tv, _ = make_linear("sparse", bias=False)
     store = layer.weight_task_vectors
     assert store.values.shape == (NUM_EXPERTS, num_kept_entries(OUT_FEATURES * IN_FEATURES, 0.3))
-    assert store.bitmask.dtype == torch.uint8 and store.bitmask.shape == (NUM_EXPERTS, 15)
+    assert store.bitmask.dtype == torch.uint8 and store.bitmask.shape == (NUM_EXPERTS, 105)
     assert ((weight_tv != 0).sum(dim=(1, 2)) == store.num_kept).all()
 
 
 def test_sparse_store_rejects_a_mask_with_the_wrong_count():
     layer, _, _ = make_linear("sparse", bias=False)
     wrong = torch.zeros(NUM_EXPERTS, OUT_FEATURES, IN_FEATURES, dtype=torch.bool)
-    with pytest.raises(ValueError, match="keep 36 entries per expert, but the keep mask sets"):
+    with pytest.raises(ValueError, match="keep 252 entries per expert, but the keep mask sets"):
         layer.weight_task_vectors.assign(torch.randn(wrong.shape), wrong)
 
 
@@ -139,3 +140,18 @@ def test_sample_routing_averages_only_real_tokens():
     routing = compute_routing_weights(router, padded, "sample", token_mask=mask)
     torch.testing.assert_close(routing[0], router(hidden[0, :3]).mean(0))
     torch.testing.assert_close(routing[1], router(hidden[1]).mean(0))
+
+
+def test_sparse_tile_layout_follows_newly_assigned_task_vectors():
+    layer, _, _ = make_linear("sparse", bias=False, seed=0)
+    inputs, routing = torch.randn(2, 3, IN_FEATURES), torch.randn(2, NUM_EXPERTS)
+    layer(inputs, routing)  # builds the cached tile layout
+    replacement, replacement_tv, _ = make_linear("sparse", bias=False, seed=1)
+    store = layer.weight_task_vectors
+    store.assign(replacement_tv, replacement_tv != 0)
+    with torch.no_grad():
+        layer.weight.copy_(replacement.weight)
+    expected = torch.stack(
+        [merged_linear(layer, replacement_tv, None, r, x) for r, x in zip(routing, inputs, strict=True)]
+    )
+    torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
