@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
-from modeling_wemoe.modeling_wemoe import WEMoELinear, WEMoESparseTaskVectors
+from modeling_wemoe.modeling_wemoe import WEMoELinear, WEMoELowRankTaskVectors, WEMoESparseTaskVectors
 
 from .checkpoints import (
     InMemoryTensors,
@@ -21,7 +21,7 @@ from .checkpoints import (
     open_expert,
 )
 from .heads import DEFAULT_TEMPLATES, zero_shot_head
-from .merge_methods import get_static_merge, magnitude_keep_mask
+from .merge_methods import get_static_merge, low_rank_factors, magnitude_keep_mask
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,17 @@ def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str
         logger.warning("Expert %r has a fine-tuned text tower; the base model's builds the heads.", task)
 
 
-def assign_task_vectors(store: torch.nn.Module, task_vectors: torch.Tensor, keep: float | None) -> None:
+def assign_task_vectors(store: torch.nn.Module, task_vectors: torch.Tensor, config) -> torch.Tensor | None:
+    """Store task vectors in the layer's format; for low-rank, return each expert's relative reconstruction error."""
     if isinstance(store, WEMoESparseTaskVectors):
-        store.assign(task_vectors, magnitude_keep_mask(task_vectors, keep))
+        store.assign(task_vectors, magnitude_keep_mask(task_vectors, config.keep))
+    elif isinstance(store, WEMoELowRankTaskVectors):
+        factor_a, factor_b, error = low_rank_factors(task_vectors, config.rank)
+        store.assign(factor_a, factor_b)
+        return error
     else:
         store.assign(task_vectors)
+    return None
 
 
 def open_experts(clip: CLIPModel, experts: Mapping[str, ModelSource]) -> tuple[TensorSource, dict[str, TensorSource]]:
@@ -106,20 +112,23 @@ def fill_vision_model(
     base: TensorSource,
     experts: dict[str, TensorSource],
     static_merge: dict,
-) -> None:
+) -> dict[str, list[float]]:
     """Weight-ensembled linears keep theta_0 plus their stacked task vectors; every other tensor is merged once.
-    Tensors are processed one key at a time, so only one tensor per expert is held in memory."""
+    Tensors are processed one key at a time, so only one tensor per expert is held in memory. Returns, for low-rank
+    experts, each compressed tensor's relative reconstruction error per expert."""
     method = get_static_merge(static_merge["method"])
     merge_options = {key: value for key, value in static_merge.items() if key != "method"}
     linears = {name: module for name, module in model.vision_model.named_modules() if isinstance(module, WEMoELinear)}
     ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
 
-    merged_state = {}
+    merged_state, reconstruction_errors = {}, {}
     for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
         task_vectors = stacked_task_vectors(key, base, experts)
         if key in ensembled:
             module, kind = ensembled[key]
-            assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, model.config.keep)
+            error = assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, model.config)
+            if error is not None:
+                reconstruction_errors[key] = error.tolist()
             merged_state[key] = base[key]
         else:
             merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
@@ -131,6 +140,19 @@ def fill_vision_model(
             f"The WEMoE vision tower does not match the CLIP vision tower: not written {not_written}, "
             f"unexpected {result.unexpected_keys}."
         )
+    return reconstruction_errors
+
+
+def log_reconstruction_errors(errors: dict[str, list[float]], rank: int | None) -> None:
+    """One line per compressed tensor: the relative error ||tau - B A|| / ||tau|| of its rank-`rank` factors."""
+    for key, per_expert in errors.items():
+        logger.info(
+            "rank-%s %s: relative reconstruction error mean %.4f, max %.4f over experts",
+            rank,
+            key,
+            sum(per_expert) / len(per_expert),
+            max(per_expert),
+        )
 
 
 def merge_clip(
@@ -140,6 +162,8 @@ def merge_clip(
     *,
     variant: str = "wemoe",
     keep: float = 0.1,
+    expert_format: str | None = None,
+    rank: int | None = None,
     init_lambda: float = 0.3,
     scaling: float = 0.3,
     router_hidden_layers: int = 2,
@@ -157,7 +181,10 @@ def merge_clip(
         classnames: task name -> class names; each task's head is built from the base text tower.
         variant: `"wemoe"` (a router per layer, dense task vectors) or `"e-wemoe"` (one shared router, task vectors
             pruned to the `keep` fraction of largest-magnitude entries per tensor).
-        keep: kept fraction for `"e-wemoe"` (0.1 = "E-WEMoE-90%"); ignored for `"wemoe"`.
+        keep: kept fraction for sparse experts (0.1 = "E-WEMoE-90%"); ignored otherwise.
+        expert_format: `"dense"`, `"sparse"` or `"lowrank"`, overriding the variant's storage (routers stay as the
+            variant has them): `"lowrank"` keeps each weight's task vector as its rank-`rank` truncated SVD.
+        rank: rank of low-rank experts.
         init_lambda: initial routing weight of every expert.
         scaling: task-arithmetic coefficient for the statically merged (non-MLP) parameters.
         static_merge: another static merge for the non-MLP parameters, e.g.
@@ -197,6 +224,7 @@ def merge_clip(
     tokenizer = resolve_tokenizer(base, tokenizer)
     base_tensors, expert_tensors = open_experts(clip, experts)
 
+    expert_format = expert_format or VARIANTS[variant]["expert_format"]
     config = WEMoEConfig(
         vision_config=clip.config.vision_config.to_dict(),
         projection_dim=clip.config.projection_dim,
@@ -205,13 +233,16 @@ def merge_clip(
         init_lambda=init_lambda,
         router_hidden_layers=router_hidden_layers,
         routing_granularity=granularity,
-        keep=keep if VARIANTS[variant]["expert_format"] == "sparse" else None,
+        router_mode=VARIANTS[variant]["router_mode"],
+        expert_format=expert_format,
+        keep=keep if expert_format == "sparse" else None,
+        rank=rank if expert_format == "lowrank" else None,
         static_merge=static_merge,
-        **VARIANTS[variant],
     )
     model = WEMoEForImageClassification(config)
     logger.info("Merging %d experts into a %s model (%s).", len(experts), variant, ", ".join(experts))
-    fill_vision_model(model, base_tensors, expert_tensors, static_merge)
+    reconstruction_errors = fill_vision_model(model, base_tensors, expert_tensors, static_merge)
+    log_reconstruction_errors(reconstruction_errors, rank)
 
     with torch.no_grad():
         model.visual_projection.weight.copy_(clip.visual_projection.weight)

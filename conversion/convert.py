@@ -104,6 +104,8 @@ def convert(
         classnames,
         variant=recipe.variant,
         keep=recipe.keep,
+        expert_format=recipe.expert_format,
+        rank=recipe.rank,
         init_lambda=recipe.router.init_lambda,
         router_hidden_layers=recipe.router.hidden_layers,
         granularity=recipe.router.granularity,
@@ -145,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("conversion.clip").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
     try:
         output = convert(
             args.config,

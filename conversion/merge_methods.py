@@ -72,3 +72,18 @@ def ties_merging(
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
     merged = (trimmed * agrees).sum(dim=0) / agrees.sum(dim=0).clamp_min(1)
     return pretrained + scaling * merged
+
+
+def low_rank_factors(task_vectors: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of each expert's task-vector matrix in `(num_experts, out, in)` (truncated SVD):
+    `A` `(num_experts, rank, in)`, `B` `(num_experts, out, rank)`, and each expert's relative reconstruction error
+    ||tau - B A||_F / ||tau||_F. Ranks above the matrix size are zero-padded (exact)."""
+    u, s, vh = torch.linalg.svd(task_vectors.float(), full_matrices=False)
+    kept = min(rank, s.shape[-1])
+    factor_b = task_vectors.new_zeros(task_vectors.shape[0], task_vectors.shape[1], rank, dtype=torch.float32)
+    factor_a = task_vectors.new_zeros(task_vectors.shape[0], rank, task_vectors.shape[2], dtype=torch.float32)
+    factor_b[..., :kept] = u[..., :kept] * s[..., None, :kept]
+    factor_a[:, :kept] = vh[:, :kept]
+    residual = torch.linalg.matrix_norm(task_vectors.float() - factor_b @ factor_a)
+    error = residual / torch.linalg.matrix_norm(task_vectors.float()).clamp_min(torch.finfo(torch.float32).tiny)
+    return factor_a, factor_b, error

@@ -101,9 +101,17 @@ class MergeRecipe(Strict):
     architecture: Literal["clip"] = "clip"
     variant: Literal["wemoe", "e-wemoe"] = "wemoe"
     keep: float = Field(0.1, gt=0, le=1)
+    expert_format: Literal["dense", "sparse", "lowrank"] | None = None
+    rank: int | None = Field(None, ge=1)
     static_merge: StaticMergeSpec = TaskArithmeticSpec(method="task_arithmetic")
     router: RouterSpec = RouterSpec()
     tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def rank_with_lowrank(self) -> "MergeRecipe":
+        if (self.expert_format == "lowrank") != (self.rank is not None):
+            raise ValueError("`rank` is required with expert_format: lowrank and only allowed with it")
+        return self
 
     @field_validator("tasks")
     @classmethod

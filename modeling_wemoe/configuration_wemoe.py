@@ -43,12 +43,15 @@ class WEMoEConfig(PreTrainedConfig):
         routing_granularity (`"sample"` or `"token"`, defaults to `"sample"`):
             `"sample"`: one routing vector per sample, the router outputs averaged over its tokens (padding
             excluded). `"token"`: one routing vector per token (exact per-token weight ensembling).
-        expert_format (`"dense"` or `"sparse"`, defaults to `"dense"`):
+        expert_format (`"dense"`, `"sparse"` or `"lowrank"`, defaults to `"dense"`):
             How task vectors are stored. `"sparse"` keeps the `keep` fraction of largest-magnitude entries of each
-            tensor, stored as values plus a packed bitmask.
+            tensor, stored as values plus a packed bitmask. `"lowrank"` stores each weight matrix's task vector as
+            factors `B @ A` of rank `rank` (biases stay dense) and applies them as `sum_i r_i B_i (A_i x)`.
         keep (`float`, *optional*):
             Fraction of entries kept per task-vector tensor, in (0, 1]; required with `expert_format="sparse"`
             (0.1 is "E-WEMoE-90%"), must be unset otherwise.
+        rank (`int`, *optional*):
+            Rank of every low-rank task vector; required with `expert_format="lowrank"`, must be unset otherwise.
         static_merge (`dict`, *optional*):
             How the non-MLP parameters were merged, e.g. `{"method": "task_arithmetic", "scaling": 0.3}`.
             Provenance only.
@@ -84,8 +87,9 @@ class WEMoEConfig(PreTrainedConfig):
     router_hidden_layers: int = 2
     init_lambda: float | int = 0.3
     routing_granularity: Literal["sample", "token"] = "sample"
-    expert_format: Literal["dense", "sparse"] = "dense"
+    expert_format: Literal["dense", "sparse", "lowrank"] = "dense"
     keep: float | int | None = None
+    rank: int | None = None
     static_merge: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs):
@@ -140,6 +144,13 @@ class WEMoEConfig(PreTrainedConfig):
         elif self.keep is not None:
             raise ValueError(
                 f"`keep` ({self.keep}) only applies to expert_format='sparse', got '{self.expert_format}'."
+            )
+        if self.expert_format == "lowrank":
+            if self.rank is None or self.rank < 1:
+                raise ValueError(f"`rank` must be a positive int with expert_format='lowrank', got {self.rank}.")
+        elif self.rank is not None:
+            raise ValueError(
+                f"`rank` ({self.rank}) only applies to expert_format='lowrank', got '{self.expert_format}'."
             )
 
     @property

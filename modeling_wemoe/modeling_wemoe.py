@@ -170,7 +170,42 @@ class WEMoESparseTaskVectors(nn.Module):
 TILE_ROWS = 32
 
 
+class WEMoELowRankTaskVectors(nn.Module):
+    """The task vectors of one weight matrix as rank-`rank` factors: tau_i = B[i] @ A[i], with `A`
+    `(num_experts, rank, in)` and `B` `(num_experts, out, rank)`. Applied to inputs without ever forming tau_i."""
+
+    def __init__(self, num_experts: int, shape: tuple[int, int], rank: int):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.A = nn.Parameter(torch.zeros(num_experts, rank, shape[1]), requires_grad=False)
+        self.B = nn.Parameter(torch.zeros(num_experts, shape[0], rank), requires_grad=False)
+
+    @property
+    def num_stored_entries(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    def assign(self, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.A.copy_(factor_a)
+            self.B.copy_(factor_b)
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def apply(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """sum_i r_i B_i (A_i x) for `(batch, seq, in)` inputs and routing `(batch, experts)` or
+        `(batch, seq, experts)`: two matmuls over all experts at once."""
+        num_experts, rank, _ = self.A.shape
+        projected = hidden_states @ self.A.reshape(num_experts * rank, -1).t()  # (batch, seq, experts * rank)
+        projected = projected.unflatten(-1, (num_experts, rank))
+        weights = routing_weights.unsqueeze(1) if routing_weights.dim() == 2 else routing_weights
+        scaled = (projected * weights.to(projected.dtype).unsqueeze(-1)).flatten(-2)
+        return scaled @ self.B.transpose(1, 2).reshape(num_experts * rank, -1)
+
+
 def build_task_vectors(config: WEMoEConfig, shape: tuple[int, ...]) -> nn.Module:
+    if config.expert_format == "lowrank" and len(shape) == 2:
+        return WEMoELowRankTaskVectors(config.num_experts, shape, config.rank)
     if config.expert_format == "sparse":
         return WEMoESparseTaskVectors(config.num_experts, shape, config.keep)
     return WEMoEDenseTaskVectors(config.num_experts, shape)
@@ -194,9 +229,20 @@ class WEMoELinear(nn.Module):
         self.bias_task_vectors = build_task_vectors(config, (out_features,)) if bias else None
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight_task_vectors, WEMoELowRankTaskVectors):
+            return self._forward_low_rank(hidden_states, routing_weights)
         if routing_weights.dim() == 2:
             return self._forward_per_sample(hidden_states, routing_weights)
         return self._forward_per_token(hidden_states, routing_weights)
+
+    def _forward_low_rank(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        # x (W0 + sum_i r_i B_i A_i)^T = x W0^T + sum_i r_i (x A_i^T) B_i^T: exact, per sample or per token.
+        output = F.linear(hidden_states, self.weight, self.bias)
+        output = output + self.weight_task_vectors.apply(hidden_states, routing_weights)
+        if self.bias is not None:
+            bias_delta = routing_weights.to(output.dtype) @ self.bias_task_vectors.dense()
+            output = output + (bias_delta.unsqueeze(1) if routing_weights.dim() == 2 else bias_delta)
+        return output
 
     def _forward_per_sample(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
@@ -418,6 +464,9 @@ class WEMoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, WEMoEDenseTaskVectors):
             init.zeros_(module.values)
+        elif isinstance(module, WEMoELowRankTaskVectors):
+            init.zeros_(module.A)
+            init.zeros_(module.B)
         elif isinstance(module, WEMoESparseTaskVectors):
             init.zeros_(module.values)
             first_entries = torch.arange(module.numel) < module.num_kept
@@ -436,7 +485,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         task_vector_entries = sum(
             module.num_stored_entries
             for module in self.modules()
-            if isinstance(module, (WEMoEDenseTaskVectors, WEMoESparseTaskVectors))
+            if isinstance(module, (WEMoEDenseTaskVectors, WEMoESparseTaskVectors, WEMoELowRankTaskVectors))
         )
         return {
             "trainable_parameters": self.num_parameters(only_trainable=True),
@@ -564,6 +613,7 @@ __all__ = [
     "WEMoEDenseTaskVectors",
     "WEMoEForImageClassification",
     "WEMoELinear",
+    "WEMoELowRankTaskVectors",
     "WEMoEPreTrainedModel",
     "WEMoERouter",
     "WEMoESparseTaskVectors",

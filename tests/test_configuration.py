@@ -37,6 +37,8 @@ def test_derived_fields_and_round_trip(tmp_path):
         ({"expert_format": "sparse"}, r"`keep` must be in \(0, 1\] with expert_format='sparse', got None"),
         ({"expert_format": "sparse", "keep": 1.5}, r"`keep` must be in \(0, 1\]"),
         ({"keep": 0.1}, "only applies to expert_format='sparse'"),
+        ({"expert_format": "lowrank"}, "`rank` must be a positive int with expert_format='lowrank', got None"),
+        ({"rank": 8}, "only applies to expert_format='lowrank'"),
         ({"tasks": ["shapes", "shapes"], "task_labels": {"shapes": ["a"]}}, r"duplicate names \['shapes'\]"),
         ({"tasks": []}, "at least one task"),
         ({"num_experts": 3}, r"`num_experts` \(3\) must equal the number of tasks \(2\)"),

@@ -26,6 +26,7 @@ def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELin
         tasks=[f"task{i}" for i in range(NUM_EXPERTS)],
         expert_format=expert_format,
         keep=0.3 if expert_format == "sparse" else None,
+        rank=5 if expert_format == "lowrank" else None,
     )
     generator = torch.Generator().manual_seed(seed)
     layer = WEMoELinear(config, IN_FEATURES, OUT_FEATURES, bias=bias)
@@ -37,7 +38,11 @@ def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELin
                 layer.bias.copy_(torch.randn(shape, generator=generator))
             task_vectors = torch.randn(NUM_EXPERTS, *shape, generator=generator)
             store = getattr(layer, f"{name}_task_vectors")
-            if expert_format == "sparse":
+            if expert_format == "lowrank" and name == "weight":
+                factor_a = 0.3 * torch.randn(NUM_EXPERTS, 5, IN_FEATURES, generator=generator)
+                factor_b = 0.3 * torch.randn(NUM_EXPERTS, OUT_FEATURES, 5, generator=generator)
+                store.assign(factor_a, factor_b)
+            elif expert_format == "sparse":
                 flat = task_vectors.flatten(1)
                 mask = torch.zeros_like(flat, dtype=torch.bool)
                 mask.scatter_(1, flat.abs().topk(store.num_kept, dim=1).indices, True)
@@ -55,7 +60,7 @@ def merged_linear(layer, weight_tv, bias_tv, routing, inputs):
     return F.linear(inputs, weight, bias)
 
 
-@pytest.mark.parametrize("expert_format", ["dense", "sparse"])
+@pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias):
     layer, weight_tv, bias_tv = make_linear(expert_format, bias)
@@ -67,7 +72,7 @@ def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("expert_format", ["dense", "sparse"])
+@pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_per_token_linear_matches_a_weight_merged_for_each_token(expert_format, bias):
     layer, weight_tv, bias_tv = make_linear(expert_format, bias)
