@@ -167,6 +167,7 @@ def merge_clip(
     init_lambda: float = 0.3,
     scaling: float = 0.3,
     router_hidden_layers: int = 2,
+    router_top_k: int | None = None,
     granularity: str = "sample",
     static_merge: Mapping | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -190,6 +191,7 @@ def merge_clip(
         static_merge: another static merge for the non-MLP parameters, e.g.
             `{"method": "ties", "scaling": 0.3, "density": 0.2}`; overrides `scaling`.
         router_hidden_layers: router depth, 0, 1 or 2.
+        router_top_k: mix only each sample's `router_top_k` largest routing weights (unset: all experts).
         granularity: `"sample"` (one routing vector per image) or `"token"`.
         tokenizer: the base model's tokenizer; loaded from `base` when it is a path or Hub id.
         templates: task name -> prompt templates with one `{}` for the class name (default: CLIP photo prompts).
@@ -232,6 +234,7 @@ def merge_clip(
         task_labels={task: list(classnames[task]) for task in experts},
         init_lambda=init_lambda,
         router_hidden_layers=router_hidden_layers,
+        router_top_k=router_top_k,
         routing_granularity=granularity,
         router_mode=VARIANTS[variant]["router_mode"],
         expert_format=expert_format,

@@ -108,6 +108,7 @@ def convert(
         rank=recipe.rank,
         init_lambda=recipe.router.init_lambda,
         router_hidden_layers=recipe.router.hidden_layers,
+        router_top_k=recipe.router.top_k,
         granularity=recipe.router.granularity,
         static_merge=recipe.static_merge.model_dump(),
         templates={task.name: task.templates for task in recipe.tasks if task.templates},

@@ -40,6 +40,7 @@ StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec, Field(discriminator="
 
 class RouterSpec(Strict):
     hidden_layers: Literal[0, 1, 2] = 2
+    top_k: int | None = Field(None, ge=1)
     init_lambda: float = 0.3
     granularity: Literal["sample", "token"] = "sample"
 

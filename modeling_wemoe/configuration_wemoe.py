@@ -40,6 +40,9 @@ class WEMoEConfig(PreTrainedConfig):
         init_lambda (`float`, defaults to 0.3):
             Initial routing weight of every expert: the last router layer starts at weight 0 and bias
             `init_lambda`, so a fresh model is task arithmetic with scaling `init_lambda`.
+        router_top_k (`int`, *optional*):
+            Keep only the `router_top_k` largest routing weights of each sample (or token) and zero the others, so
+            fewer experts are mixed per input. Unset: every expert is mixed.
         routing_granularity (`"sample"` or `"token"`, defaults to `"sample"`):
             `"sample"`: one routing vector per sample, the router outputs averaged over its tokens (padding
             excluded). `"token"`: one routing vector per token (exact per-token weight ensembling).
@@ -85,6 +88,7 @@ class WEMoEConfig(PreTrainedConfig):
     num_experts: int | None = None
     router_mode: Literal["per_layer", "shared"] = "per_layer"
     router_hidden_layers: int = 2
+    router_top_k: int | None = None
     init_lambda: float | int = 0.3
     routing_granularity: Literal["sample", "token"] = "sample"
     expert_format: Literal["dense", "sparse", "lowrank"] = "dense"
@@ -136,6 +140,10 @@ class WEMoEConfig(PreTrainedConfig):
     def validate_router(self):
         if self.router_hidden_layers not in (0, 1, 2):
             raise ValueError(f"`router_hidden_layers` must be 0, 1 or 2, got {self.router_hidden_layers}.")
+        if self.router_top_k is not None and not 1 <= self.router_top_k <= (self.num_experts or 0):
+            raise ValueError(
+                f"`router_top_k` must be between 1 and num_experts ({self.num_experts}), got {self.router_top_k}."
+            )
 
     def validate_expert_format(self):
         if self.expert_format == "sparse":

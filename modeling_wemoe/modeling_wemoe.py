@@ -318,16 +318,22 @@ def compute_routing_weights(
     hidden_states: torch.Tensor,
     granularity: str,
     token_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Router outputs per token `(batch, seq, experts)`, or per sample `(batch, experts)` averaged over its real
-    tokens. Each sample is reduced on its own: a sample's routing never depends on the rest of its batch."""
-    token_weights = router(hidden_states)
-    if granularity == "token":
-        return token_weights
-    if token_mask is None:
-        return token_weights.mean(dim=1)
-    mask = token_mask.to(token_weights.dtype).unsqueeze(-1)
-    return (token_weights * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    tokens; with `top_k`, all but each row's `top_k` largest weights are zeroed. Each sample is reduced on its own:
+    a sample's routing never depends on the rest of its batch."""
+    routing_weights = router(hidden_states)
+    if granularity == "sample":
+        if token_mask is None:
+            routing_weights = routing_weights.mean(dim=1)
+        else:
+            mask = token_mask.to(routing_weights.dtype).unsqueeze(-1)
+            routing_weights = (routing_weights * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    if top_k is None:
+        return routing_weights
+    kept = torch.zeros_like(routing_weights).scatter_(-1, routing_weights.topk(top_k, dim=-1).indices, 1.0)
+    return routing_weights * kept
 
 
 class WEMoECLIPMLP(nn.Module):
@@ -337,6 +343,7 @@ class WEMoECLIPMLP(nn.Module):
         super().__init__()
         vision_config = config.vision_config
         self.granularity = config.routing_granularity
+        self.top_k = config.router_top_k
         self.activation_fn = ACT2FN[vision_config.hidden_act]
         self.fc1 = WEMoELinear(config, vision_config.hidden_size, vision_config.intermediate_size)
         self.fc2 = WEMoELinear(config, vision_config.intermediate_size, vision_config.hidden_size)
@@ -350,7 +357,7 @@ class WEMoECLIPMLP(nn.Module):
         self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         router = self.router if self.router is not None else shared_router
-        routing_weights = compute_routing_weights(router, hidden_states, self.granularity)
+        routing_weights = compute_routing_weights(router, hidden_states, self.granularity, top_k=self.top_k)
         hidden_states = self.fc1(hidden_states, routing_weights)
         hidden_states = self.activation_fn(hidden_states)
         hidden_states = self.fc2(hidden_states, routing_weights)

@@ -47,6 +47,9 @@ def per_sample_reference_logits(wemoe, base: CLIPModel, experts: dict, pixel_val
 
         def hook(mlp, args):
             routing = router(args[0]).mean(dim=1)[0]
+            if config.router_top_k is not None:  # zero all but the k largest, by sorting
+                order = torch.sort(routing, descending=True).indices
+                routing = routing * torch.zeros_like(routing).index_fill_(0, order[: config.router_top_k], 1.0)
             for name, parameter in mlp.named_parameters():
                 key = f"encoder.layers.{layer_index}.mlp.{name}"
                 task_vectors = stacked_task_vectors(base, experts, key, config.keep)

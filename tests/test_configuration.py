@@ -32,6 +32,8 @@ def test_derived_fields_and_round_trip(tmp_path):
     ("overrides", "message"),
     [
         ({"router_hidden_layers": 3}, "router_hidden_layers` must be 0, 1 or 2, got 3"),
+        ({"router_top_k": 3}, r"`router_top_k` must be between 1 and num_experts \(2\), got 3"),
+        ({"router_top_k": 0}, r"`router_top_k` must be between 1 and num_experts \(2\), got 0"),
         ({"routing_granularity": "batch"}, "routing_granularity"),
         ({"router_mode": "global"}, "router_mode"),
         ({"expert_format": "sparse"}, r"`keep` must be in \(0, 1\] with expert_format='sparse', got None"),

@@ -29,7 +29,9 @@ def test_fresh_merge_equals_task_arithmetic(base, experts, classnames, tokenizer
 
 
 @pytest.mark.parametrize(
-    "options", [{"variant": "wemoe"}, {"variant": "e-wemoe", "keep": 0.1}], ids=["wemoe", "e-wemoe"]
+    "options",
+    [{"variant": "wemoe"}, {"variant": "e-wemoe", "keep": 0.1}, {"variant": "wemoe", "router_top_k": 2}],
+    ids=["wemoe", "e-wemoe", "top-2"],
 )
 def test_per_sample_routing_matches_per_sample_merged_reference(
     base, experts, classnames, tokenizer, pixel_values, options
@@ -39,7 +41,8 @@ def test_per_sample_routing_matches_per_sample_merged_reference(
     with torch.no_grad():
         output = model(pixel_values, output_routing_weights=True)
     routing = torch.stack(output.routing_weights)  # (layers, batch, experts)
-    assert routing.std(dim=1).min() > 1e-2, "routing must differ between samples for this test to mean anything"
+    varies = routing.std(dim=1).amax(dim=-1)  # per layer, the spread across samples of its most variable expert
+    assert varies.min() > 1e-2, "routing must differ between samples for this test to mean anything"
     expected = per_sample_reference_logits(model, base, experts, pixel_values)
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
 

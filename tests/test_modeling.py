@@ -160,3 +160,20 @@ def test_sparse_tile_layout_follows_newly_assigned_task_vectors():
         [merged_linear(layer, replacement_tv, None, r, x) for r, x in zip(routing, inputs, strict=True)]
     )
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_top_k_keeps_only_the_largest_routing_weights(granularity):
+    router = WEMoERouter(8, 4, hidden_layers=1)
+    with torch.no_grad():
+        router.fc.weight.normal_()
+    hidden = torch.randn(3, 5, 8)
+    full = compute_routing_weights(router, hidden, granularity)
+    top2 = compute_routing_weights(router, hidden, granularity, top_k=2)
+    kept = top2 != 0
+    assert (kept.sum(-1) == 2).all()
+    assert torch.equal(top2[kept], full[kept])
+    smallest_kept = full.masked_fill(~kept, float("inf")).min(-1).values
+    largest_dropped = full.masked_fill(kept, float("-inf")).max(-1).values
+    assert (largest_dropped <= smallest_kept).all()
+    torch.testing.assert_close(compute_routing_weights(router, hidden, granularity, top_k=4), full)
