@@ -18,7 +18,7 @@ from .artifact import check_output_dir, load_image_processor, save_artifact
 from .clip import merge_clip
 from .data import open_dataset
 from .model_card import render_model_card
-from .recipe import EXAMPLE_RECIPE, DatasetClassnames, MergeRecipe, RecipeError, load_recipe
+from .recipe import EXAMPLE_RECIPE, DatasetSource, MergeRecipe, RecipeError, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ examples:
 )
 
 
-def dataset_classnames(spec: DatasetClassnames, task: str) -> list[str]:
+def dataset_classnames(spec: DatasetSource, task: str) -> list[str]:
     """Class names from a `datasets` ClassLabel column."""
     from datasets import ClassLabel
 
-    dataset = open_dataset(task, spec.path, spec.name, spec.data_dir, spec.data_files, spec.split)
+    dataset = open_dataset(task, spec)
     if spec.label_column not in dataset.features:
         raise ValueError(
             f"Task {task!r}: dataset {spec.path!r} has no column {spec.label_column!r}; "

@@ -12,28 +12,18 @@ Adaptation never reads labels; evaluation does.
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .recipe import RecipeError, format_validation_error
+from .recipe import DatasetSource, load_validated
 
 
-class TaskData(BaseModel):
-    """`datasets.load_dataset(path, config_name, data_dir=..., data_files=..., split=...)` and its columns."""
+class TaskData(DatasetSource):
+    """One task's dataset and its image column (labels are read only by evaluation)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str
-    config_name: str | None = None
-    data_dir: str | None = None
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    split: str = "test"
     image_column: str = "image"
-    label_column: str = "label"
 
 
 class DataConfig(BaseModel):
@@ -44,21 +34,7 @@ class DataConfig(BaseModel):
 
 def load_data_config(data: DataConfig | Mapping[str, Any] | str | os.PathLike) -> DataConfig:
     """A validated data config from a `DataConfig`, a dict, or a YAML file path."""
-    if isinstance(data, DataConfig):
-        return data
-    source = "(dict)"
-    if isinstance(data, (str, os.PathLike)):
-        source = repr(str(data))
-        try:
-            data = yaml.safe_load(Path(data).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise RecipeError(f"Cannot read data config {source}: {error}") from error
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"Data config {source} must be a mapping with a `tasks` key, got {type(data).__name__}.")
-    try:
-        return DataConfig.model_validate(data)
-    except ValidationError as error:
-        raise RecipeError(format_validation_error(error, source).replace("conversion recipe", "data config")) from None
+    return load_validated(DataConfig, data, "data config")
 
 
 def check_tasks_known(requested: list[str], model_tasks: list[str]) -> None:
@@ -67,12 +43,15 @@ def check_tasks_known(requested: list[str], model_tasks: list[str]) -> None:
         raise ValueError(f"Data config names task(s) {unknown} that the model does not have; its tasks: {model_tasks}.")
 
 
-def open_dataset(task: str, path: str, config_name: str | None, data_dir, data_files, split: str):
+def open_dataset(task: str, source: DatasetSource, split: str | None = None):
     """`datasets.load_dataset(...)` for one task, its failures (and empty splits) reported with the task's name."""
     from datasets import load_dataset
 
+    path, split = source.path, split or source.split
     try:
-        dataset = load_dataset(path, config_name, data_dir=data_dir, data_files=data_files, split=split)
+        dataset = load_dataset(
+            path, source.config_name, data_dir=source.data_dir, data_files=source.data_files, split=split
+        )
     except Exception as error:  # datasets raises many types for a missing or unreadable dataset
         # datasets refuses to build an empty split and says so in these words.
         problem = "is empty" if "corresponds to no data" in str(error) else "cannot be loaded"
@@ -85,7 +64,7 @@ def open_dataset(task: str, path: str, config_name: str | None, data_dir, data_f
 def load_task_dataset(task: str, spec: TaskData, split: str | None = None, need_labels: bool = False):
     """The task's `datasets.Dataset`, checked to be non-empty and to have the image (and label) column."""
     split = split or spec.split
-    dataset = open_dataset(task, spec.path, spec.config_name, spec.data_dir, spec.data_files, split)
+    dataset = open_dataset(task, spec, split)
     required = [spec.image_column] + ([spec.label_column] if need_labels else [])
     for column in required:
         if column not in dataset.column_names:

@@ -45,11 +45,12 @@ class RouterSpec(Strict):
     granularity: Literal["sample", "token"] = "sample"
 
 
-class DatasetClassnames(Strict):
-    """Class names read from a `datasets` ClassLabel column (`datasets.load_dataset(path, name, ...)`)."""
+class DatasetSource(Strict):
+    """A dataset as `datasets.load_dataset(path, config_name, data_dir=..., data_files=..., split=...)` and its label
+    column (a ClassLabel gives class names)."""
 
     path: str
-    name: str | None = None
+    config_name: str | None = None
     data_dir: str | None = None
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     split: str = "test"
@@ -60,7 +61,7 @@ class TaskSpec(Strict):
     name: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1, description="Full fine-tune or PEFT LoRA adapter: local dir or Hub id.")]
     classnames: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
-    dataset: DatasetClassnames | None = None
+    dataset: DatasetSource | None = None
     templates: Annotated[list[str], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
@@ -127,7 +128,7 @@ class MergeRecipe(Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, what: str) -> str:
     lines = []
     for problem in error.errors():
         parts = [str(part) for part in problem["loc"]]
@@ -135,26 +136,31 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             del parts[1]  # the union's tag (`ties`, ...) pydantic puts in the path
         location = ".".join(parts) or "(top)"
         lines.append(f"  {location}: {problem['msg']}")
-    return f"Invalid conversion recipe {source}:\n" + "\n".join(lines)
+    return f"Invalid {what}:\n" + "\n".join(lines)
+
+
+def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
+    """`schema` validated from an instance, a mapping or a YAML file path; every problem named by its key path.
+    `what` says what the value is in messages (e.g. "conversion recipe")."""
+    if isinstance(value, schema):
+        return value
+    source = "(dict)"
+    if isinstance(value, (str, os.PathLike)):
+        source = repr(str(value))
+        try:
+            value = yaml.safe_load(Path(value).read_text())
+        except OSError as error:
+            raise RecipeError(f"Cannot read {what} {source}: {error}") from error
+        except yaml.YAMLError as error:
+            raise RecipeError(f"The {what} {source} is not valid YAML: {error}") from error
+    if not isinstance(value, dict):
+        raise RecipeError(f"The {what} {source} must be a mapping of keys, got {type(value).__name__}.")
+    try:
+        return schema.model_validate(value)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error, f"{what} {source}")) from None
 
 
 def load_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:
     """A validated recipe from a `MergeRecipe`, a dict, or a YAML file path."""
-    if isinstance(recipe, MergeRecipe):
-        return recipe
-    source = "(dict)"
-    if isinstance(recipe, (str, os.PathLike)):
-        path = Path(recipe)
-        source = repr(str(path))
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise RecipeError(f"Cannot read conversion recipe {source}: {error}") from error
-        except yaml.YAMLError as error:
-            raise RecipeError(f"Conversion recipe {source} is not valid YAML: {error}") from error
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"Conversion recipe {source} must be a mapping of keys, got {type(recipe).__name__}.")
-    try:
-        return MergeRecipe.model_validate(recipe)
-    except ValidationError as error:
-        raise RecipeError(format_validation_error(error, source)) from None
+    return load_validated(MergeRecipe, recipe, "conversion recipe")

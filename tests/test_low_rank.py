@@ -11,14 +11,18 @@ from conversion.recipe import RecipeError, load_recipe
 from modeling_wemoe.modeling_wemoe import WEMoELowRankTaskVectors
 
 
+def assert_same_logits_under_random_routers(model, reference, pixel_values) -> None:
+    """Both models get the same random routers (same seed and router shapes), then must agree."""
+    randomize_routers(model)
+    randomize_routers(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, reference(pixel_values).logits, atol=1e-4, rtol=0)
+
+
 def test_full_rank_equals_dense_wemoe(base, experts, classnames, tokenizer, pixel_values):
     dense = merge_clip(base, experts, classnames, tokenizer=tokenizer)
     full_rank = merge_clip(base, experts, classnames, tokenizer=tokenizer, expert_format="lowrank", rank=32)
-    full_rank.load_state_dict({k: v for k, v in dense.state_dict().items() if "router" in k}, strict=False)
-    randomize_routers(dense)
-    randomize_routers(full_rank)
-    with torch.no_grad():
-        torch.testing.assert_close(full_rank(pixel_values).logits, dense(pixel_values).logits, atol=1e-4, rtol=0)
+    assert_same_logits_under_random_routers(full_rank, dense, pixel_values)
 
 
 def test_truncated_factors_are_the_best_rank_r_approximation(base, experts, classnames, tokenizer, caplog):
@@ -54,11 +58,7 @@ def test_lora_experts_are_kept_exactly_at_their_rank(base, classnames, tokenizer
         adapters[task] = dense
     dense_model = merge_clip(base, adapters, classnames, tokenizer=tokenizer)
     low_rank = merge_clip(base, adapters, classnames, tokenizer=tokenizer, expert_format="lowrank", rank=4)
-    low_rank.load_state_dict({k: v for k, v in dense_model.state_dict().items() if "router" in k}, strict=False)
-    randomize_routers(dense_model)
-    randomize_routers(low_rank)
-    with torch.no_grad():
-        torch.testing.assert_close(low_rank(pixel_values).logits, dense_model(pixel_values).logits, atol=1e-4, rtol=0)
+    assert_same_logits_under_random_routers(low_rank, dense_model, pixel_values)
 
 
 def test_low_rank_artifact_round_trip(base, experts, classnames, tokenizer, pixel_values, tmp_path):
