@@ -126,9 +126,9 @@ class WEMoESparseTaskVectors(nn.Module):
         return flat.scatter_(1, self.flat_indices(), self.values).view(-1, *self.shape)
 
     def tile_layout(self, tile_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab, and which
-        entry of `values` it is (int32). Derived from the bitmask once, and again only when the bitmask changes."""
-        key = (tile_rows, self.bitmask.device, self.bitmask.data_ptr(), self.bitmask._version)
+        """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab (int32), and
+        the entries in that order. Derived from the stored tensors once, and again only when they change."""
+        key = tuple((t.device, t.data_ptr(), t._version) for t in (self.bitmask, self.values)) + (tile_rows,)
         if key == self._tile_layout_key:
             return self._tile_layout
         row_width = self.numel // self.shape[0]
@@ -140,19 +140,20 @@ class WEMoESparseTaskVectors(nn.Module):
         positions = (experts * slab_numel + indices % slab_numel).flatten()
         order = torch.argsort(tile_of, stable=True)
         counts = torch.bincount(tile_of, minlength=num_tiles).tolist()
+        values = self.values.detach().flatten()[order]
         self._tile_layout = [
-            (slab_positions.to(torch.int32), value_index.to(torch.int32))
-            for slab_positions, value_index in zip(positions[order].split(counts), order.split(counts), strict=True)
+            (slab_positions.to(torch.int32), tile_values)
+            for slab_positions, tile_values in zip(positions[order].split(counts), values.split(counts), strict=True)
         ]
         self._tile_layout_key = key
         return self._tile_layout
 
     def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
-        positions, value_index = self.tile_layout(tile_rows)[tile]
+        positions, tile_values = self.tile_layout(tile_rows)[tile]
         row_width = self.numel // self.shape[0]
         rows = min(tile_rows, self.shape[0] - tile * tile_rows)
         slab = self.values.new_zeros(self.values.shape[0], tile_rows * row_width)
-        slab.view(-1)[positions] = self.values.view(-1)[value_index]
+        slab.view(-1)[positions] = tile_values
         merged = routing_weights.to(self.values.dtype) @ slab[:, : rows * row_width]
         return merged.view(-1, rows, *self.shape[1:])
 
