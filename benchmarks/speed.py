@@ -1,7 +1,8 @@
 """Forward speed and memory of WEMoE against the dense CLIP vision model of the same shape.
 
 ViT-B/32-shaped random models (hidden 768, 12 layers, patch 32, 224 px), 8 experts, batch 16, fp32: the dense
-model, WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64, and the naive per-sample loop. Times are
+model, WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 (all experts, and each sample's top 2),
+and the naive per-sample loop. Times are
 medians of several runs measured in one process and printed as ratios to the dense `CLIPVisionModel` forward.
 Peak memory of each forward is measured in a child process per row (resident set growth over the loaded model).
 Random weights: this measures speed, not accuracy.
@@ -34,6 +35,7 @@ ROWS = {
     "WEMoE dense": {},
     "E-WEMoE keep=0.1": {"expert_format": "sparse", "keep": 0.1, "router_mode": "shared"},
     "low-rank rank 64": {"expert_format": "lowrank", "rank": 64},
+    "low-rank rank 64, top-2": {"expert_format": "lowrank", "rank": 64, "router_top_k": 2},
     "naive per-sample loop": "naive",
 }
 MIB = 2**20

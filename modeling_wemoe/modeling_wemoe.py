@@ -203,6 +203,22 @@ class WEMoELowRankTaskVectors(nn.Module):
         scaled = (projected * weights.to(projected.dtype).unsqueeze(-1)).flatten(-2)
         return scaled @ self.B.transpose(1, 2).reshape(num_experts * rank, -1)
 
+    def apply_selected(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor, top_k: int) -> torch.Tensor:
+        """`apply` for per-sample routing that keeps `top_k` experts: each expert's factors are applied only to the
+        samples that selected it, so the work grows with `top_k`, not with the number of experts."""
+        # The weights are already masked to top_k: select the kept (non-zero) experts, not the largest values, since
+        # a kept weight may be negative; an expert kept at exactly 0 contributes nothing either way.
+        selected = (routing_weights != 0).to(routing_weights.dtype).topk(top_k, dim=-1).indices  # (batch, top_k)
+        weights = routing_weights.gather(-1, selected).to(hidden_states.dtype)
+        output = hidden_states.new_zeros(*hidden_states.shape[:-1], self.shape[0])
+        for expert in range(self.A.shape[0]):
+            samples, slots = (selected == expert).nonzero(as_tuple=True)
+            if samples.numel():
+                projected = hidden_states[samples] @ self.A[expert].t()
+                projected = projected * weights[samples, slots][:, None, None]
+                output.index_add_(0, samples, projected @ self.B[expert].t())
+        return output
+
 
 def build_task_vectors(config: WEMoEConfig, shape: tuple[int, ...]) -> nn.Module:
     if config.expert_format == "lowrank" and len(shape) == 2:
@@ -228,6 +244,7 @@ class WEMoELinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.weight_task_vectors = build_task_vectors(config, (out_features, in_features))
         self.bias_task_vectors = build_task_vectors(config, (out_features,)) if bias else None
+        self.top_k = config.router_top_k
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight_task_vectors, WEMoELowRankTaskVectors):
@@ -239,7 +256,10 @@ class WEMoELinear(nn.Module):
     def _forward_low_rank(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         # x (W0 + sum_i r_i B_i A_i)^T = x W0^T + sum_i r_i (x A_i^T) B_i^T: exact, per sample or per token.
         output = F.linear(hidden_states, self.weight, self.bias)
-        output = output + self.weight_task_vectors.apply(hidden_states, routing_weights)
+        if routing_weights.dim() == 2 and self.top_k is not None and self.top_k < routing_weights.shape[-1]:
+            output = output + self.weight_task_vectors.apply_selected(hidden_states, routing_weights, self.top_k)
+        else:
+            output = output + self.weight_task_vectors.apply(hidden_states, routing_weights)
         if self.bias is not None:
             bias_delta = routing_weights.to(output.dtype) @ self.bias_task_vectors.dense()
             output = output + (bias_delta.unsqueeze(1) if routing_weights.dim() == 2 else bias_delta)

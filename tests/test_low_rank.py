@@ -79,3 +79,22 @@ def test_recipe_requires_rank_exactly_with_lowrank():
     for bad in ({"expert_format": "lowrank"}, {"rank": 8}):
         with pytest.raises(RecipeError, match="`rank` is required with expert_format: lowrank"):
             load_recipe({"base_model": "b", "tasks": tasks, **bad})
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_low_rank_top_k_computes_only_the_selected_experts_exactly(
+    base, experts, classnames, tokenizer, pixel_values, top_k
+):
+    """The gathered top-k path must equal the same model computing every expert with the masked weights."""
+    model = merge_clip(
+        base, experts, classnames, tokenizer=tokenizer, expert_format="lowrank", rank=4, router_top_k=top_k
+    )
+    randomize_routers(model)
+    with torch.no_grad():
+        selected = model(pixel_values, output_routing_weights=True)
+        for module in model.modules():  # the same model, made to compute every expert (masked weights unchanged)
+            if hasattr(module, "top_k") and hasattr(module, "weight_task_vectors"):
+                module.top_k = None
+        every_expert = model(pixel_values).logits
+    assert any((r < 0).any() for r in selected.routing_weights), "negative kept weights must be exercised"
+    torch.testing.assert_close(selected.logits, every_expert, atol=1e-5, rtol=0)
