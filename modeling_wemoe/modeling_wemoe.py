@@ -43,7 +43,22 @@ def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :numel].bool()
 
 
-class WEMoEDenseTaskVectors(nn.Module):
+class WEMoETaskVectors(nn.Module):
+    """Storage of one tensor's task vectors that merges them per routing row, a tile of rows at a time."""
+
+    shape: tuple[int, ...]
+
+    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
+        """sum_i r[b, i] * tau_i restricted to rows `[tile * tile_rows, (tile + 1) * tile_rows)`, for every row b of
+        `(batch, num_experts)` routing weights: `(batch, rows, *shape[1:])`."""
+        raise NotImplementedError
+
+    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        """sum_i r[b, i] * tau_i over the whole tensor: `(batch, *shape)`."""
+        return self.combine_tile(routing_weights, 0, self.shape[0])
+
+
+class WEMoEDenseTaskVectors(WEMoETaskVectors):
     """The task vectors of one tensor, stacked as `(num_experts, *shape)`."""
 
     def __init__(self, num_experts: int, shape: tuple[int, ...]):
@@ -63,19 +78,13 @@ class WEMoEDenseTaskVectors(nn.Module):
     def dense(self) -> torch.Tensor:
         return self.values
 
-    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        """sum_i r[b, i] * tau_i for every row b of `(batch, num_experts)` routing weights: `(batch, *shape)`."""
-        merged = routing_weights.to(self.values.dtype) @ self.values.flatten(1)
-        return merged.view(-1, *self.shape)
-
     def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
-        """`combine` restricted to rows `[tile * tile_rows, (tile + 1) * tile_rows)`: `(batch, rows, *shape[1:])`."""
         rows = self.values[:, tile * tile_rows : (tile + 1) * tile_rows]
         merged = routing_weights.to(self.values.dtype) @ rows.reshape(rows.shape[0], -1)
         return merged.view(-1, rows.shape[1], *self.shape[1:])
 
 
-class WEMoESparseTaskVectors(nn.Module):
+class WEMoESparseTaskVectors(WEMoETaskVectors):
     """The task vectors of one tensor, each pruned to its `round(keep * numel)` kept entries.
 
     Stored compactly: `values` `(num_experts, k)` in ascending flat-index order and `bitmask`
@@ -156,14 +165,6 @@ class WEMoESparseTaskVectors(nn.Module):
         slab.view(-1)[positions] = tile_values
         merged = routing_weights.to(self.values.dtype) @ slab[:, : rows * row_width]
         return merged.view(-1, rows, *self.shape[1:])
-
-    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        batch_size = routing_weights.shape[0]
-        contributions = routing_weights.to(self.values.dtype).unsqueeze(-1) * self.values  # (batch, experts, k)
-        index = self.flat_indices().view(1, -1).expand(batch_size, -1)
-        merged = self.values.new_zeros(batch_size, self.numel)
-        merged.scatter_add_(1, index, contributions.reshape(batch_size, -1))
-        return merged.view(batch_size, *self.shape)
 
 
 # Output rows merged and applied together per sample: a tile of 32 rows of a ViT-B/32 MLP weight, for 16 samples,
