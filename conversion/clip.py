@@ -1,4 +1,5 @@
-"""Building a WEMoE / E-WEMoE CLIP classifier from a base CLIP model and fine-tuned experts, in memory."""
+"""Building a WEMoE / E-WEMoE CLIP classifier from a base CLIP model and fine-tuned experts (models in memory,
+checkpoint directories or Hub ids; expert tensors streamed one at a time)."""
 
 import logging
 from collections.abc import Mapping, Sequence

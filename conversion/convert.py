@@ -18,7 +18,7 @@ from .artifact import check_output_dir, load_image_processor, save_artifact
 from .clip import merge_clip
 from .data import open_dataset
 from .model_card import render_model_card
-from .recipe import EXAMPLE_RECIPE, DatasetSource, MergeRecipe, RecipeError, load_recipe
+from .recipe import EXAMPLE_RECIPE, DatasetSource, MergeRecipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             private=args.private,
             overwrite=args.overwrite,
         )
-    except (RecipeError, ValueError, TypeError, FileExistsError) as error:
+    except (ValueError, TypeError, FileExistsError) as error:  # ValueError includes RecipeError
         print(f"wemoe-convert: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"Wrote {output}")

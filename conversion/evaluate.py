@@ -23,7 +23,6 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .data import TaskData, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
 from .heads import DEFAULT_TEMPLATES, zero_shot_head
-from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ class ZeroShotCLIP(torch.nn.Module):
         self.heads = {
             task: zero_shot_head(clip, tokenizer, names, DEFAULT_TEMPLATES) for task, names in classnames.items()
         }
-        self.task_labels = {task: list(names) for task, names in classnames.items()}
 
     def forward(self, pixel_values: torch.Tensor, task: str):
         image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate(args.model_dir, args.data, split=args.split, batch_size=args.batch_size)
         if args.update_model_card:
             update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
-    except (RecipeError, ValueError) as error:
+    except ValueError as error:  # includes RecipeError
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     for task, accuracy in results.items():

@@ -26,7 +26,6 @@ from modeling_wemoe.modeling_wemoe import is_router_parameter
 
 from .artifact import check_output_dir, save_artifact
 from .data import batch_indices, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
-from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
         output = adapt_artifact(args.model_dir, args.data, args.output, **options)
-    except (RecipeError, ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError) as error:  # ValueError includes RecipeError
         print(f"wemoe-tta: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"Wrote {output}")
