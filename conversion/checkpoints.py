@@ -1,23 +1,34 @@
-"""Reading CLIP base models and fine-tuned experts, and checking up front that they can be merged.
+"""Reading base models and fine-tuned experts, and checking up front that they can be merged.
 
-An expert is read as a `TensorSource`: a mapping from vision-tower key (`encoder.layers.0.mlp.fc1.weight`, without
-the `vision_model.` prefix) to the fine-tuned tensor, whose shapes are known before any tensor is read. Checkpoint
-directories are read lazily, one tensor at a time (safetensors through `safe_open`, `.bin` memory-mapped), so a
-merge holds one tensor per expert at a time rather than every expert model. Every problem is reported with the
-task, the file or tensor, and what was expected.
+An expert is read as a `TensorSource`: a mapping from backbone key (for CLIP the vision-tower key
+`encoder.layers.0.mlp.fc1.weight`, without the `vision_model.` prefix; for T5 the model's own key) to the fine-tuned
+tensor, whose shapes are known before any tensor is read. A `Backbone` says how a model family's checkpoints are
+read. Checkpoint directories are read lazily, one tensor at a time (safetensors through `safe_open`, `.bin`
+memory-mapped), so a merge holds one tensor per expert at a time rather than every expert model. Every problem is
+reported with the task, the file or tensor, and what was expected.
 """
 
+import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +83,50 @@ def vision_tower_key(checkpoint_key: str) -> str | None:
     return key
 
 
-class CheckpointTensors(TensorSource):
-    """The vision-tower tensors of a full fine-tune saved as safetensors (single or sharded) or `.bin`."""
+@dataclass(frozen=True)
+class Backbone:
+    """How one model family's checkpoints are read and compared.
 
-    def __init__(self, directory: Path, owner: str):
+    `key_of` maps a checkpoint key to the backbone key (None: not part of the merge); `config_of` finds the backbone
+    config in a checkpoint's config (None: a different kind of model); `model_tensors` gives an in-memory model's
+    backbone tensors and config (None: a different kind of model); `architecture_fields` must agree between base
+    and experts; `tensor_hints` explain what a missing or extra tensor usually means.
+    """
+
+    name: str
+    key_of: Callable[[str], str | None]
+    config_of: Callable[[PreTrainedConfig], PreTrainedConfig | None]
+    model_tensors: Callable[[PreTrainedModel], tuple[Mapping[str, torch.Tensor], PreTrainedConfig] | None]
+    architecture_fields: tuple[str, ...]
+    tensor_hints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def clip_vision_config_of(config: PreTrainedConfig) -> CLIPVisionConfig | None:
+    if isinstance(config, CLIPConfig):
+        return config.vision_config
+    return config if isinstance(config, CLIPVisionConfig) else None
+
+
+def clip_vision_tensors(model: PreTrainedModel) -> tuple[Mapping[str, torch.Tensor], CLIPVisionConfig] | None:
+    if not isinstance(model, (CLIPModel, CLIPVisionModel)):
+        return None
+    tower = model.vision_model if isinstance(model, CLIPModel) else model
+    return tower.state_dict(), tower.config
+
+
+CLIP_VISION = Backbone(
+    name="CLIP",
+    key_of=vision_tower_key,
+    config_of=clip_vision_config_of,
+    model_tensors=clip_vision_tensors,
+    architecture_fields=CLIP_VISION_ARCHITECTURE_FIELDS,
+)
+
+
+class CheckpointTensors(TensorSource):
+    """The backbone tensors of a full fine-tune saved as safetensors (single or sharded) or `.bin`."""
+
+    def __init__(self, directory: Path, owner: str, backbone: Backbone = CLIP_VISION):
         self.owner = owner
         self.directory = directory
         self._bin_state_dicts: dict[Path, dict[str, torch.Tensor]] = {}  # memory-mapped by torch.load
@@ -83,12 +134,12 @@ class CheckpointTensors(TensorSource):
         self.shapes = {}
         for file in checkpoint_files(directory, owner):
             for checkpoint_key, shape in self._read_header(file).items():
-                key = vision_tower_key(checkpoint_key)
+                key = backbone.key_of(checkpoint_key)
                 if key is not None:
                     self._location[key] = (file, checkpoint_key)
                     self.shapes[key] = shape
         if not self.shapes:
-            raise ValueError(f"{owner}: no CLIP vision-tower tensors found in {str(directory)!r}.")
+            raise ValueError(f"{owner}: no {backbone.name} backbone tensors found in {str(directory)!r}.")
 
     def _read_header(self, file: Path) -> dict[str, torch.Size]:
         try:
@@ -137,12 +188,13 @@ class LoraExpertTensors(TensorSource):
     """A PEFT LoRA adapter read as the fine-tuned tensors it stands for: W0 + scale * B @ A for adapted weights,
     the saved value for fully trained tensors (`bias`, `modules_to_save`), W0 elsewhere."""
 
-    def __init__(self, directory: str | os.PathLike, base: TensorSource, owner: str):
+    def __init__(self, directory: str | os.PathLike, base: TensorSource, owner: str, backbone: Backbone = CLIP_VISION):
         from peft import PeftConfig, PeftType
         from peft.utils import load_peft_weights
 
         self.owner = owner
         self.base = base
+        self.backbone = backbone
         self.shapes = dict(base.shapes)
         config = PeftConfig.from_pretrained(str(directory))
         if config.peft_type != PeftType.LORA:
@@ -151,7 +203,7 @@ class LoraExpertTensors(TensorSource):
             )
         unsupported = {
             "use_dora": "DoRA (weight-decomposed LoRA) is not supported: its update is not a fixed task vector",
-            "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not occur in CLIP",
+            "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not occur in CLIP or T5",
             "lora_bias": "lora_bias is not supported",
         }
         for field, reason in unsupported.items():
@@ -174,16 +226,23 @@ class LoraExpertTensors(TensorSource):
                     factors.setdefault(module, {})[part] = tensor
                     break
             else:
-                key = vision_tower_key(model_key)
+                key = self.backbone.key_of(model_key)
                 if key is None:
-                    logger.warning("%s: ignoring adapter tensor %r outside the vision tower.", self.owner, saved_key)
+                    logger.warning(
+                        "%s: ignoring adapter tensor %r outside the %s backbone.",
+                        self.owner,
+                        saved_key,
+                        self.backbone.name,
+                    )
                     continue
                 self._check_shape(key, tensor.shape, saved_key)
                 self._replaced[key] = tensor
         for module, pair in factors.items():
-            key = vision_tower_key(f"{module}.weight")
+            key = self.backbone.key_of(f"{module}.weight")
             if key is None:
-                logger.warning("%s: ignoring LoRA on %r, outside the vision tower.", self.owner, module)
+                logger.warning(
+                    "%s: ignoring LoRA on %r, outside the %s backbone.", self.owner, module, self.backbone.name
+                )
                 continue
             if set(pair) != {"lora_A", "lora_B"}:
                 raise ValueError(
@@ -244,15 +303,16 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, owner: str) -> Path:
     return directory
 
 
-def read_clip_vision_config(directory: Path, owner: str) -> CLIPVisionConfig:
+def read_backbone_config(directory: Path, owner: str, backbone: Backbone) -> PreTrainedConfig:
     if not (directory / "config.json").is_file():
         raise ValueError(f"{owner}: {str(directory)!r} has no config.json.")
     config = AutoConfig.from_pretrained(directory)
-    if isinstance(config, CLIPConfig):
-        return config.vision_config
-    if isinstance(config, CLIPVisionConfig):
-        return config
-    raise ValueError(f"{owner}: {str(directory)!r} is a {config.model_type!r} checkpoint; expected a CLIP model.")
+    backbone_config = backbone.config_of(config)
+    if backbone_config is None:
+        raise ValueError(
+            f"{owner}: {str(directory)!r} is a {config.model_type!r} checkpoint; expected a {backbone.name} model."
+        )
+    return backbone_config
 
 
 def load_clip_model(source: ModelSource) -> CLIPModel:
@@ -272,40 +332,48 @@ def load_clip_model(source: ModelSource) -> CLIPModel:
     return model
 
 
-def open_expert(source: ModelSource, task: str, base: TensorSource) -> tuple[TensorSource, CLIPVisionConfig | None]:
-    """An expert's tensors and its vision config (None for a LoRA adapter, which has the base's architecture)."""
+def open_expert(
+    source: ModelSource, task: str, base: TensorSource, backbone: Backbone = CLIP_VISION
+) -> tuple[TensorSource, PreTrainedConfig | None]:
+    """An expert's tensors and its backbone config (None for a LoRA adapter, which has the base's architecture)."""
     owner = f"Expert {task!r}"
-    if isinstance(source, (CLIPModel, CLIPVisionModel)):
-        tower = source.vision_model if isinstance(source, CLIPModel) else source
-        return InMemoryTensors(tower.state_dict(), owner), tower.config
     if isinstance(source, PreTrainedModel):
-        raise TypeError(f"{owner} must be a CLIPVisionModel or CLIPModel, got {type(source).__name__}.")
+        tensors = backbone.model_tensors(source)
+        if tensors is None:
+            raise TypeError(f"{owner} must be a {backbone.name} model, got {type(source).__name__}.")
+        state_dict, config = tensors
+        return InMemoryTensors(state_dict, owner), config
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"{owner} must be a CLIP model, a local directory or a Hub id, got {type(source).__name__}.")
+        raise TypeError(
+            f"{owner} must be a {backbone.name} model, a local directory or a Hub id, got {type(source).__name__}."
+        )
     directory = resolve_checkpoint_dir(source, owner)
     if (directory / PEFT_ADAPTER_CONFIG).is_file():
-        return LoraExpertTensors(directory, base, owner), None
-    return CheckpointTensors(directory, owner), read_clip_vision_config(directory, owner)
+        return LoraExpertTensors(directory, base, owner, backbone), None
+    return CheckpointTensors(directory, owner, backbone), read_backbone_config(directory, owner, backbone)
 
 
-def check_same_architecture(base: CLIPVisionConfig, expert: CLIPVisionConfig, task: str) -> None:
+def check_same_architecture(
+    base: PreTrainedConfig, expert: PreTrainedConfig, task: str, backbone: Backbone = CLIP_VISION
+) -> None:
     differences = [
-        f"{field}: base {getattr(base, field)!r}, expert {getattr(expert, field)!r}"
-        for field in CLIP_VISION_ARCHITECTURE_FIELDS
-        if getattr(base, field) != getattr(expert, field)
+        f"{field}: base {getattr(base, field, None)!r}, expert {getattr(expert, field, None)!r}"
+        for field in backbone.architecture_fields
+        if getattr(base, field, None) != getattr(expert, field, None)
     ]
     if differences:
         raise ValueError(f"Expert {task!r} does not share the base model's architecture: {'; '.join(differences)}.")
 
 
-def check_matching_tensors(base: TensorSource, expert: TensorSource) -> None:
+def check_matching_tensors(base: TensorSource, expert: TensorSource, backbone: Backbone = CLIP_VISION) -> None:
     where = f" checkpoint {str(expert.directory)!r}" if isinstance(expert, CheckpointTensors) else ""
     missing = sorted(base.shapes.keys() - expert.shapes.keys())
-    if missing:
-        raise ValueError(f"{expert.owner}{where} is missing tensors that the base model has: {missing}.")
     extra = sorted(expert.shapes.keys() - base.shapes.keys())
+    hints = "".join(f" {backbone.tensor_hints[key]}" for key in missing + extra if key in backbone.tensor_hints)
+    if missing:
+        raise ValueError(f"{expert.owner}{where} is missing tensors that the base model has: {missing}.{hints}")
     if extra:
-        raise ValueError(f"{expert.owner}{where} has tensors that the base model does not: {extra}.")
+        raise ValueError(f"{expert.owner}{where} has tensors that the base model does not: {extra}.{hints}")
     for key, shape in base.shapes.items():
         if expert.shapes[key] != shape:
             raise ValueError(

@@ -9,33 +9,24 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
-from modeling_wemoe.modeling_wemoe import WEMoELinear, WEMoELowRankTaskVectors, WEMoESparseTaskVectors
 
-from .checkpoints import (
-    InMemoryTensors,
-    ModelSource,
-    TensorSource,
-    check_finite,
-    check_matching_tensors,
-    check_same_architecture,
-    load_clip_model,
-    open_expert,
+from .build import (
+    check_experts_given,
+    check_variant,
+    fill_backbone,
+    log_reconstruction_errors,
+    open_experts,
+    wemoe_options,
 )
+from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
 from .heads import DEFAULT_TEMPLATES, zero_shot_head
-from .merge_methods import get_static_merge, low_rank_factors, magnitude_keep_mask
+from .merge_methods import get_static_merge
 
 logger = logging.getLogger(__name__)
 
-# WEMoE (ICML 2024): a router per layer, dense task vectors. E-WEMoE: one shared router, sparse task vectors.
-VARIANTS = {
-    "wemoe": {"router_mode": "per_layer", "expert_format": "dense"},
-    "e-wemoe": {"router_mode": "shared", "expert_format": "sparse"},
-}
-
 
 def check_task_names(experts: Mapping[str, object], classnames: Mapping[str, Sequence[str]]) -> None:
-    if not experts:
-        raise ValueError("`experts` is empty: give at least one fine-tuned model, keyed by task name.")
+    check_experts_given(experts)
     if set(experts) != set(classnames):
         raise ValueError(
             f"`experts` and `classnames` must name the same tasks: experts {sorted(experts)}, "
@@ -65,95 +56,6 @@ def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str
     base_text = {k: v for k, v in clip.state_dict().items() if k.startswith(text_parts)}
     if any(not torch.equal(tensor, base_text[key]) for key, tensor in expert_text.items()):
         logger.warning("Expert %r has a fine-tuned text tower; the base model's builds the heads.", task)
-
-
-def assign_task_vectors(store: torch.nn.Module, task_vectors: torch.Tensor, config) -> torch.Tensor | None:
-    """Store task vectors in the layer's format; for low-rank, return each expert's relative reconstruction error."""
-    if isinstance(store, WEMoESparseTaskVectors):
-        store.assign(task_vectors, magnitude_keep_mask(task_vectors, config.keep))
-    elif isinstance(store, WEMoELowRankTaskVectors):
-        factor_a, factor_b, error = low_rank_factors(task_vectors, config.rank)
-        store.assign(factor_a, factor_b)
-        return error
-    else:
-        store.assign(task_vectors)
-    return None
-
-
-def open_experts(clip: CLIPModel, experts: Mapping[str, ModelSource]) -> tuple[TensorSource, dict[str, TensorSource]]:
-    """The base's and every expert's vision-tower tensors, their architectures and tensor shapes checked before
-    anything is built (tensors themselves are read later, one at a time)."""
-    base = InMemoryTensors(clip.vision_model.state_dict(), "The base model")
-    sources = {}
-    for task, source in tqdm(experts.items(), desc="Opening experts", unit="expert"):
-        tensors, vision_config = open_expert(source, task, base)
-        if vision_config is not None:
-            check_same_architecture(clip.config.vision_config, vision_config, task)
-        check_matching_tensors(base, tensors)
-        warn_on_ignored_expert_parts(clip, source, task)
-        sources[task] = tensors
-    return base, sources
-
-
-def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, TensorSource]) -> torch.Tensor:
-    """`(num_experts, *shape)` task vectors of one tensor, in float32, each expert's tensor read and checked once."""
-    pretrained = base[key].float()
-    check_finite(key, pretrained, base.owner)
-    rows = []
-    for expert in experts.values():
-        tensor = expert[key]
-        check_finite(key, tensor, expert.owner)
-        rows.append(tensor.float() - pretrained)
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def fill_vision_model(
-    model: WEMoEForImageClassification,
-    base: TensorSource,
-    experts: dict[str, TensorSource],
-    static_merge: dict,
-) -> dict[str, list[float]]:
-    """Weight-ensembled linears keep theta_0 plus their stacked task vectors; every other tensor is merged once.
-    Tensors are processed one key at a time, so only one tensor per expert is held in memory. Returns, for low-rank
-    experts, each compressed tensor's relative reconstruction error per expert."""
-    method = get_static_merge(static_merge["method"])
-    merge_options = {key: value for key, value in static_merge.items() if key != "method"}
-    linears = {name: module for name, module in model.vision_model.named_modules() if isinstance(module, WEMoELinear)}
-    ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
-
-    merged_state, reconstruction_errors = {}, {}
-    for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
-        task_vectors = stacked_task_vectors(key, base, experts)
-        if key in ensembled:
-            module, kind = ensembled[key]
-            error = assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, model.config)
-            if error is not None:
-                reconstruction_errors[key] = error.tolist()
-            merged_state[key] = base[key]
-        else:
-            merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
-
-    result = model.vision_model.load_state_dict(merged_state, strict=False)
-    not_written = [key for key in result.missing_keys if "task_vectors" not in key and ".router." not in key]
-    if not_written or result.unexpected_keys:
-        raise RuntimeError(
-            f"The WEMoE vision tower does not match the CLIP vision tower: not written {not_written}, "
-            f"unexpected {result.unexpected_keys}."
-        )
-    return reconstruction_errors
-
-
-def log_reconstruction_errors(errors: dict[str, list[float]], rank: int | None) -> None:
-    """One line per compressed tensor: the relative error ||tau - B A|| / ||tau|| of its rank-`rank` factors."""
-    for key, per_expert in errors.items():
-        logger.info(
-            "rank-%s %s: relative reconstruction error mean %.4f, max %.4f over experts",
-            rank,
-            key,
-            sum(per_expert) / len(per_expert),
-            max(per_expert),
-        )
 
 
 def merge_clip(
@@ -213,8 +115,7 @@ def merge_clip(
     ... )
     ```
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    check_variant(variant)
     check_task_names(experts, classnames)
     templates = templates or {}
     unknown_templates = sorted(set(templates) - set(experts))
@@ -225,9 +126,11 @@ def merge_clip(
     get_static_merge(static_merge.get("method", ""))
     clip = load_clip_model(base)
     tokenizer = resolve_tokenizer(base, tokenizer)
-    base_tensors, expert_tensors = open_experts(clip, experts)
+    base_tensors = InMemoryTensors(clip.vision_model.state_dict(), "The base model")
+    expert_tensors = open_experts(base_tensors, clip.config.vision_config, experts, CLIP_VISION)
+    for task, source in experts.items():
+        warn_on_ignored_expert_parts(clip, source, task)
 
-    expert_format = expert_format or VARIANTS[variant]["expert_format"]
     config = WEMoEConfig(
         vision_config=clip.config.vision_config.to_dict(),
         projection_dim=clip.config.projection_dim,
@@ -237,15 +140,11 @@ def merge_clip(
         router_hidden_layers=router_hidden_layers,
         router_top_k=router_top_k,
         routing_granularity=granularity,
-        router_mode=VARIANTS[variant]["router_mode"],
-        expert_format=expert_format,
-        keep=keep if expert_format == "sparse" else None,
-        rank=rank if expert_format == "lowrank" else None,
-        static_merge=static_merge,
+        **wemoe_options(variant, expert_format, keep, rank, static_merge),
     )
     model = WEMoEForImageClassification(config)
     logger.info("Merging %d experts into a %s model (%s).", len(experts), variant, ", ".join(experts))
-    reconstruction_errors = fill_vision_model(model, base_tensors, expert_tensors, static_merge)
+    reconstruction_errors = fill_backbone(model.vision_model, base_tensors, expert_tensors, config)
     log_reconstruction_errors(reconstruction_errors, rank)
 
     with torch.no_grad():

@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("conversion.clip").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
+    logging.getLogger("conversion").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
     try:
         output = convert(
             args.config,

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from transformers import pipeline
 
 from .artifact import default_image_processor
-from .clip import VARIANTS
+from .build import VARIANTS
 from .convert import convert
 from .evaluate import evaluate
 from .recipe import MergeRecipe

@@ -3,6 +3,7 @@
 from .configuration_wemoe import WEMoEConfig
 from .modeling_wemoe import (
     WEMoEDenseTaskVectors,
+    WEMoEForConditionalGeneration,
     WEMoEForImageClassification,
     WEMoELinear,
     WEMoEPreTrainedModel,
@@ -13,6 +14,7 @@ from .modeling_wemoe import (
 __all__ = [
     "WEMoEConfig",
     "WEMoEDenseTaskVectors",
+    "WEMoEForConditionalGeneration",
     "WEMoEForImageClassification",
     "WEMoELinear",
     "WEMoEPreTrainedModel",

@@ -3,10 +3,11 @@
 Shipped inside every artifact: imports only transformers (and, through it, huggingface_hub).
 """
 
+import copy
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPVisionConfig, PreTrainedConfig, T5Config
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -19,16 +20,26 @@ class WEMoEConfig(PreTrainedConfig):
     It holds architecture facts only (what `__init__` needs to build every tensor); device, dtype and seeds never
     go here. `static_merge` is recorded for provenance and is not read by the model.
 
+    The backbone is exactly one of `vision_config` (a CLIP image classifier, `WEMoEForImageClassification`) and
+    `text_config` (a T5 / Flan-T5 text-to-text model, `WEMoEForConditionalGeneration`).
+
     Args:
-        vision_config (`dict` or `CLIPVisionConfig`):
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower the experts were fine-tuned from.
-        projection_dim (`int`):
+        projection_dim (`int`, *optional*):
             Output size of the visual projection (the CLIP joint embedding size); required with `vision_config`.
+        text_config (`dict` or `T5Config`, *optional*):
+            The T5 model the experts were fine-tuned from (plain `wi`/`wo` or gated `wi_0`/`wi_1`/`wo` feed-forward).
+            Its decoder feed-forward blocks always route per token (see `routing_granularity`).
+        tie_word_embeddings (`bool`, defaults to `False`):
+            T5 only: whether `lm_head` shares the weight of the `shared` input embedding (as in the original T5) or
+            has its own (Flan-T5, T5 v1.1). Set by the converter from the base checkpoint.
         tasks (`list[str]`):
             Task names, one per expert, in expert order. Names are unique and non-empty.
         task_labels (`dict[str, list[str]]`, *optional*):
-            Class names of each task's classification head, keyed by task (every task must have a non-empty list).
-            `id2label` is derived from it as `"<task>: <label>"`, in task order.
+            CLIP: class names of each task's classification head, keyed by task (every task must have a non-empty
+            list); required. T5: each task's label words (the texts it answers with), used to restrict test-time
+            adaptation to them; optional. `id2label` is derived from it as `"<task>: <label>"`, in task order.
         num_experts (`int`, *optional*):
             Number of experts (task vectors) per WEMoE layer. Defaults to `len(tasks)` and must equal it.
         router_mode (`"per_layer"` or `"shared"`, defaults to `"per_layer"`):
@@ -45,7 +56,9 @@ class WEMoEConfig(PreTrainedConfig):
             fewer experts are mixed per input. Unset: every expert is mixed.
         routing_granularity (`"sample"` or `"token"`, defaults to `"sample"`):
             `"sample"`: one routing vector per sample, the router outputs averaged over its tokens (padding
-            excluded). `"token"`: one routing vector per token (exact per-token weight ensembling).
+            excluded). `"token"`: one routing vector per token (exact per-token weight ensembling). This applies
+            to CLIP and to the T5 encoder; the T5 decoder always routes per token, because a generated sample is
+            not known until it ends, and per-token routing gives the same result with and without the KV cache.
         expert_format (`"dense"`, `"sparse"` or `"lowrank"`, defaults to `"dense"`):
             How task vectors are stored. `"sparse"` keeps the `keep` fraction of largest-magnitude entries of each
             tensor, stored as values plus a packed bitmask. `"lowrank"` stores each weight matrix's task vector as
@@ -79,10 +92,15 @@ class WEMoEConfig(PreTrainedConfig):
     """
 
     model_type = "wemoe"
-    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=CLIPVisionConfig, optional=True)}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, optional=True),
+        "text_config": SubConfigSpec(config_class=T5Config, optional=True),
+    }
 
     vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    tie_word_embeddings: bool = False
     tasks: list[str] | None = None
     task_labels: dict[str, list[str]] | None = None
     num_experts: int | None = None
@@ -98,6 +116,8 @@ class WEMoEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.text_config is not None:
+            self.is_encoder_decoder = True
         if self.num_experts is None and self.tasks is not None:
             self.num_experts = len(self.tasks)
         if self.task_labels is not None and self.tasks is not None:
@@ -106,12 +126,17 @@ class WEMoEConfig(PreTrainedConfig):
             self.label2id = {label: i for i, label in enumerate(labels)}
 
     def validate_backbone(self):
-        if self.vision_config is None:
-            raise ValueError("`vision_config` is required: WEMoEConfig needs the backbone it was merged from.")
-        if self.projection_dim is None or self.projection_dim <= 0:
+        if (self.vision_config is None) == (self.text_config is None):
+            raise ValueError(
+                "Give exactly one of `vision_config` (CLIP) and `text_config` (T5): the backbone the experts were "
+                "fine-tuned from."
+            )
+        if self.vision_config is not None and (self.projection_dim is None or self.projection_dim <= 0):
             raise ValueError(
                 f"`projection_dim` must be a positive int with a CLIP backbone, got {self.projection_dim}."
             )
+        if self.text_config is not None and self.projection_dim is not None:
+            raise ValueError("`projection_dim` only applies to a CLIP backbone; unset it with `text_config`.")
 
     def validate_tasks(self):
         if not self.tasks:
@@ -160,6 +185,15 @@ class WEMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"`rank` ({self.rank}) only applies to expert_format='lowrank', got '{self.expert_format}'."
             )
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """As for any config; with `decoder=True` and a T5 backbone, the decoder's view of `text_config` (its own
+        layer count), which `generate()` sizes the KV cache from."""
+        text_config = super().get_text_config(decoder=decoder, encoder=encoder)
+        if decoder and not encoder and text_config is self.text_config and self.text_config is not None:
+            text_config = copy.deepcopy(text_config)
+            text_config.is_decoder, text_config.num_layers = True, text_config.num_decoder_layers
+        return text_config
 
     @property
     def task_label_offsets(self) -> dict[str, tuple[int, int]]:

@@ -8,19 +8,24 @@ tau_i = theta_i - theta_0 the task vector of expert i; everything else is merged
 Shipped inside every artifact: imports only torch, transformers and the sibling configuration file.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput, Seq2SeqLMOutput
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPVisionEmbeddings
+from transformers.models.t5.modeling_t5 import T5LayerCrossAttention, T5LayerNorm, T5LayerSelfAttention
 
 from .configuration_wemoe import WEMoEConfig
+from .pipeline_wemoe import WEMoEText2TextGenerationPipeline
 
 
 def num_kept_entries(numel: int, keep: float) -> int:
@@ -473,7 +478,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
     config_class = WEMoEConfig
     config: WEMoEConfig
     base_model_prefix = "wemoe"
-    _no_split_modules = ["WEMoECLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    _no_split_modules = ["WEMoECLIPEncoderLayer", "CLIPVisionEmbeddings", "WEMoET5Block"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -503,6 +508,8 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, T5LayerNorm):
+            init.ones_(module.weight)
 
     def freeze_all_but_routers(self) -> None:
         """Only the routers train (test-time adaptation); every merged weight and task vector stays fixed."""
@@ -638,8 +645,406 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
 
 WEMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
+
+def clamp_inf_for_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
+    """T5's guard against fp16 overflow in the residual stream (a no-op in other dtypes)."""
+    if hidden_states.dtype != torch.float16:
+        return hidden_states
+    finfo = torch.finfo(hidden_states.dtype)
+    clamp_value = torch.where(torch.isinf(hidden_states).any(), finfo.max - 1000, finfo.max)
+    return torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+
+
+class WEMoET5DenseActDense(nn.Module):
+    """T5's feed-forward, `wo(act(wi x))` or gated `wo(act(wi_0 x) * wi_1 x)` (Flan-T5, T5 v1.1), with every linear
+    weight-ensembled under one routing vector. Parameter names match T5's `DenseReluDense`."""
+
+    def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig):
+        super().__init__()
+        self.is_gated = text_config.is_gated_act
+        d_model, d_ff = text_config.d_model, text_config.d_ff
+        if self.is_gated:
+            self.wi_0 = WEMoELinear(config, d_model, d_ff, bias=False)
+            self.wi_1 = WEMoELinear(config, d_model, d_ff, bias=False)
+        else:
+            self.wi = WEMoELinear(config, d_model, d_ff, bias=False)
+        self.wo = WEMoELinear(config, d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(text_config.dropout_rate)
+        self.act = ACT2FN[text_config.dense_act_fn]
+
+    def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        if self.is_gated:
+            activated = self.act(self.wi_0(hidden_states, routing_weights)) * self.wi_1(hidden_states, routing_weights)
+        else:
+            activated = self.act(self.wi(hidden_states, routing_weights))
+        return self.wo(self.dropout(activated), routing_weights)
+
+
+class WEMoET5LayerFF(nn.Module):
+    """T5's pre-norm feed-forward sub-layer with a WEMoE `DenseReluDense` and its router."""
+
+    def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig, granularity: str):
+        super().__init__()
+        self.granularity = granularity
+        self.top_k = config.router_top_k
+        self.DenseReluDense = WEMoET5DenseActDense(config, text_config)
+        self.layer_norm = T5LayerNorm(text_config.d_model, eps=text_config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(text_config.dropout_rate)
+        self.router = (
+            WEMoERouter(text_config.d_model, config.num_experts, config.router_hidden_layers)
+            if config.router_mode == "per_layer"
+            else None
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        shared_router: WEMoERouter | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.layer_norm(hidden_states)
+        router = self.router if self.router is not None else shared_router
+        routing_weights = compute_routing_weights(router, normed, self.granularity, token_mask, self.top_k)
+        forwarded = self.DenseReluDense(normed, routing_weights)
+        return hidden_states + self.dropout(forwarded), routing_weights
+
+
+class WEMoET5Block(nn.Module):
+    """A T5 block (self-attention, cross-attention in the decoder, feed-forward) with a WEMoE feed-forward."""
+
+    def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig, layer_idx: int, granularity: str):
+        super().__init__()
+        self.is_decoder = text_config.is_decoder
+        self.layer = nn.ModuleList(
+            [T5LayerSelfAttention(text_config, has_relative_attention_bias=layer_idx == 0, layer_idx=layer_idx)]
+        )
+        if self.is_decoder:
+            self.layer.append(T5LayerCrossAttention(text_config, layer_idx=layer_idx))
+        self.layer.append(WEMoET5LayerFF(config, text_config, granularity))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        encoder_decoder_position_bias: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        shared_router: WEMoERouter | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        hidden_states, position_bias, _ = self.layer[0](
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias, past_key_values=past_key_values
+        )
+        hidden_states = clamp_inf_for_fp16(hidden_states)
+        if self.is_decoder and encoder_hidden_states is not None:
+            hidden_states, encoder_decoder_position_bias, _ = self.layer[1](
+                hidden_states,
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                position_bias=encoder_decoder_position_bias,
+                past_key_values=past_key_values,
+            )
+            hidden_states = clamp_inf_for_fp16(hidden_states)
+        hidden_states, routing_weights = self.layer[-1](hidden_states, token_mask, shared_router)
+        return clamp_inf_for_fp16(hidden_states), position_bias, encoder_decoder_position_bias, routing_weights
+
+
+class WEMoET5Stack(nn.Module):
+    """T5's encoder or decoder stack (same parameter names, minus the embedding, which the model owns)."""
+
+    main_input_name = "input_ids"  # what `generate()` feeds the encoder entry (`WEMoEForConditionalGeneration.encode`)
+
+    def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig):
+        super().__init__()
+        self.config = text_config
+        self.is_decoder = text_config.is_decoder
+        granularity = "token" if self.is_decoder else config.routing_granularity
+        self.block = nn.ModuleList(
+            [WEMoET5Block(config, text_config, i, granularity) for i in range(text_config.num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(text_config.d_model, eps=text_config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(text_config.dropout_rate)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        shared_router: WEMoERouter | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        # Encoder routing averages over real tokens only; decoder routing is per token and needs no mask.
+        token_mask = None if self.is_decoder else attention_mask
+        if self.is_decoder:
+            self_attention_cache = (
+                past_key_values.self_attention_cache
+                if isinstance(past_key_values, EncoderDecoderCache)
+                else past_key_values
+            )
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=self_attention_cache,
+            )
+            encoder_attention_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+        else:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+            )
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states, all_routing_weights = (hidden_states,), ()
+        position_bias = encoder_decoder_position_bias = None
+        for block in self.block:
+            hidden_states, position_bias, encoder_decoder_position_bias, routing_weights = block(
+                hidden_states,
+                attention_mask,
+                position_bias,
+                token_mask=token_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                encoder_decoder_position_bias=encoder_decoder_position_bias,
+                past_key_values=past_key_values,
+                shared_router=shared_router,
+            )
+            all_hidden_states += (hidden_states,)
+            all_routing_weights += (routing_weights,)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        return hidden_states, all_hidden_states, all_routing_weights
+
+
+@dataclass
+class WEMoEEncoderOutput(BaseModelOutput):
+    r"""
+    routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
+        Per encoder layer, the routing weights used: `(batch_size, num_experts)` per sample or
+        `(batch_size, seq_len, num_experts)` per token.
+    """
+
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class WEMoESeq2SeqLMOutput(Seq2SeqLMOutput):
+    r"""
+    encoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
+        Per encoder layer, `(batch_size, num_experts)` per sample or `(batch_size, seq_len, num_experts)` per token.
+    decoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
+        Per decoder layer, `(batch_size, target_len, num_experts)`: the decoder routes every token.
+    """
+
+    encoder_routing_weights: tuple[torch.FloatTensor, ...] | None = None
+    decoder_routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+class WEMoET5EncoderEntry:
+    """What `generate()` calls as the encoder (`get_encoder()`): the model's own `encode`, which embeds with the
+    model's `shared` embedding and routes with its shared router, both owned once by the model."""
+
+    def __init__(self, model: "WEMoEForConditionalGeneration"):
+        self.forward = model.encode
+
+    def __call__(self, *args, **kwargs) -> WEMoEEncoderOutput:
+        return self.forward(*args, **kwargs)
+
+
+class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
+    """T5 / Flan-T5 with WEMoE feed-forward blocks in the encoder and decoder, everything else merged statically.
+
+    Parameter names match `T5ForConditionalGeneration` (`shared`, `encoder.block.{i}.layer...`, `decoder...`,
+    `lm_head`), plus each linear's `*_task_vectors` and the routers. The encoder routes per sample (its real tokens
+    averaged) or per token; the decoder per token, so `generate()` gives the same output with and without the cache.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "shared.weight"}  # only when `config.tie_word_embeddings`
+    _supports_flash_attn = False
+    main_input_name = "input_ids"
+
+    def __init__(self, config: WEMoEConfig):
+        super().__init__(config)
+        # The setter hands the attention implementation down to `text_config`, which T5Attention reads.
+        config._attn_implementation = config._attn_implementation
+        text_config = config.text_config
+        encoder_config = copy.deepcopy(text_config)
+        encoder_config.is_decoder, encoder_config.use_cache = False, False
+        decoder_config = config.get_text_config(decoder=True)
+        self.model_dim = text_config.d_model
+        self.shared = nn.Embedding(text_config.vocab_size, text_config.d_model)
+        self.encoder = WEMoET5Stack(config, encoder_config)
+        self.decoder = WEMoET5Stack(config, decoder_config)
+        self.lm_head = nn.Linear(text_config.d_model, text_config.vocab_size, bias=False)
+        self.router = (
+            WEMoERouter(text_config.d_model, config.num_experts, config.router_hidden_layers)
+            if config.router_mode == "shared"
+            else None
+        )
+        self.post_init()
+        self.freeze_all_but_routers()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.shared = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def get_encoder(self, modality: str | None = None) -> WEMoET5EncoderEntry:
+        return WEMoET5EncoderEntry(self)
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> WEMoEEncoderOutput:
+        """Run the encoder; its routing weights are always returned (they are small)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.shared(input_ids)
+        last_hidden_state, hidden_states, routing_weights = self.encoder(
+            inputs_embeds, attention_mask=attention_mask, shared_router=self.router
+        )
+        return WEMoEEncoderOutput(
+            last_hidden_state=last_hidden_state,
+            hidden_states=hidden_states if output_hidden_states else None,
+            routing_weights=routing_weights,
+        )
+
+    def _shift_right(self, labels: torch.LongTensor) -> torch.LongTensor:
+        start, pad = self.config.text_config.decoder_start_token_id, self.config.text_config.pad_token_id
+        if start is None or pad is None:
+            raise ValueError("`text_config` needs `decoder_start_token_id` and `pad_token_id` to shift labels.")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[..., 1:] = labels[..., :-1]
+        return shifted.masked_fill(shifted == -100, pad)
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return self._shift_right(labels)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_weights: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> WEMoESeq2SeqLMOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Tokenized prompts, e.g. `"sst2 sentence: ..."`; pad anywhere the attention mask says.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
+                Decoder inputs; derived from `labels` when only those are given.
+            labels (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
+                Target token ids (-100 is ignored); a cross-entropy loss is returned with them.
+            output_routing_weights (`bool`, *optional*, defaults to `False`):
+                Return every encoder and decoder layer's routing weights, for analysis.
+
+        Other arguments are those of `T5ForConditionalGeneration.forward`.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        >>> model = AutoModelForSeq2SeqLM.from_pretrained("path/to/wemoe-t5", trust_remote_code=True)
+        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/wemoe-t5")
+        >>> inputs = tokenizer(["sst2 sentence: a gorgeous, witty movie."], return_tensors="pt")
+        >>> tokenizer.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+        ```
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if encoder_outputs is None:
+            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, output_hidden_states)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = WEMoEEncoderOutput(last_hidden_state=encoder_outputs[0])
+
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
+            raise ValueError("Give exactly one of `decoder_input_ids`, `decoder_inputs_embeds` (or `labels`).")
+        if decoder_inputs_embeds is None:
+            decoder_inputs_embeds = self.shared(decoder_input_ids)
+        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(
+                DynamicCache(config=self.decoder.config), DynamicCache(config=self.decoder.config)
+            )
+        elif not use_cache:
+            past_key_values = None
+
+        sequence_output, decoder_hidden_states, decoder_routing_weights = self.decoder(
+            decoder_inputs_embeds,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            shared_router=self.router,
+        )
+        if self.config.text_config.scale_decoder_outputs:
+            sequence_output = sequence_output * (self.model_dim**-0.5)
+        logits = self.lm_head(sequence_output)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        encoder_routing_weights = getattr(encoder_outputs, "routing_weights", None)
+        output = WEMoESeq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values,
+            decoder_hidden_states=decoder_hidden_states if output_hidden_states else None,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_routing_weights=encoder_routing_weights if output_routing_weights else None,
+            decoder_routing_weights=decoder_routing_weights if output_routing_weights else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # The artifact's `pipeline_wemoe.py` (copied with the modeling file, which imports it) restores the
+        # `text2text-generation` task that transformers 5 removed.
+        self.config.custom_pipelines = {
+            "text2text-generation": {
+                "impl": f"pipeline_wemoe.{WEMoEText2TextGenerationPipeline.__name__}",
+                "pt": ["AutoModelForSeq2SeqLM"],
+                "type": "text",
+            }
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+WEMoEForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+
 __all__ = [
     "WEMoEDenseTaskVectors",
+    "WEMoEForConditionalGeneration",
     "WEMoEForImageClassification",
     "WEMoELinear",
     "WEMoELowRankTaskVectors",

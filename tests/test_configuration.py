@@ -46,7 +46,7 @@ def test_derived_fields_and_round_trip(tmp_path):
         ({"num_experts": 3}, r"`num_experts` \(3\) must equal the number of tasks \(2\)"),
         ({"task_labels": {"shapes": ["circle"]}}, "one entry per task"),
         ({"task_labels": {"shapes": ["circle"], "colors": []}}, r"empty class list for task\(s\) \['colors'\]"),
-        ({"vision_config": None}, "`vision_config` is required"),
+        ({"vision_config": None}, "Give exactly one of `vision_config` \\(CLIP\\) and `text_config` \\(T5\\)"),
         ({"projection_dim": None}, "`projection_dim` must be a positive int"),
         ({"tasks": "shapes"}, "tasks"),
     ],

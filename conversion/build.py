@@ -1,0 +1,154 @@
+"""Filling a WEMoE model from a base model's and experts' tensors, for any backbone.
+
+The MLP / feed-forward linears keep theta_0 plus the experts' stacked task vectors (dense, sparse or low-rank);
+every other tensor is merged once by a static merge method. Tensors are processed one key at a time, so only one
+tensor per expert is in memory.
+"""
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedConfig
+
+from modeling_wemoe import WEMoEConfig
+from modeling_wemoe.modeling_wemoe import (
+    WEMoELinear,
+    WEMoELowRankTaskVectors,
+    WEMoESparseTaskVectors,
+    is_router_parameter,
+)
+
+from .checkpoints import (
+    Backbone,
+    ModelSource,
+    TensorSource,
+    check_finite,
+    check_matching_tensors,
+    check_same_architecture,
+    open_expert,
+)
+from .merge_methods import get_static_merge, low_rank_factors, magnitude_keep_mask
+
+logger = logging.getLogger(__name__)
+
+# WEMoE (ICML 2024): a router per layer, dense task vectors. E-WEMoE: one shared router, sparse task vectors.
+VARIANTS = {
+    "wemoe": {"router_mode": "per_layer", "expert_format": "dense"},
+    "e-wemoe": {"router_mode": "shared", "expert_format": "sparse"},
+}
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+
+
+def check_experts_given(experts: Mapping[str, object]) -> None:
+    if not experts:
+        raise ValueError("`experts` is empty: give at least one fine-tuned model, keyed by task name.")
+
+
+def wemoe_options(
+    variant: str, expert_format: str | None, keep: float, rank: int | None, static_merge: Mapping
+) -> dict:
+    """The WEMoEConfig fields that a variant and its storage options decide."""
+    expert_format = expert_format or VARIANTS[variant]["expert_format"]
+    return {
+        "router_mode": VARIANTS[variant]["router_mode"],
+        "expert_format": expert_format,
+        "keep": keep if expert_format == "sparse" else None,
+        "rank": rank if expert_format == "lowrank" else None,
+        "static_merge": dict(static_merge),
+    }
+
+
+def open_experts(
+    base: TensorSource, base_config: PreTrainedConfig, experts: Mapping[str, ModelSource], backbone: Backbone
+) -> dict[str, TensorSource]:
+    """Every expert's tensors, their architectures and tensor shapes checked against the base before anything is
+    built (tensors themselves are read later, one at a time)."""
+    sources = {}
+    for task, source in tqdm(experts.items(), desc="Opening experts", unit="expert"):
+        tensors, config = open_expert(source, task, base, backbone)
+        if config is not None:
+            check_same_architecture(base_config, config, task, backbone)
+        check_matching_tensors(base, tensors, backbone)
+        sources[task] = tensors
+    return sources
+
+
+def assign_task_vectors(store: nn.Module, task_vectors: torch.Tensor, config: WEMoEConfig) -> torch.Tensor | None:
+    """Store task vectors in the layer's format; for low-rank, return each expert's relative reconstruction error."""
+    if isinstance(store, WEMoESparseTaskVectors):
+        store.assign(task_vectors, magnitude_keep_mask(task_vectors, config.keep))
+    elif isinstance(store, WEMoELowRankTaskVectors):
+        factor_a, factor_b, error = low_rank_factors(task_vectors, config.rank)
+        store.assign(factor_a, factor_b)
+        return error
+    else:
+        store.assign(task_vectors)
+    return None
+
+
+def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, TensorSource]) -> torch.Tensor:
+    """`(num_experts, *shape)` task vectors of one tensor, in float32, each expert's tensor read and checked once."""
+    pretrained = base[key].float()
+    check_finite(key, pretrained, base.owner)
+    rows = []
+    for expert in experts.values():
+        tensor = expert[key]
+        check_finite(key, tensor, expert.owner)
+        rows.append(tensor.float() - pretrained)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def fill_backbone(
+    target: nn.Module,
+    base: TensorSource,
+    experts: dict[str, TensorSource],
+    config: WEMoEConfig,
+) -> dict[str, list[float]]:
+    """Write every backbone tensor of `target` (keys as in `base`): weight-ensembled linears get theta_0 and their
+    stacked task vectors, every other tensor the static merge of `config.static_merge`. Returns, for low-rank
+    experts, each compressed tensor's relative reconstruction error per expert."""
+    method = get_static_merge(config.static_merge["method"])
+    merge_options = {key: value for key, value in config.static_merge.items() if key != "method"}
+    linears = {name: module for name, module in target.named_modules() if isinstance(module, WEMoELinear)}
+    ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
+
+    merged_state, reconstruction_errors = {}, {}
+    for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
+        task_vectors = stacked_task_vectors(key, base, experts)
+        if key in ensembled:
+            module, kind = ensembled[key]
+            error = assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, config)
+            if error is not None:
+                reconstruction_errors[key] = error.tolist()
+            merged_state[key] = base[key]
+        else:
+            merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
+
+    result = target.load_state_dict(merged_state, strict=False)
+    not_written = [key for key in result.missing_keys if "task_vectors" not in key and not is_router_parameter(key)]
+    if not_written or result.unexpected_keys:
+        raise RuntimeError(
+            f"The WEMoE model does not match the {base.owner.lower()}'s tensors: not written {not_written}, "
+            f"unexpected {result.unexpected_keys}."
+        )
+    return reconstruction_errors
+
+
+def log_reconstruction_errors(errors: dict[str, list[float]], rank: int | None) -> None:
+    """One line per compressed tensor: the relative error ||tau - B A|| / ||tau|| of its rank-`rank` factors."""
+    for key, per_expert in errors.items():
+        logger.info(
+            "rank-%s %s: relative reconstruction error mean %.4f, max %.4f over experts",
+            rank,
+            key,
+            sum(per_expert) / len(per_expert),
+            max(per_expert),
+        )
