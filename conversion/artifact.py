@@ -1,4 +1,5 @@
-"""Writing a WEMoE artifact: config, weights, code files and image processor, all or nothing."""
+"""Writing a WEMoE artifact: config, weights, code files and processor (image processor or tokenizer), all or
+nothing."""
 
 import logging
 import os
@@ -7,7 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from transformers import AutoImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel
+from transformers import AutoImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import is_torchvision_available
 
@@ -49,7 +50,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def save_artifact(
     model: PreTrainedModel,
     output_dir: str | os.PathLike,
-    image_processor: BaseImageProcessor,
+    processor: BaseImageProcessor | PreTrainedTokenizerBase,
     *,
     extra_files: Mapping[str, str] | None = None,
     max_shard_size: str | int = "5GB",
@@ -64,7 +65,7 @@ def save_artifact(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        image_processor.save_pretrained(staging)
+        processor.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         if output_dir.exists():

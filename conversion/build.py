@@ -133,7 +133,14 @@ def fill_backbone(
             merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
 
     result = target.load_state_dict(merged_state, strict=False)
-    not_written = [key for key in result.missing_keys if "task_vectors" not in key and not is_router_parameter(key)]
+    # A tied parameter (T5's lm_head reusing `shared`) is written through the key it is tied to.
+    parameters = dict(target.named_parameters(remove_duplicate=False))
+    written = {id(parameters[key]) for key in merged_state if key in parameters}
+    not_written = [
+        key
+        for key in result.missing_keys
+        if "task_vectors" not in key and not is_router_parameter(key) and id(parameters.get(key)) not in written
+    ]
     if not_written or result.unexpected_keys:
         raise RuntimeError(
             f"The WEMoE model does not match the {base.owner.lower()}'s tensors: not written {not_written}, "

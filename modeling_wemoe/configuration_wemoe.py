@@ -38,8 +38,9 @@ class WEMoEConfig(PreTrainedConfig):
             Task names, one per expert, in expert order. Names are unique and non-empty.
         task_labels (`dict[str, list[str]]`, *optional*):
             CLIP: class names of each task's classification head, keyed by task (every task must have a non-empty
-            list); required. T5: each task's label words (the texts it answers with), used to restrict test-time
-            adaptation to them; optional. `id2label` is derived from it as `"<task>: <label>"`, in task order.
+            list); required. T5: label words (the texts a task answers with) of some or all tasks, to which
+            test-time adaptation restricts its entropy; optional. `id2label` is derived from it as
+            `"<task>: <label>"`, in task order.
         num_experts (`int`, *optional*):
             Number of experts (task vectors) per WEMoE layer. Defaults to `len(tasks)` and must equal it.
         router_mode (`"per_layer"` or `"shared"`, defaults to `"per_layer"`):
@@ -153,12 +154,16 @@ class WEMoEConfig(PreTrainedConfig):
             )
         if self.task_labels is None:
             return
-        if set(self.task_labels) != set(self.tasks):
+        # A CLIP head needs every task's classes; T5 label words are optional per task.
+        labelled = set(self.task_labels) == set(self.tasks) or (
+            self.text_config is not None and set(self.task_labels) <= set(self.tasks)
+        )
+        if not labelled:
             raise ValueError(
                 f"`task_labels` must have one entry per task: tasks {self.tasks}, "
                 f"task_labels keys {list(self.task_labels)}."
             )
-        empty = [t for t in self.tasks if not self.task_labels[t]]
+        empty = [t for t in self.task_labels if not self.task_labels[t]]
         if empty:
             raise ValueError(f"`task_labels` has an empty class list for task(s) {empty}.")
 
