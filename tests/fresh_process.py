@@ -8,17 +8,19 @@ import textwrap
 
 import torch
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+BLOCK_REPOSITORY_PACKAGES = """
+import json, sys
+
+class BlockRepositoryPackages:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"modeling_wemoe", "conversion"}:
+            raise ImportError(f"{name} must not be importable here")
+
+sys.meta_path.insert(0, BlockRepositoryPackages())
+"""
+
+FRESH_PROCESS_SCRIPT = BLOCK_REPOSITORY_PACKAGES + textwrap.dedent(
     """
-    import json, sys
-
-    class BlockRepositoryPackages:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"modeling_wemoe", "conversion"}:
-                raise ImportError(f"{name} must not be importable here")
-
-    sys.meta_path.insert(0, BlockRepositoryPackages())
-
     import torch
     from PIL import Image
     from transformers import AutoModel, AutoModelForImageClassification, pipeline
@@ -44,10 +46,40 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def run_in_fresh_process(artifact, pixel_values, tmp_path) -> dict:
-    script, pixels, out = tmp_path / "load.py", tmp_path / "pixels.pt", tmp_path / "out.json"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    torch.save(pixel_values, pixels)
+T5_FRESH_PROCESS_SCRIPT = BLOCK_REPOSITORY_PACKAGES + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+    artifact, inputs_path, out_path = sys.argv[1:4]
+    inputs = torch.load(inputs_path)
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    encoded = tokenizer(inputs["prompts"], return_tensors="pt", padding=True)
+    results = {}
+    for auto_class in (AutoModel, AutoModelForSeq2SeqLM):
+        model, info = auto_class.from_pretrained(artifact, trust_remote_code=True, output_loading_info=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            logits = model(**encoded, decoder_input_ids=inputs["decoder_input_ids"]).logits
+        results[auto_class.__name__] = {
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": sorted(info["unexpected_keys"]),
+            "logits": logits.tolist(),
+            "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            "generated": model.generate(**encoded, max_new_tokens=5, num_beams=2).tolist(),
+        }
+    generator = pipeline("text2text-generation", model=artifact, trust_remote_code=True)
+    results["pipeline"] = generator(inputs["prompts"][0], max_new_tokens=5, num_beams=2)
+    json.dump(results, open(out_path, "w"))
+    """
+)
+
+
+def run_in_fresh_process(artifact, inputs, tmp_path, script_text: str = FRESH_PROCESS_SCRIPT) -> dict:
+    """Run a loading script on `artifact` in a fresh interpreter; `inputs` are saved for it with torch.save."""
+    script, pixels, out = tmp_path / "load.py", tmp_path / "inputs.pt", tmp_path / "out.json"
+    script.write_text(script_text)
+    torch.save(inputs, pixels)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     completed = subprocess.run(

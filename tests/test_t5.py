@@ -1,11 +1,15 @@
 """merge_t5 and WEMoEForConditionalGeneration against plain-T5 references: task arithmetic at init, exact
 per-sample (encoder) and per-token (decoder) routing, padding and batch invariance, generation with the cache."""
 
+import json
+
 import pytest
 import torch
+from fresh_process import T5_FRESH_PROCESS_SCRIPT, run_in_fresh_process
 from reference import randomize_routers
 from reference_t5 import per_sample_reference_logits, task_arithmetic_t5
 
+from conversion import save_artifact
 from conversion.t5 import merge_t5
 from conversion.toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 
@@ -146,3 +150,41 @@ def test_labels_give_a_loss_and_gradients_reach_only_the_routers(family, batch):
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(name.startswith("router.") for name in with_grad)
     assert {name for name, p in model.named_parameters() if p.requires_grad} == with_grad
+
+
+@pytest.mark.parametrize(
+    ("gated", "tied", "variant"),
+    [(True, False, "wemoe"), (True, False, "e-wemoe"), (False, True, "wemoe")],
+    ids=["flan-wemoe", "flan-e-wemoe", "t5-tied-wemoe"],
+)
+def test_round_trip_and_text2text_pipeline_in_a_process_without_this_repository(
+    tokenizer, tmp_path, gated, tied, variant
+):
+    base, experts = build_family(gated=gated, tied=tied)
+    model = merge_t5(base, experts, variant=variant)
+    randomize_routers(model, std=1.0)
+    artifact = save_artifact(model, tmp_path / "artifact", tokenizer)
+    config = json.loads((artifact / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}
+    assert "text2text-generation" in config["custom_pipelines"]
+    assert {"modeling_wemoe.py", "configuration_wemoe.py", "pipeline_wemoe.py", "tokenizer.json"} <= {
+        p.name for p in artifact.iterdir()
+    }
+    decoder_input_ids = torch.tensor([[0, 5, 7], [0, 11, 13], [0, 20, 21], [0, 30, 1]])
+    inputs = {"prompts": PROMPTS, "decoder_input_ids": decoder_input_ids}
+
+    results = run_in_fresh_process(artifact, inputs, tmp_path, T5_FRESH_PROCESS_SCRIPT)
+
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**encoded, decoder_input_ids=decoder_input_ids).logits
+    generated = model.generate(**encoded, max_new_tokens=5, num_beams=2)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    for auto_class in ("AutoModel", "AutoModelForSeq2SeqLM"):
+        loaded = results[auto_class]
+        assert loaded["missing"] == [] and loaded["unexpected"] == []
+        assert loaded["trainable"] == trainable
+        torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, atol=1e-6, rtol=0)
+        assert loaded["generated"] == generated.tolist()
+    expected_text = tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+    assert results["pipeline"] == [{"generated_text": expected_text}] and expected_text
