@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
+from transformers import AutoTokenizer
 
 from .artifact import check_output_dir, load_image_processor, save_artifact
 from .clip import merge_clip
 from .data import open_dataset
 from .model_card import render_model_card
-from .recipe import EXAMPLE_RECIPE, DatasetSource, MergeRecipe, load_recipe
+from .recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, DatasetSource, MergeRecipe, load_recipe
+from .t5 import merge_t5
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +29,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EPILOG = (
     "example recipe (clip-8task.yaml):\n"
     + textwrap.indent(EXAMPLE_RECIPE, "  ")
+    + "\nexample T5 recipe (flan-t5-glue.yaml):\n"
+    + textwrap.indent(EXAMPLE_T5_RECIPE, "  ")
     + """
 examples:
   wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
+  wemoe-convert flan-t5-glue.yaml ./flan-t5-base-wemoe-glue
   wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
 """
 )
@@ -97,27 +102,33 @@ def convert(
     classnames = {
         task.name: task.classnames if task.classnames is not None else dataset_classnames(task.dataset, task.name)
         for task in recipe.tasks
+        if task.classnames is not None or task.dataset is not None
     }
-    model = merge_clip(
-        recipe.base_model,
-        {task.name: task.model for task in recipe.tasks},
-        classnames,
-        variant=recipe.variant,
-        keep=recipe.keep,
-        expert_format=recipe.expert_format,
-        rank=recipe.rank,
-        init_lambda=recipe.router.init_lambda,
-        router_hidden_layers=recipe.router.hidden_layers,
-        router_top_k=recipe.router.top_k,
-        granularity=recipe.router.granularity,
-        static_merge=recipe.static_merge.model_dump(),
-        templates={task.name: task.templates for task in recipe.tasks if task.templates},
-    ).to(DTYPES[dtype])
+    experts = {task.name: task.model for task in recipe.tasks}
+    options = {
+        "variant": recipe.variant,
+        "keep": recipe.keep,
+        "expert_format": recipe.expert_format,
+        "rank": recipe.rank,
+        "init_lambda": recipe.router.init_lambda,
+        "router_hidden_layers": recipe.router.hidden_layers,
+        "router_top_k": recipe.router.top_k,
+        "granularity": recipe.router.granularity,
+        "static_merge": recipe.static_merge.model_dump(),
+    }
+    if recipe.architecture == "t5":
+        model = merge_t5(recipe.base_model, experts, label_words=classnames or None, **options)
+        processor = AutoTokenizer.from_pretrained(recipe.base_model)
+    else:
+        templates = {task.name: task.templates for task in recipe.tasks if task.templates}
+        model = merge_clip(recipe.base_model, experts, classnames, templates=templates, **options)
+        processor = load_image_processor(recipe.base_model, model.config.vision_config)
+    model = model.to(DTYPES[dtype])
     card = render_model_card(model, recipe, repo_id=push_to_hub)
     save_artifact(
         model,
         output_dir,
-        load_image_processor(recipe.base_model, model.config.vision_config),
+        processor,
         extra_files={"README.md": str(card), "merge_config.yaml": recipe.to_yaml()},
         max_shard_size=max_shard_size,
         overwrite=overwrite,

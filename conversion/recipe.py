@@ -58,6 +58,9 @@ class DatasetSource(Strict):
 
 
 class TaskSpec(Strict):
+    """One expert. CLIP: its class names, given or from a dataset's ClassLabel (exactly one), and optional prompt
+    templates. T5: optionally its label words (`classnames`, or a dataset's ClassLabel names)."""
+
     name: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1, description="Full fine-tune or PEFT LoRA adapter: local dir or Hub id.")]
     classnames: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
@@ -65,9 +68,9 @@ class TaskSpec(Strict):
     templates: Annotated[list[str], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
-    def exactly_one_class_source(self) -> "TaskSpec":
-        if (self.classnames is None) == (self.dataset is None):
-            raise ValueError("give exactly one of `classnames` and `dataset`")
+    def at_most_one_class_source(self) -> "TaskSpec":
+        if self.classnames is not None and self.dataset is not None:
+            raise ValueError("give only one of `classnames` and `dataset`")
         return self
 
     @field_validator("templates")
@@ -95,12 +98,25 @@ tasks:
     templates: ["a drawing of a {}."]
 """
 
+EXAMPLE_T5_RECIPE = """\
+base_model: google/flan-t5-base
+architecture: t5
+variant: wemoe
+router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}   # encoder routing; the decoder routes per token
+tasks:
+  - name: sst2
+    model: tanganke/flan-t5-base_glue-sst2
+    classnames: [negative, positive]       # label words: test-time adaptation restricts its entropy to them
+  - name: stsb
+    model: ./flan-t5-stsb-lora             # no label words: adapt on the whole vocabulary
+"""
+
 
 class MergeRecipe(Strict):
     """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section."""
 
     base_model: Annotated[str, Field(min_length=1)]
-    architecture: Literal["clip"] = "clip"
+    architecture: Literal["clip", "t5"] = "clip"
     variant: Literal["wemoe", "e-wemoe"] = "wemoe"
     keep: float = Field(0.1, gt=0, le=1)
     expert_format: Literal["dense", "sparse", "lowrank"] | None = None
@@ -113,6 +129,16 @@ class MergeRecipe(Strict):
     def rank_with_lowrank(self) -> "MergeRecipe":
         if (self.expert_format == "lowrank") != (self.rank is not None):
             raise ValueError("`rank` is required with expert_format: lowrank and only allowed with it")
+        return self
+
+    @model_validator(mode="after")
+    def tasks_fit_the_architecture(self) -> "MergeRecipe":
+        for index, task in enumerate(self.tasks):
+            where = f"tasks.{index} ({task.name})"
+            if self.architecture == "clip" and task.classnames is None and task.dataset is None:
+                raise ValueError(f"{where}: a CLIP task needs `classnames` or a `dataset` with a ClassLabel column")
+            if self.architecture == "t5" and task.templates is not None:
+                raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a T5 task has none")
         return self
 
     @field_validator("tasks")
