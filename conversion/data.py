@@ -4,10 +4,11 @@
 tasks:
   eurosat: {path: tanganke/eurosat, split: test, image_column: image, label_column: label}
   shapes: {path: imagefolder, data_dir: ./data/shapes, split: train}
-  digits: {path: parquet, data_files: ./digits.parquet, split: train}
+  sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
 ```
 
-Adaptation never reads labels; evaluation does.
+CLIP models read `image_column`; T5 models read `prefix + text_column`. Adaptation never reads labels; evaluation
+does.
 """
 
 import os
@@ -21,9 +22,15 @@ from .recipe import DatasetSource, load_validated
 
 
 class TaskData(DatasetSource):
-    """One task's dataset and its image column (labels are read only by evaluation)."""
+    """One task's dataset and its input column: images for CLIP, text (with the task's prompt prefix) for T5.
+    Labels are read only by evaluation."""
 
     image_column: str = "image"
+    text_column: str = "text"
+    prefix: str = ""
+
+    def input_column(self, text: bool) -> str:
+        return self.text_column if text else self.image_column
 
 
 class DataConfig(BaseModel):
@@ -61,11 +68,14 @@ def open_dataset(task: str, source: DatasetSource, split: str | None = None):
     return dataset
 
 
-def load_task_dataset(task: str, spec: TaskData, split: str | None = None, need_labels: bool = False):
-    """The task's `datasets.Dataset`, checked to be non-empty and to have the image (and label) column."""
+def load_task_dataset(
+    task: str, spec: TaskData, split: str | None = None, need_labels: bool = False, text: bool = False
+):
+    """The task's `datasets.Dataset`, checked to be non-empty and to have the input (and label) column; `text`
+    says the input is the text column (T5) rather than the image column (CLIP)."""
     split = split or spec.split
     dataset = open_dataset(task, spec, split)
-    required = [spec.image_column] + ([spec.label_column] if need_labels else [])
+    required = [spec.input_column(text)] + ([spec.label_column] if need_labels else [])
     for column in required:
         if column not in dataset.column_names:
             raise ValueError(

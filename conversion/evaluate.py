@@ -1,13 +1,16 @@
-"""`wemoe-eval`: per-task accuracy of a model on labeled task data, and optionally its model card's model-index.
+"""`wemoe-eval`: per-task scores of a model on labeled task data, and optionally its model card's model-index.
 
-Works on any model whose forward takes `(pixel_values, task=...)` and returns that task's logits: a WEMoE artifact
-(adapted or not: a fresh conversion is task arithmetic), or a plain `CLIPModel` directory evaluated zero-shot with
-class names from each dataset's ClassLabel.
+Image classifiers: accuracy of a WEMoE CLIP artifact (adapted or not: a fresh conversion is task arithmetic), or of a
+plain `CLIPModel` directory evaluated zero-shot with class names from each dataset's ClassLabel.
+Text-to-text: a WEMoE T5 artifact or a plain T5 directory generates an answer per prompt (`prefix + text`), scored by
+exact match against the label (a ClassLabel's name, or the label's text), or by Spearman correlation when the label
+column holds floats (regression tasks such as STS-B; an answer that is not a number counts as 0).
 """
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -18,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    CLIPModel,
+    PreTrainedConfig,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .data import TaskData, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
@@ -33,10 +44,26 @@ EPILOG = """example DATA.yaml:
   tasks:
     eurosat: {path: tanganke/eurosat, split: test, image_column: image, label_column: label}
 
+  for a T5 model:
+  tasks:
+    sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
+    stsb: {path: parquet, data_files: ./stsb.parquet, text_column: pair, prefix: "stsb ", label_column: score}
+
 examples:
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
   wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
+  wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
 """
+
+
+class EvaluationResults(dict):
+    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task."""
+
+    def __init__(self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str):
+        super().__init__(scores)
+        self["average"] = sum(scores.values()) / len(scores)
+        self.metrics = dict(metrics)
+        self.task_type = task_type
 
 
 class ZeroShotCLIP(torch.nn.Module):
@@ -100,12 +127,29 @@ def load_model_for_eval(model_dir: str, datasets: Mapping[str, object], data_con
     return model, image_processor, model.config.task_labels
 
 
-def evaluate(model_dir: str | os.PathLike, data, *, split: str | None = None, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`)."""
+def is_text_model(config: PreTrainedConfig) -> bool:
+    return config.model_type == "t5" or (config.model_type == "wemoe" and config.text_config is not None)
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    data,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> EvaluationResults:
+    """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
+    accuracy for image classifiers; exact match (or Spearman for float labels) for text-to-text models, which
+    generate up to `max_new_tokens` tokens per answer."""
     data_config = load_data_config(data)
+    text = is_text_model(AutoConfig.from_pretrained(model_dir, trust_remote_code=True))
     datasets = {
-        task: load_task_dataset(task, spec, split=split, need_labels=True) for task, spec in data_config.tasks.items()
+        task: load_task_dataset(task, spec, split=split, need_labels=True, text=text)
+        for task, spec in data_config.tasks.items()
     }
+    if text:
+        return evaluate_text(str(model_dir), datasets, data_config, batch_size, max_new_tokens)
     model, image_processor, model_labels = load_model_for_eval(str(model_dir), datasets, data_config)
     results = {}
     for task, dataset in datasets.items():
@@ -114,23 +158,87 @@ def evaluate(model_dir: str | os.PathLike, data, *, split: str | None = None, ba
         predictions = task_predictions(model, task, dataset, spec, image_processor, batch_size)
         results[task] = int((predictions == torch.tensor(dataset[spec.label_column])).sum()) / len(dataset)
         logger.info("%s: accuracy %.4f on %d samples", task, results[task], len(dataset))
-    results["average"] = sum(results.values()) / len(results)
-    return results
+    return EvaluationResults(results, dict.fromkeys(results, "accuracy"), "image-classification")
 
 
-def update_model_card(model_dir: Path, results: Mapping[str, float], data_config, split: str | None) -> None:
-    """Write the accuracies into the artifact's README.md as model-index results (replaced atomically)."""
+@torch.no_grad()
+def generated_answers(model, tokenizer, dataset, spec: TaskData, batch_size: int, max_new_tokens: int) -> list[str]:
+    """The model's greedy answer to every prompt, in dataset order."""
+    device = next(model.parameters()).device
+    answers = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Generating", unit="batch", leave=False):
+        prompts = [spec.prefix + str(text) for text in dataset[start : start + batch_size][spec.text_column]]
+        inputs = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(device)
+        output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        answers.extend(answer.strip() for answer in tokenizer.batch_decode(output_ids, skip_special_tokens=True))
+    return answers
+
+
+def is_regression(dataset, spec: TaskData) -> bool:
+    from datasets import Value
+
+    feature = dataset.features[spec.label_column]
+    return isinstance(feature, Value) and feature.dtype.startswith("float")
+
+
+def parse_number(answer: str) -> float:
+    try:
+        return float(answer)
+    except ValueError:
+        return 0.0
+
+
+def spearman(answers: list[str], targets: list[float]) -> float:
+    """Spearman correlation of the answers read as numbers with the targets; 0 when either side is constant (the
+    correlation is undefined there, and a model that always gives the same score has no ranking skill)."""
+    import pandas
+
+    correlation = pandas.Series([parse_number(a) for a in answers]).corr(pandas.Series(targets), method="spearman")
+    return 0.0 if math.isnan(correlation) else float(correlation)
+
+
+def text_targets(dataset, spec: TaskData) -> list[str]:
+    names = class_names_of(dataset, spec)
+    labels = dataset[spec.label_column]
+    return [names[label] for label in labels] if names is not None else [str(label).strip() for label in labels]
+
+
+def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int):
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_tasks = getattr(model.config, "tasks", None)
+    if model_tasks is not None:
+        check_tasks_known(list(datasets), list(model_tasks))
+    label_words = getattr(model.config, "task_labels", None) or {}
+    scores, metrics = {}, {}
+    for task, dataset in datasets.items():
+        spec = data_config.tasks[task]
+        if task in label_words:
+            check_label_names(task, class_names_of(dataset, spec), list(label_words[task]))
+        answers = generated_answers(model, tokenizer, dataset, spec, batch_size, max_new_tokens)
+        if is_regression(dataset, spec):
+            metrics[task], scores[task] = "spearmanr", spearman(answers, dataset[spec.label_column])
+        else:
+            targets = text_targets(dataset, spec)
+            metrics[task] = "exact_match"
+            scores[task] = sum(a == t for a, t in zip(answers, targets, strict=True)) / len(dataset)
+        logger.info("%s: %s %.4f on %d samples", task, metrics[task], scores[task], len(dataset))
+    return EvaluationResults(scores, metrics, "text2text-generation")
+
+
+def update_model_card(model_dir: Path, results: EvaluationResults, data_config, split: str | None) -> None:
+    """Write the scores into the artifact's README.md as model-index results (replaced atomically)."""
     card_path = model_dir / "README.md"
     card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
     card.data.model_name = card.data.model_name or model_dir.name
     card.data.eval_results = [
         EvalResult(
-            task_type="image-classification",
+            task_type=results.task_type,
             dataset_type=task if spec.path in PACKAGED_BUILDERS else spec.path,
             dataset_name=task,
             dataset_config=spec.config_name,
             dataset_split=split or spec.split,
-            metric_type="accuracy",
+            metric_type=results.metrics[task],
             metric_value=results[task],
         )
         for task, spec in data_config.tasks.items()
@@ -151,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("data", type=Path, help="DATA.yaml with a label column per task.")
     parser.add_argument("--split", default=None, help="Override every task's split (e.g. test).")
     parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size (default: 64).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="Text-to-text models: answer length limit (default: 16)."
+    )
     parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
     return parser.parse_args(argv)
@@ -160,7 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        results = evaluate(args.model_dir, args.data, split=args.split, batch_size=args.batch_size)
+        results = evaluate(
+            args.model_dir,
+            args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
         if args.update_model_card:
             update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
     except ValueError as error:  # includes RecipeError

@@ -1,7 +1,9 @@
 """`wemoe-tta`: test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate.
 
 Only router parameters train. Each step draws one batch per task (round-robin over every task, from shuffled,
-endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted class distribution.
+endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted distribution: over the
+task's classes for CLIP; for T5, over the first decoded token, restricted to the task's label words when the model
+has them.
 Launchable unchanged with `accelerate launch` on several processes (DDP): every process takes an equal share of
 each global batch.
 """
@@ -20,12 +22,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from modeling_wemoe.modeling_wemoe import is_router_parameter
 
 from .artifact import check_output_dir, save_artifact
-from .data import batch_indices, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
+from .data import TaskData, batch_indices, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ EPILOG = """example DATA.yaml (labels are never read):
   tasks:
     eurosat: {path: tanganke/eurosat, split: test, image_column: image}
     shapes: {path: imagefolder, data_dir: ./data/shapes, split: train}
+  for a T5 artifact:
+  tasks:
+    sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
 
 examples:
   wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
@@ -52,20 +57,78 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TaskStream:
-    """One task's unlabeled images, served as the batch `batch_indices` picks for each step."""
+    """One task's unlabeled samples, served as the batch `batch_indices` picks for each step; a subclass turns rows
+    into model inputs and says which logits adaptation takes the entropy of."""
 
-    def __init__(self, dataset, image_column: str, image_processor, batch_size: int, task: str):
+    def __init__(self, dataset, column: str, batch_size: int, task: str):
         if len(dataset) < batch_size:
             raise ValueError(f"Task {task!r} has {len(dataset)} samples, fewer than the batch size {batch_size}.")
         self.dataset = dataset
-        self.image_column = image_column
-        self.image_processor = image_processor
+        self.column = column
         self.batch_size = batch_size
+        self.task = task
 
-    def batch(self, seed: int, task_index: int, step: int, process_index: int, num_processes: int) -> torch.Tensor:
+    def batch(
+        self, seed: int, task_index: int, step: int, process_index: int, num_processes: int
+    ) -> dict[str, torch.Tensor]:
         indices = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)
-        images = self.dataset[indices[process_index::num_processes]][self.image_column]
-        return pixel_values_of(images, self.image_processor)
+        return self.encode(self.dataset[indices[process_index::num_processes]][self.column])
+
+    def encode(self, values: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ImageTaskStream(TaskStream):
+    """Images through the artifact's image processor; the entropy of the task's class distribution."""
+
+    def __init__(self, dataset, spec: TaskData, image_processor, batch_size: int, task: str):
+        super().__init__(dataset, spec.image_column, batch_size, task)
+        self.image_processor = image_processor
+
+    def encode(self, values: list) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixel_values_of(values, self.image_processor)}
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs, task=self.task).logits
+
+
+def label_token_ids(tokenizer, task: str, label_words: list[str]) -> list[int]:
+    """The first token of each label word: what the first decoding step must choose between."""
+    first_tokens = [tokenizer(word, add_special_tokens=False)["input_ids"][:1] for word in label_words]
+    if any(not tokens for tokens in first_tokens):
+        raise ValueError(f"Task {task!r}: a label word in {label_words} tokenizes to nothing.")
+    ids = [tokens[0] for tokens in first_tokens]
+    if len(set(ids)) != len(ids):
+        raise ValueError(
+            f"Task {task!r}: label words {label_words} do not differ in their first token ({ids}); the first "
+            "decoding step cannot tell them apart."
+        )
+    return ids
+
+
+class TextTaskStream(TaskStream):
+    """Prompts (`prefix + text`) through the tokenizer; the entropy of the first decoded token, over the task's
+    label words when it has them, else over the vocabulary."""
+
+    def __init__(self, dataset, spec: TaskData, tokenizer, batch_size: int, task: str, label_words: list | None):
+        super().__init__(dataset, spec.text_column, batch_size, task)
+        self.tokenizer = tokenizer
+        self.prefix = spec.prefix
+        self.label_ids = label_token_ids(tokenizer, task, label_words) if label_words else None
+
+    def encode(self, values: list) -> dict[str, torch.Tensor]:
+        prompts = [self.prefix + str(value) for value in values]
+        encoded = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        start = model.config.text_config.decoder_start_token_id
+        decoder_input_ids = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
+        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits[:, 0]
+        return logits if self.label_ids is None else logits[:, self.label_ids]
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -138,13 +201,13 @@ def adapt(
     )
     for step in progress:
         step_loss = 0.0
-        for task_index, (task, stream) in enumerate(tasks.items()):
-            pixel_values = stream.batch(seed, task_index, step, accelerator.process_index, accelerator.num_processes)
+        for task_index, stream in enumerate(tasks.values()):
+            inputs = stream.batch(seed, task_index, step, accelerator.process_index, accelerator.num_processes)
             last_task = task_index == len(tasks) - 1
             # One backward per task keeps one task's graph in memory; gradients are synchronised once per step.
             with accelerator.no_sync(model) if not last_task else contextlib.nullcontext():
                 with accelerator.autocast():
-                    logits = model(pixel_values.to(accelerator.device), task=task).logits
+                    logits = stream.logits(model, {key: value.to(accelerator.device) for key, value in inputs.items()})
                     loss = entropy_loss(logits) / len(tasks)
                 accelerator.backward(loss)
             step_loss += loss.item()
@@ -162,17 +225,30 @@ def adapt(
     return accelerator.unwrap_model(model)
 
 
-def load_task_streams(
-    data_config, model, image_processor, batch_size: int, num_processes: int
-) -> dict[str, TaskStream]:
+def load_task_streams(data_config, model, processor, batch_size: int, num_processes: int) -> dict[str, TaskStream]:
+    """A stream per task of the data config: images for a CLIP model (`processor` an image processor), prompts for a
+    T5 model (`processor` its tokenizer)."""
     if batch_size % num_processes:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
     data_config = load_data_config(data_config)
     check_tasks_known(list(data_config.tasks), list(model.config.tasks))
-    return {
-        task: TaskStream(load_task_dataset(task, spec), spec.image_column, image_processor, batch_size, task)
-        for task, spec in data_config.tasks.items()
-    }
+    is_text = model.config.text_config is not None
+    label_words = model.config.task_labels or {}
+    streams = {}
+    for task, spec in data_config.tasks.items():
+        dataset = load_task_dataset(task, spec, text=is_text)
+        if is_text:
+            streams[task] = TextTaskStream(dataset, spec, processor, batch_size, task, label_words.get(task))
+        else:
+            streams[task] = ImageTaskStream(dataset, spec, processor, batch_size, task)
+    return streams
+
+
+def load_processor(model_dir: str | os.PathLike, model):
+    """The artifact's tokenizer (T5) or image processor (CLIP)."""
+    if model.config.text_config is not None:
+        return AutoTokenizer.from_pretrained(model_dir)
+    return AutoImageProcessor.from_pretrained(model_dir)
 
 
 def adapt_artifact(
@@ -197,8 +273,8 @@ def adapt_artifact(
     check_output_dir(output, overwrite)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    tasks = load_task_streams(data, model, image_processor, batch_size, accelerator.num_processes)
+    processor = load_processor(model_dir, model)
+    tasks = load_task_streams(data, model, processor, batch_size, accelerator.num_processes)
     model = adapt(
         model,
         tasks,
@@ -214,7 +290,7 @@ def adapt_artifact(
     if accelerator.is_main_process:
         source = Path(model_dir)
         carried = {name: (source / name).read_text() for name in CARRIED_FILES if (source / name).is_file()}
-        save_artifact(model, output, image_processor, extra_files=carried, overwrite=overwrite)
+        save_artifact(model, output, processor, extra_files=carried, overwrite=overwrite)
     accelerator.wait_for_everyone()
     return output
 

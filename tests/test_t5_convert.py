@@ -51,7 +51,7 @@ def t5_recipe(paths: dict) -> dict:
 
 def test_convert_writes_a_t5_artifact_equal_to_merge_t5(t5_checkpoints, tmp_path):
     recipe = t5_recipe(t5_checkpoints)
-    artifact = convert(recipe, tmp_path / "artifact")
+    artifact = convert(recipe, tmp_path / "t5_artifact")  # apart from CLIP artifacts: see test_t5_tta
     loaded = AutoModelForSeq2SeqLM.from_pretrained(artifact, trust_remote_code=True)
     in_memory = merge_t5(
         t5_checkpoints["base"],

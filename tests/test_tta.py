@@ -26,8 +26,8 @@ def mean_entropy(model_dir, task_data) -> float:
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
     streams = load_task_streams(task_data, model, AutoImageProcessor.from_pretrained(model_dir), 4, 1)
     losses = [
-        entropy_loss(model(stream.batch(0, i, step, 0, 1), task=task).logits)
-        for i, (task, stream) in enumerate(streams.items())
+        entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
+        for i, stream in enumerate(streams.values())
         for step in range(5)
     ]
     return float(torch.stack(losses).mean())

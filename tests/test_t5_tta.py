@@ -1,0 +1,142 @@
+"""`wemoe-tta` and `wemoe-eval` on a T5 artifact: entropy of the first decoded token (over label words when the model
+has them), exact match and Spearman scores."""
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_t5 import build_family
+from transformers import AutoModel, AutoTokenizer
+
+from conversion import save_artifact
+from conversion.data import load_data_config
+from conversion.evaluate import evaluate, spearman, update_model_card
+from conversion.t5 import merge_t5
+from conversion.toy_t5 import toy_t5_tokenizer
+from conversion.tta import TextTaskStream, entropy_loss, load_task_streams, main
+
+SENTENCES = [
+    "a good movie", "a bad film", "i loved it", "boring and dull", "really fun", "awful song",
+    "a brilliant book", "terrible game", "nice team", "i hate this",
+]  # fmt: skip
+TOPICS = ["the ball", "an atom", "the soup", "a guitar", "the vote", "the code", "a goal", "the cell"]
+
+
+@pytest.fixture(scope="module")
+def t5_artifact(tmp_path_factory):
+    base, experts = build_family(gated=True, tied=False)
+    model = merge_t5(base, experts, label_words={"sst2": ["negative", "positive"]})
+    # Named apart from the CLIP artifacts: transformers keys dynamic modules by directory name within a process.
+    return save_artifact(model, tmp_path_factory.mktemp("t5") / "t5_artifact", toy_t5_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_data")
+    sentiment = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    Dataset.from_dict({"sentence": SENTENCES, "label": [1, 0] * 5}, features=sentiment).to_parquet(
+        root / "sst2.parquet"
+    )
+    Dataset.from_dict({"text": TOPICS, "label": ["sports"] * 8}).to_parquet(root / "topic.parquet")
+    Dataset.from_dict({"text": TOPICS, "score": [float(i) for i in range(8)]}).to_parquet(root / "nli.parquet")
+    return {
+        "tasks": {
+            "sst2": {
+                "path": "parquet",
+                "data_files": str(root / "sst2.parquet"),
+                "split": "train",
+                "text_column": "sentence",
+                "prefix": "sst2 sentence: ",
+            },
+            "topic": {"path": "parquet", "data_files": str(root / "topic.parquet"), "split": "train"},
+            "nli": {
+                "path": "parquet",
+                "data_files": str(root / "nli.parquet"),
+                "split": "train",
+                "prefix": "nli premise: ",
+                "label_column": "score",
+            },
+        }
+    }
+
+
+@torch.no_grad()
+def mean_entropy(model_dir, data) -> float:
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    streams = load_task_streams(data, model, AutoTokenizer.from_pretrained(model_dir), 4, 1)
+    losses = [
+        entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
+        for i, stream in enumerate(streams.values())
+        for step in range(4)
+    ]
+    return float(torch.stack(losses).mean())
+
+
+def test_streams_restrict_the_first_token_to_label_words(t5_artifact, text_data):
+    model = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(t5_artifact)
+    streams = load_task_streams(text_data, model, tokenizer, 4, 1)
+    assert all(isinstance(stream, TextTaskStream) for stream in streams.values())
+    sst2 = streams["sst2"].batch(0, 0, 0, 0, 1)
+    assert tokenizer.decode(sst2["input_ids"][0]).startswith("sst2 sentence :")
+    with torch.no_grad():
+        restricted = streams["sst2"].logits(model, sst2)
+        full = streams["topic"].logits(model, streams["topic"].batch(0, 1, 0, 0, 1))
+        first_step = model(**sst2, decoder_input_ids=torch.zeros(4, 1, dtype=torch.long)).logits[:, 0]
+    label_ids = [tokenizer.convert_tokens_to_ids(word) for word in ("negative", "positive")]
+    assert torch.equal(restricted, first_step[:, label_ids])
+    assert full.shape == (4, len(tokenizer))
+
+
+def test_label_words_must_differ_in_their_first_token(t5_artifact, text_data):
+    model = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True)
+    model.config.task_labels = {"sst2": ["not good", "not bad"]}
+    with pytest.raises(ValueError, match=r"Task 'sst2': label words .* do not differ in their first token"):
+        load_task_streams(text_data, model, AutoTokenizer.from_pretrained(t5_artifact), 4, 1)
+
+
+def test_tta_trains_only_the_routers_and_lowers_the_entropy(t5_artifact, text_data, tmp_path):
+    import yaml
+
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(text_data))
+    output = tmp_path / "t5_adapted"
+    main(
+        [str(t5_artifact), str(data_yaml), "--output", str(output), "--batch-size", "4", "--lr", "1e-2", "--steps", "8"]
+    )
+    before, after = load_file(t5_artifact / "model.safetensors"), load_file(output / "model.safetensors")
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(".router." in key for key in changed)
+    assert (output / "tokenizer.json").is_file()
+    assert mean_entropy(output, text_data) < mean_entropy(t5_artifact, text_data)
+
+
+def test_evaluation_scores_exact_match_and_spearman(t5_artifact, text_data, tmp_path):
+    model = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(t5_artifact)
+    inputs = tokenizer(TOPICS, return_tensors="pt", padding=True)
+    answers = tokenizer.batch_decode(model.generate(**inputs, max_new_tokens=4), skip_special_tokens=True)
+    labels = [answer.strip() for answer in answers[:6]] + ["never said", "never said"]
+    Dataset.from_dict({"text": TOPICS, "label": labels}).to_parquet(tmp_path / "topic.parquet")
+    data = {
+        "tasks": {
+            **text_data["tasks"],
+            "topic": {"path": "parquet", "data_files": str(tmp_path / "topic.parquet"), "split": "train"},
+        }
+    }
+
+    results = evaluate(t5_artifact, data, batch_size=3, max_new_tokens=4)
+
+    assert results["topic"] == pytest.approx(6 / 8)
+    assert results.metrics == {"sst2": "exact_match", "topic": "exact_match", "nli": "spearmanr"}
+    assert 0 <= results["sst2"] <= 1 and -1 <= results["nli"] <= 1
+    update_model_card(t5_artifact, results, load_data_config(data), None)
+    card = ModelCard.load(t5_artifact / "README.md")
+    metrics = {r.dataset_name: (r.task_type, r.metric_type) for r in card.data.eval_results}
+    assert metrics["nli"] == ("text2text-generation", "spearmanr")
+
+
+def test_spearman_reads_answers_as_numbers():
+    assert spearman(["1", "2", "x", "4.5"], [1.0, 2.0, 0.5, 4.0]) == pytest.approx(1.0)
+    assert spearman(["3", "3", "3"], [1.0, 2.0, 3.0]) == 0.0
