@@ -315,21 +315,26 @@ def read_backbone_config(directory: Path, owner: str, backbone: Backbone) -> Pre
     return backbone_config
 
 
-def load_clip_model(source: ModelSource) -> CLIPModel:
-    """The base model: a `CLIPModel` (its text tower builds the zero-shot heads), in memory, a local dir or a Hub id."""
-    if isinstance(source, CLIPModel):
+def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], what: str) -> PreTrainedModel:
+    """The base model as `model_class`, in memory, a local dir or a Hub id; `what` describes it in errors."""
+    if isinstance(source, model_class):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            f"The base model must be a CLIPModel (vision and text towers), a local directory or a Hub id, "
+            f"The base model must be a {model_class.__name__} ({what}), a local directory or a Hub id, "
             f"got {type(source).__name__}."
         )
-    model, loading_info = CLIPModel.from_pretrained(source, output_loading_info=True)
+    model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
     # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
     missing = sorted(loading_info.get("missing_keys", ()))
     if missing:
         raise ValueError(f"The base model checkpoint {str(source)!r} is missing tensors {missing}.")
-    return model
+    return model.eval()
+
+
+def load_clip_model(source: ModelSource) -> CLIPModel:
+    """The base `CLIPModel`: its text tower builds the zero-shot heads."""
+    return load_base_model(source, CLIPModel, "vision and text towers")
 
 
 def open_expert(

@@ -7,7 +7,6 @@ decides, and an expert that disagrees is an error rather than a silently dropped
 """
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,7 +22,7 @@ from .build import (
     open_experts,
     wemoe_options,
 )
-from .checkpoints import Backbone, InMemoryTensors, ModelSource
+from .checkpoints import Backbone, InMemoryTensors, ModelSource, load_base_model
 from .merge_methods import get_static_merge
 
 logger = logging.getLogger(__name__)
@@ -92,19 +91,7 @@ T5 = Backbone(
 
 
 def load_t5_model(source: ModelSource) -> T5ForConditionalGeneration:
-    """The base model, in memory, a local dir or a Hub id."""
-    if isinstance(source, T5ForConditionalGeneration):
-        return source
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"The base model must be a T5ForConditionalGeneration, a local directory or a Hub id, "
-            f"got {type(source).__name__}."
-        )
-    model, loading_info = T5ForConditionalGeneration.from_pretrained(source, output_loading_info=True)
-    missing = sorted(loading_info.get("missing_keys", ()))
-    if missing:
-        raise ValueError(f"The base model checkpoint {str(source)!r} is missing tensors {missing}.")
-    return model.eval()
+    return load_base_model(source, T5ForConditionalGeneration, "encoder-decoder with its LM head")
 
 
 def check_label_words(experts: Mapping[str, object], label_words: Mapping[str, Sequence[str]] | None) -> None:

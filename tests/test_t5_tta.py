@@ -7,6 +7,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_t5 import build_family
+from test_tta import mean_entropy
 from transformers import AutoModel, AutoTokenizer
 
 from conversion import save_artifact
@@ -14,7 +15,7 @@ from conversion.data import load_data_config
 from conversion.evaluate import evaluate, spearman, update_model_card
 from conversion.t5 import merge_t5
 from conversion.toy_t5 import toy_t5_tokenizer
-from conversion.tta import TextTaskStream, entropy_loss, load_task_streams, main
+from conversion.tta import TextTaskStream, load_task_streams, main
 
 SENTENCES = [
     "a good movie", "a bad film", "i loved it", "boring and dull", "really fun", "awful song",
@@ -59,18 +60,6 @@ def text_data(tmp_path_factory):
             },
         }
     }
-
-
-@torch.no_grad()
-def mean_entropy(model_dir, data) -> float:
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    streams = load_task_streams(data, model, AutoTokenizer.from_pretrained(model_dir), 4, 1)
-    losses = [
-        entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
-        for i, stream in enumerate(streams.values())
-        for step in range(4)
-    ]
-    return float(torch.stack(losses).mean())
 
 
 def test_streams_restrict_the_first_token_to_label_words(t5_artifact, text_data):

@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoModel
 
 from conversion.data import batch_indices
-from conversion.tta import entropy_loss, load_task_streams, main
+from conversion.tta import entropy_loss, load_processor, load_task_streams, main
 
 
 def write_yaml(content: dict, path) -> str:
@@ -23,8 +23,9 @@ def run_tta(artifact, data_yaml, output, *extra) -> None:
 
 @torch.no_grad()
 def mean_entropy(model_dir, task_data) -> float:
+    """Mean entropy over a few fixed batches of every task (images or prompts, as the artifact takes)."""
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    streams = load_task_streams(task_data, model, AutoImageProcessor.from_pretrained(model_dir), 4, 1)
+    streams = load_task_streams(task_data, model, load_processor(model_dir, model), 4, 1)
     losses = [
         entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
         for i, stream in enumerate(streams.values())
