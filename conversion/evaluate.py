@@ -10,7 +10,6 @@ column holds floats (regression tasks such as STS-B; an answer that is not a num
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -188,13 +187,23 @@ def parse_number(answer: str) -> float:
         return 0.0
 
 
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks from 0, tied values sharing the mean of their ranks (as Spearman's correlation needs)."""
+    ranks = torch.empty_like(values)
+    ranks[values.argsort()] = torch.arange(len(values), dtype=values.dtype)
+    _, groups = values.unique(return_inverse=True)
+    rank_sums = torch.zeros(int(groups.max()) + 1, dtype=values.dtype).index_add_(0, groups, ranks)
+    return (rank_sums / groups.bincount().to(values.dtype))[groups]
+
+
 def spearman(answers: list[str], targets: list[float]) -> float:
     """Spearman correlation of the answers read as numbers with the targets; 0 when either side is constant (the
     correlation is undefined there, and a model that always gives the same score has no ranking skill)."""
-    import pandas
-
-    correlation = pandas.Series([parse_number(a) for a in answers]).corr(pandas.Series(targets), method="spearman")
-    return 0.0 if math.isnan(correlation) else float(correlation)
+    predicted = average_ranks(torch.tensor([parse_number(a) for a in answers], dtype=torch.float64))
+    expected = average_ranks(torch.tensor(targets, dtype=torch.float64))
+    predicted, expected = predicted - predicted.mean(), expected - expected.mean()
+    scale = predicted.norm() * expected.norm()
+    return 0.0 if scale == 0 else float(predicted @ expected / scale)
 
 
 def text_targets(dataset, spec: TaskData) -> list[str]:

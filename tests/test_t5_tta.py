@@ -129,3 +129,6 @@ def test_evaluation_scores_exact_match_and_spearman(t5_artifact, text_data, tmp_
 def test_spearman_reads_answers_as_numbers():
     assert spearman(["1", "2", "x", "4.5"], [1.0, 2.0, 0.5, 4.0]) == pytest.approx(1.0)
     assert spearman(["3", "3", "3"], [1.0, 2.0, 3.0]) == 0.0
+    # Ties share their mean rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3) correlate at 0.9487 (scipy's value).
+    assert spearman(["1", "1", "2", "5"], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.948683, abs=1e-6)
+    assert spearman(["4", "3", "2", "1"], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(-1.0)
