@@ -51,6 +51,13 @@ def check_experts_given(experts: Mapping[str, object]) -> None:
         raise ValueError("`experts` is empty: give at least one fine-tuned model, keyed by task name.")
 
 
+def resolve_static_merge(static_merge: Mapping | None, scaling: float) -> dict:
+    """The static merge for non-MLP parameters: as given, or task arithmetic at `scaling`; its method checked."""
+    static_merge = dict(static_merge or {"method": "task_arithmetic", "scaling": scaling})
+    get_static_merge(static_merge.get("method", ""))
+    return static_merge
+
+
 def wemoe_options(
     variant: str, expert_format: str | None, keep: float, rank: int | None, static_merge: Mapping
 ) -> dict:

@@ -16,11 +16,11 @@ from .build import (
     fill_backbone,
     log_reconstruction_errors,
     open_experts,
+    resolve_static_merge,
     wemoe_options,
 )
 from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
 from .heads import DEFAULT_TEMPLATES, zero_shot_head
-from .merge_methods import get_static_merge
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ def merge_clip(
     if unknown_templates:
         raise ValueError(f"`templates` names tasks without an expert: {unknown_templates}.")
 
-    static_merge = dict(static_merge or {"method": "task_arithmetic", "scaling": scaling})
-    get_static_merge(static_merge.get("method", ""))
+    static_merge = resolve_static_merge(static_merge, scaling)
     clip = load_clip_model(base)
     tokenizer = resolve_tokenizer(base, tokenizer)
     base_tensors = InMemoryTensors(clip.vision_model.state_dict(), "The base model")

@@ -20,10 +20,10 @@ from .build import (
     fill_backbone,
     log_reconstruction_errors,
     open_experts,
+    resolve_static_merge,
     wemoe_options,
 )
 from .checkpoints import Backbone, InMemoryTensors, ModelSource, load_base_model
-from .merge_methods import get_static_merge
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ def merge_t5(
     check_variant(variant)
     check_experts_given(experts)
     check_label_words(experts, label_words)
-    static_merge = dict(static_merge or {"method": "task_arithmetic", "scaling": scaling})
-    get_static_merge(static_merge.get("method", ""))
+    static_merge = resolve_static_merge(static_merge, scaling)
     t5 = load_t5_model(base)
     base_state, _ = t5_tensors(t5)
     base_tensors = InMemoryTensors(base_state, "The base model")

@@ -60,8 +60,14 @@ def build_toy_expert(base: CLIPModel, seed: int, scale: float = 0.1) -> CLIPVisi
     """A "fine-tuned" vision tower: every base tensor plus seeded noise proportional to its spread."""
     expert = CLIPVisionModel(base.config.vision_config)
     expert.load_state_dict(base.vision_model.state_dict())
+    return perturb_(expert, seed, scale).eval()
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Add seeded noise proportional to each parameter's spread, in place: a stand-in for fine-tuning."""
     generator = torch.Generator().manual_seed(seed)
-    for parameter in expert.parameters():
+    for parameter in model.parameters():
         spread = parameter.std().clamp_min(0.02) if parameter.numel() > 1 else torch.tensor(0.02)
         parameter.add_(scale * spread * torch.randn(parameter.shape, generator=generator))
-    return expert.eval()
+    return model

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from .t5 import lm_head_is_tied
+from .toy import perturb_
 
 TOY_WORDS = (
     "sst2 sentence topic question premise hypothesis : . , ! ? "
@@ -72,8 +73,4 @@ def build_toy_t5_expert(base: T5ForConditionalGeneration, seed: int, scale: floa
     if expert.lm_head.weight.data_ptr() == expert.shared.weight.data_ptr() and not lm_head_is_tied(base):
         expert.lm_head.weight = nn.Parameter(torch.empty_like(base.lm_head.weight))
     expert.load_state_dict(base.state_dict())
-    generator = torch.Generator().manual_seed(seed)
-    for parameter in expert.parameters():
-        spread = parameter.std().clamp_min(0.02) if parameter.numel() > 1 else torch.tensor(0.02)
-        parameter.add_(scale * spread * torch.randn(parameter.shape, generator=generator))
-    return expert.eval()
+    return perturb_(expert, seed, scale).eval()

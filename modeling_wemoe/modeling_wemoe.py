@@ -340,6 +340,14 @@ class WEMoERouter(nn.Module):
         return self.fc2(F.relu(self.fc1(hidden_states)))
 
 
+def build_router(config: WEMoEConfig, hidden_size: int, owner: str) -> WEMoERouter | None:
+    """The router that `owner` ("per_layer": each WEMoE layer, "shared": the model) holds under `config.router_mode`,
+    or None when the router lives elsewhere."""
+    if config.router_mode != owner:
+        return None
+    return WEMoERouter(hidden_size, config.num_experts, config.router_hidden_layers)
+
+
 def compute_routing_weights(
     router: WEMoERouter,
     hidden_states: torch.Tensor,
@@ -374,11 +382,7 @@ class WEMoECLIPMLP(nn.Module):
         self.activation_fn = ACT2FN[vision_config.hidden_act]
         self.fc1 = WEMoELinear(config, vision_config.hidden_size, vision_config.intermediate_size)
         self.fc2 = WEMoELinear(config, vision_config.intermediate_size, vision_config.hidden_size)
-        self.router = (
-            WEMoERouter(vision_config.hidden_size, config.num_experts, config.router_hidden_layers)
-            if config.router_mode == "per_layer"
-            else None
-        )
+        self.router = build_router(config, vision_config.hidden_size, "per_layer")
 
     def forward(
         self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
@@ -569,11 +573,7 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
         self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.classifier = nn.Linear(config.projection_dim, len(config.id2label), bias=False)
-        self.router = (
-            WEMoERouter(vision_config.hidden_size, config.num_experts, config.router_hidden_layers)
-            if config.router_mode == "shared"
-            else None
-        )
+        self.router = build_router(config, vision_config.hidden_size, "shared")
         self.post_init()
         self.freeze_all_but_routers()
 
@@ -690,11 +690,7 @@ class WEMoET5LayerFF(nn.Module):
         self.DenseReluDense = WEMoET5DenseActDense(config, text_config)
         self.layer_norm = T5LayerNorm(text_config.d_model, eps=text_config.layer_norm_epsilon)
         self.dropout = nn.Dropout(text_config.dropout_rate)
-        self.router = (
-            WEMoERouter(text_config.d_model, config.num_experts, config.router_hidden_layers)
-            if config.router_mode == "per_layer"
-            else None
-        )
+        self.router = build_router(config, text_config.d_model, "per_layer")
 
     def forward(
         self,
@@ -882,11 +878,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         self.encoder = WEMoET5Stack(config, encoder_config)
         self.decoder = WEMoET5Stack(config, decoder_config)
         self.lm_head = nn.Linear(text_config.d_model, text_config.vocab_size, bias=False)
-        self.router = (
-            WEMoERouter(text_config.d_model, config.num_experts, config.router_hidden_layers)
-            if config.router_mode == "shared"
-            else None
-        )
+        self.router = build_router(config, text_config.d_model, "shared")
         self.post_init()
         self.freeze_all_but_routers()
 
