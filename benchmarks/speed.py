@@ -1,22 +1,25 @@
-"""Forward speed and memory of WEMoE against the dense CLIP vision model of the same shape.
+"""Forward speed and memory of WEMoE against the dense CLIP vision model (and T5) of the same shape.
 
 ViT-B/32-shaped random models (hidden 768, 12 layers, patch 32, 224 px), 8 experts, batch 16, fp32: the dense
-model, WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 (all experts, and each sample's top 2),
-and the naive per-sample loop. Times are
-medians of several runs measured in one process and printed as ratios to the dense `CLIPVisionModel` forward.
-Peak memory of each forward is measured in a child process per row (resident set growth over the loaded model).
-Random weights: this measures speed, not accuracy.
+model, WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 and 32 (all experts, and each sample's top 2),
+and the naive per-sample loop. All models live in one process; each round times every model once, and the medians
+over rounds are printed as ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so
+that the machine's drift affects every row alike). Peak memory is measured for each row in a fresh child process:
+the resident-set growth over the loaded model during its first forward (which builds the sparse tile layouts) and
+during a warm one. Then the same for a
+T5-base-shaped encoder-decoder (see `speed_t5.py`). Random weights: this measures speed, not accuracy.
 
     python benchmarks/speed.py --threads 2
+    python benchmarks/speed.py --repeats 9 --no-t5
 """
 
 import argparse
-import statistics
+import multiprocessing
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from speed_t5 import T5_BASE, interleaved_medians, randomize_, t5_speed_table
 from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -36,6 +39,7 @@ ROWS = {
     "E-WEMoE keep=0.1": {"expert_format": "sparse", "keep": 0.1, "router_mode": "shared"},
     "low-rank rank 64": {"expert_format": "lowrank", "rank": 64},
     "low-rank rank 64, top-2": {"expert_format": "lowrank", "rank": 64, "router_top_k": 2},
+    "low-rank rank 32": {"expert_format": "lowrank", "rank": 32},
     "naive per-sample loop": "naive",
 }
 MIB = 2**20
@@ -46,12 +50,7 @@ def wemoe_model(num_experts: int, options: dict) -> WEMoEForImageClassification:
     config = WEMoEConfig(
         vision_config=VISION, projection_dim=512, tasks=tasks, task_labels={t: ["a", "b"] for t in tasks}, **options
     )
-    model = WEMoEForImageClassification(config).eval()
-    with torch.no_grad():  # routers that depend on the input, as after adaptation
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.normal_(std=0.05)
-    return model
+    return randomize_(WEMoEForImageClassification(config).eval())
 
 
 class NaivePerSampleLoop(torch.nn.Module):
@@ -92,15 +91,14 @@ def build(row: str, num_experts: int) -> torch.nn.Module:
     return wemoe_model(num_experts, options)
 
 
-def median_time(model: torch.nn.Module, pixel_values: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        model(pixel_values)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(pixel_values)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def build_models(num_experts: int) -> dict[str, torch.nn.Module]:
+    models = {}
+    for row, options in ROWS.items():
+        if options == "naive":  # the same WEMoE model as the "WEMoE dense" row, run the naive way
+            models[row] = NaivePerSampleLoop(models["WEMoE dense"])
+        else:
+            models[row] = build(row, num_experts)
+    return models
 
 
 def status_mib(field: str) -> float:
@@ -119,6 +117,15 @@ def forward_peak_mib(model: torch.nn.Module, pixel_values: torch.Tensor) -> floa
     return status_mib("VmHWM") - before
 
 
+def peaks_in_a_fresh_process(row: str, num_experts: int, batch_size: int, threads: int) -> tuple[float, float]:
+    """First and warm forward peaks of one row, in a process that has run nothing else (freed memory of other rows
+    would otherwise be reused and hide a row's own peak)."""
+    torch.set_num_threads(threads)
+    model = build(row, num_experts)
+    pixel_values = torch.randn(batch_size, 3, 224, 224)
+    return forward_peak_mib(model, pixel_values), forward_peak_mib(model, pixel_values)
+
+
 def artifact_size(model: torch.nn.Module) -> float | None:
     if not isinstance(model, WEMoEForImageClassification):
         return None
@@ -128,32 +135,43 @@ def artifact_size(model: torch.nn.Module) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2).")
     parser.add_argument("--batch-size", type=int, default=16, help="Default: 16.")
     parser.add_argument("--experts", type=int, default=8, help="Default: 8.")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per row; the median is reported.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed rounds; medians are reported (default: 5).")
+    parser.add_argument("--no-t5", action="store_true", help="Skip the T5-base-shaped rows.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     pixel_values = torch.randn(args.batch_size, 3, 224, 224)
     print(f"ViT-B/32 shape, {args.experts} experts, batch {args.batch_size}, fp32, {args.threads} threads")
-    print(f"{'row':<24} {'forward':>9} {'x dense':>8} {'peak MiB: first':>16} {'warm':>6} {'artifact MiB':>13}")
-    dense_time = None
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
     for row in ROWS:
-        model = build(row, args.experts)
-        first_peak = forward_peak_mib(model, pixel_values)
-        warm_peak = forward_peak_mib(model, pixel_values)
-        seconds = median_time(model, pixel_values, args.repeats)
-        dense_time = dense_time or seconds
+        with context.Pool(1) as pool:
+            peaks[row] = pool.apply(peaks_in_a_fresh_process, (row, args.experts, args.batch_size, args.threads))
+    models = build_models(args.experts)
+    with torch.no_grad():
+        timings = interleaved_medians(
+            {row: lambda m=model: m(pixel_values) for row, model in models.items()}, args.repeats
+        )
+    print(f"{'row':<24} {'forward':>9} {'x dense':>8} {'peak MiB: first':>16} {'warm':>6} {'artifact MiB':>13}")
+    for row, model in models.items():
+        seconds, ratio = timings[row]
         size = artifact_size(model)
         size_text = f"{size:13.0f}" if size is not None else f"{'-':>13}"
-        print(
-            f"{row:<24} {seconds * 1e3:7.0f}ms {seconds / dense_time:7.2f}x "
-            f"{first_peak:16.0f} {warm_peak:6.0f} {size_text}"
-        )
-        del model
+        first_peak, warm_peak = peaks[row]
+        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x {first_peak:16.0f} {warm_peak:6.0f} {size_text}")
+    del models
+    if not args.no_t5:
+        print(f"\nT5-base shape, {args.experts} experts, batch {args.batch_size}, 64-token prompts, fp32")
+        t5_speed_table(T5_BASE, args.experts, args.batch_size, args.repeats)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Shipped inside every artifact: imports only torch, transformers and the sibling 
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,18 +50,31 @@ def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 class WEMoETaskVectors(nn.Module):
-    """Storage of one tensor's task vectors that merges them per routing row, a tile of rows at a time."""
+    """Storage of one tensor's task vectors that hands them out a tile of rows at a time, so that a forward never
+    holds more than one tile of them in dense form."""
 
     shape: tuple[int, ...]
 
-    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
-        """sum_i r[b, i] * tau_i restricted to rows `[tile * tile_rows, (tile + 1) * tile_rows)`, for every row b of
-        `(batch, num_experts)` routing weights: `(batch, rows, *shape[1:])`."""
+    def tile(self, index: int, tile_rows: int) -> torch.Tensor:
+        """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
+        `(num_experts, rows * row_width)`."""
         raise NotImplementedError
 
+    def merge_tile(self, base: torch.Tensor, routing_weights: torch.Tensor, index: int, tile_rows: int) -> torch.Tensor:
+        """`base + sum_i r[b, i] * tau_i` on one tile of rows, for every row b of `(batch, num_experts)` routing
+        weights, where `base` is the same tile of the pre-trained tensor: `(batch, rows, *shape[1:])`."""
+        merged = torch.addmm(base.reshape(1, -1), routing_weights.to(base.dtype), self.tile(index, tile_rows))
+        return merged.view(routing_weights.shape[0], -1, *self.shape[1:])
+
+    def expert_outputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`x @ tau_i^T` for every expert of a weight matrix: `(..., in)` to `(..., num_experts, out)`."""
+        task_vectors = self.tile(0, self.shape[0]).view(-1, self.shape[1])
+        return F.linear(hidden_states, task_vectors).unflatten(-1, (-1, self.shape[0]))
+
     def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        """sum_i r[b, i] * tau_i over the whole tensor: `(batch, *shape)`."""
-        return self.combine_tile(routing_weights, 0, self.shape[0])
+        """sum_i r[..., i] * tau_i over the whole tensor for routing weights `(..., num_experts)`: `(..., *shape)`."""
+        merged = routing_weights.to(self.values.dtype) @ self.tile(0, self.shape[0])
+        return merged.view(*routing_weights.shape[:-1], *self.shape)
 
 
 class WEMoEDenseTaskVectors(WEMoETaskVectors):
@@ -83,10 +97,9 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
     def dense(self) -> torch.Tensor:
         return self.values
 
-    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
-        rows = self.values[:, tile * tile_rows : (tile + 1) * tile_rows]
-        merged = routing_weights.to(self.values.dtype) @ rows.reshape(rows.shape[0], -1)
-        return merged.view(-1, rows.shape[1], *self.shape[1:])
+    def tile(self, index: int, tile_rows: int) -> torch.Tensor:
+        rows = self.values[:, index * tile_rows : (index + 1) * tile_rows]
+        return rows.reshape(rows.shape[0], -1)
 
 
 class WEMoESparseTaskVectors(WEMoETaskVectors):
@@ -103,8 +116,9 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         self.num_kept = num_kept_entries(self.numel, keep)
         self.values = nn.Parameter(torch.zeros(num_experts, self.num_kept), requires_grad=False)
         self.register_buffer("bitmask", torch.zeros(num_experts, math.ceil(self.numel / 8), dtype=torch.uint8))
-        self._tile_layout_key = None
-        self._tile_layout: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._derived_key = None
+        self._tile_layouts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._csr: torch.Tensor | None = None
 
     @property
     def num_stored_entries(self) -> int:
@@ -123,15 +137,18 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
             self.values.copy_(task_vectors.reshape(flat_mask.shape)[flat_mask].view_as(self.values))
             self.bitmask.copy_(pack_bitmask(flat_mask))
 
+    def check_kept_counts(self, kept_per_expert: list[int]) -> None:
+        """The bitmask must mark exactly as many entries per expert as there are stored values."""
+        if any(count != self.num_kept for count in kept_per_expert):
+            raise ValueError(
+                f"Corrupt sparse task vectors: the bitmask sets {kept_per_expert} entries per expert, "
+                f"expected {self.num_kept} each (tensor shape {self.shape})."
+            )
+
     def flat_indices(self) -> torch.Tensor:
         """`(num_experts, k)` flat indices of the kept entries (ascending, matching `values`)."""
         mask = unpack_bitmask(self.bitmask, self.numel)
-        kept_per_expert = mask.sum(dim=-1)
-        if (kept_per_expert != self.num_kept).any():
-            raise ValueError(
-                f"Corrupt sparse task vectors: the bitmask sets {kept_per_expert.tolist()} entries per expert, "
-                f"expected {self.num_kept} each (tensor shape {self.shape})."
-            )
+        self.check_kept_counts(mask.sum(dim=-1).tolist())
         indices = mask.nonzero()[:, 1]
         return indices.view(mask.shape[0], self.num_kept)
 
@@ -141,35 +158,82 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
 
     def tile_layout(self, tile_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab (int32), and
-        the entries in that order. Derived from the stored tensors once, and again only when they change."""
-        key = tuple((t.device, t.data_ptr(), t._version) for t in (self.bitmask, self.values)) + (tile_rows,)
-        if key == self._tile_layout_key:
-            return self._tile_layout
-        row_width = self.numel // self.shape[0]
-        slab_numel = tile_rows * row_width
-        indices = self.flat_indices()
-        num_tiles = math.ceil(self.shape[0] / tile_rows)
-        tile_of = (indices // slab_numel).flatten()
-        experts = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
-        positions = (experts * slab_numel + indices % slab_numel).flatten()
-        order = torch.argsort(tile_of, stable=True)
-        counts = torch.bincount(tile_of, minlength=num_tiles).tolist()
-        values = self.values.detach().flatten()[order]
-        self._tile_layout = [
-            (slab_positions.to(torch.int32), tile_values)
-            for slab_positions, tile_values in zip(positions[order].split(counts), values.split(counts), strict=True)
-        ]
-        self._tile_layout_key = key
-        return self._tile_layout
+        the entries in that order. Derived from the stored tensors once per tile height, and again only when they
+        change."""
+        self._forget_derived_if_changed()
+        if tile_rows not in self._tile_layouts:
+            self._tile_layouts[tile_rows] = self._build_tile_layout(tile_rows)
+        return self._tile_layouts[tile_rows]
 
-    def combine_tile(self, routing_weights: torch.Tensor, tile: int, tile_rows: int) -> torch.Tensor:
-        positions, tile_values = self.tile_layout(tile_rows)[tile]
+    def _forget_derived_if_changed(self) -> None:
+        key = tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in (self.bitmask, self.values))
+        if key != self._derived_key:
+            self._derived_key, self._tile_layouts, self._csr = key, {}, None
+
+    def expert_outputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Few tokens at a time (a generation step): one sparse matmul reads only the kept entries, ~5x faster than
+        # expanding the task vectors. torch's CPU sparse matmul has no half-precision kernels: expand there.
+        if self.values.dtype not in (torch.float32, torch.float64) or len(self.shape) != 2:
+            return super().expert_outputs(hidden_states)
+        per_expert = (self.csr() @ hidden_states.reshape(-1, self.shape[1]).t()).t()
+        return per_expert.reshape(*hidden_states.shape[:-1], -1, self.shape[0])
+
+    def csr(self) -> torch.Tensor:
+        """The task vectors as one `(num_experts * out, in)` sparse CSR matrix sharing `values` (int32 indices)."""
+        self._forget_derived_if_changed()
+        if self._csr is None:
+            out_features, in_features = self.shape
+            indices = self.flat_indices()
+            experts = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
+            rows = (experts * out_features + indices // in_features).flatten()
+            row_starts = F.pad(torch.bincount(rows, minlength=indices.shape[0] * out_features).cumsum(0), (1, 0))
+            columns = (indices % in_features).flatten()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = torch.sparse_csr_tensor(
+                    row_starts.to(torch.int32),
+                    columns.to(torch.int32),
+                    self.values.detach().flatten(),
+                    (row_starts.numel() - 1, in_features),
+                    check_invariants=False,
+                )
+        return self._csr
+
+    def _build_tile_layout(self, tile_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Tile by tile from the bitmask, so that building it never holds more than one tile's mask and indices; the
+        # tiles are views of two preallocated tensors rather than many separate allocations.
+        slab_numel = tile_rows * (self.numel // self.shape[0])
+        num_experts = self.values.shape[0]
+        values = self.values.detach()
+        all_positions = torch.empty(values.numel(), dtype=torch.int32, device=values.device)
+        all_values = torch.empty_like(values).flatten()
+        offsets, filled, layout = [0] * num_experts, 0, []
+        for start in range(0, self.numel, slab_numel):
+            stop = min(start + slab_numel, self.numel)
+            packed = self.bitmask[:, start // 8 : math.ceil(stop / 8)]
+            mask = unpack_bitmask(packed, packed.shape[1] * 8)[:, start % 8 : start % 8 + stop - start]
+            counts = mask.sum(-1).tolist()
+            if sum(offsets) + sum(counts) > values.numel():
+                break  # more entries marked than stored: reported below
+            experts, columns = mask.nonzero(as_tuple=True)
+            tile = slice(filled, filled + len(columns))
+            all_positions[tile] = experts * slab_numel + columns
+            torch.cat(
+                [values[e, offsets[e] : offsets[e] + counts[e]] for e in range(num_experts)], out=all_values[tile]
+            )
+            layout.append((all_positions[tile], all_values[tile]))
+            offsets = [offset + count for offset, count in zip(offsets, counts, strict=True)]
+            filled = tile.stop
+        self.check_kept_counts(offsets)
+        return layout
+
+    def tile(self, index: int, tile_rows: int) -> torch.Tensor:
+        positions, tile_values = self.tile_layout(tile_rows)[index]
         row_width = self.numel // self.shape[0]
-        rows = min(tile_rows, self.shape[0] - tile * tile_rows)
+        rows = min(tile_rows, self.shape[0] - index * tile_rows)
         slab = self.values.new_zeros(self.values.shape[0], tile_rows * row_width)
         slab.view(-1)[positions] = tile_values
-        merged = routing_weights.to(self.values.dtype) @ slab[:, : rows * row_width]
-        return merged.view(-1, rows, *self.shape[1:])
+        return slab[:, : rows * row_width]
 
 
 # Output rows merged and applied together per sample: a tile of 32 rows of a ViT-B/32 MLP weight, for 16 samples,
@@ -275,24 +339,25 @@ class WEMoELinear(nn.Module):
         # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
         # in cache, and the task vectors are read once per batch, instead of writing and re-reading a whole merged
         # weight per sample (memory-bound: ~6x a dense linear at ViT-B/32 size against ~2x tiled).
-        outputs = []
+        output = hidden_states.new_empty(*hidden_states.shape[:-1], self.out_features)
         for tile in range(math.ceil(self.out_features / TILE_ROWS)):
-            start = tile * TILE_ROWS
-            weight = self.weight_task_vectors.combine_tile(routing_weights, tile, TILE_ROWS)
-            weight = weight + self.weight[start : start + TILE_ROWS]
-            outputs.append(torch.matmul(hidden_states, weight.transpose(-1, -2)))
-        output = torch.cat(outputs, dim=-1)
+            rows = slice(tile * TILE_ROWS, (tile + 1) * TILE_ROWS)
+            weight = self.weight_task_vectors.merge_tile(self.weight[rows], routing_weights, tile, TILE_ROWS)
+            output[..., rows] = torch.matmul(hidden_states, weight.transpose(-1, -2))
         if self.bias is not None:
             output = output + (self.bias + self.bias_task_vectors.combine(routing_weights)).unsqueeze(1)
         return output
 
     def _forward_per_token(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         # x (W0 + sum_i r_i tau_i)^T = x W0^T + sum_i r_i (x tau_i^T): exact per token, no per-token weight copies.
+        # All experts in one matmul: the steps of generation route a few tokens each, where a loop over tiles of
+        # rows would cost more in calls than it saves.
         output = F.linear(hidden_states, self.weight, self.bias)
-        per_expert = torch.einsum("bni,eoi->bneo", hidden_states, self.weight_task_vectors.dense())
-        output = output + torch.einsum("bne,bneo->bno", routing_weights.to(output.dtype), per_expert)
+        routing_weights = routing_weights.to(output.dtype)
+        per_expert = self.weight_task_vectors.expert_outputs(hidden_states)
+        output = output + (routing_weights.unsqueeze(-2) @ per_expert).squeeze(-2)
         if self.bias is not None:
-            output = output + routing_weights.to(output.dtype) @ self.bias_task_vectors.dense()
+            output = output + self.bias_task_vectors.combine(routing_weights)
         return output
 
 

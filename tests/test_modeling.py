@@ -147,19 +147,33 @@ def test_sample_routing_averages_only_real_tokens():
     torch.testing.assert_close(routing[1], router(hidden[1]).mean(0))
 
 
-def test_sparse_tile_layout_follows_newly_assigned_task_vectors():
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_sparse_cached_layouts_follow_newly_assigned_task_vectors(granularity):
     layer, _, _ = make_linear("sparse", bias=False, seed=0)
-    inputs, routing = torch.randn(2, 3, IN_FEATURES), torch.randn(2, NUM_EXPERTS)
-    layer(inputs, routing)  # builds the cached tile layout
+    inputs = torch.randn(2, 3, IN_FEATURES)
+    routing = torch.randn(2, NUM_EXPERTS) if granularity == "sample" else torch.randn(2, 3, NUM_EXPERTS)
+    layer(inputs, routing)  # builds the cached tile layout (per sample) or sparse matrix (per token)
     replacement, replacement_tv, _ = make_linear("sparse", bias=False, seed=1)
     store = layer.weight_task_vectors
     store.assign(replacement_tv, replacement_tv != 0)
     with torch.no_grad():
         layer.weight.copy_(replacement.weight)
-    expected = torch.stack(
-        [merged_linear(layer, replacement_tv, None, r, x) for r, x in zip(routing, inputs, strict=True)]
-    )
+    # Per token, each (sample, token) pair is one merged weight and one input row.
+    rows = (routing, inputs) if granularity == "sample" else (routing.flatten(0, 1), inputs.flatten(0, 1))
+    expected = torch.stack([merged_linear(layer, replacement_tv, None, r, x) for r, x in zip(*rows, strict=True)])
+    expected = expected.view(2, 3, OUT_FEATURES)
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_sparse_experts_in_bfloat16_follow_float32(granularity):
+    layer, _, _ = make_linear("sparse", bias=True)
+    inputs = torch.randn(2, 3, IN_FEATURES)
+    routing = torch.randn(2, NUM_EXPERTS) if granularity == "sample" else torch.randn(2, 3, NUM_EXPERTS)
+    expected = layer(inputs, routing)
+    actual = layer.to(torch.bfloat16)(inputs.bfloat16(), routing.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.02)
 
 
 @pytest.mark.parametrize("granularity", ["sample", "token"])
