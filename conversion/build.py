@@ -113,6 +113,17 @@ def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, Tensor
 
 
 @torch.no_grad()
+def static_merge_tensors(base: TensorSource, experts: dict[str, TensorSource], static_merge: Mapping) -> dict:
+    """Every tensor of the base merged by a data-free static method (task arithmetic, TIES), keyed as in `base`."""
+    method = get_static_merge(static_merge["method"])
+    options = {key: value for key, value in static_merge.items() if key != "method"}
+    return {
+        key: method.merge(base[key].float(), stacked_task_vectors(key, base, experts), **options).to(base[key].dtype)
+        for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor")
+    }
+
+
+@torch.no_grad()
 def fill_backbone(
     target: nn.Module,
     base: TensorSource,

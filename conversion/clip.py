@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 
+from .adamerging import LayerWiseAdaMerging, is_merge_coefficient
 from .build import (
     check_experts_given,
     check_variant,
@@ -17,10 +18,12 @@ from .build import (
     log_reconstruction_errors,
     open_experts,
     resolve_static_merge,
+    static_merge_tensors,
     wemoe_options,
 )
 from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
-from .heads import DEFAULT_TEMPLATES, zero_shot_head
+from .heads import DEFAULT_TEMPLATES, ZeroShotCLIP, zero_shot_head
+from .tta import adapt, task_streams
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +159,56 @@ def merge_clip(
         model.classifier.weight.copy_(torch.cat(heads))
     model.freeze_all_but_routers()
     return model.eval()
+
+
+def merge_static_clip(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    static_merge: Mapping,
+    *,
+    classnames: Mapping[str, Sequence[str]] | None = None,
+    data=None,
+    image_processor=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> CLIPModel:
+    """A plain `CLIPModel`: the base with its vision tower replaced by a static merge of the experts' (text tower and
+    projections stay the base's, which builds zero-shot heads as for WEMoE). The baseline WEMoE is compared with.
+
+    `static_merge` is `{"method": "task_arithmetic" | "ties", ...}`, or `{"method": "adamerging", ...}` (see
+    `conversion.recipe.AdaMergingSpec`), which also needs each task's `classnames`, unlabeled `data` (a DATA.yaml
+    path, dict or `DataConfig`) and the `image_processor`.
+    """
+    check_experts_given(experts)
+    clip = load_clip_model(base)
+    base_tensors = InMemoryTensors(clip.vision_model.state_dict(), "The base model")
+    expert_tensors = open_experts(base_tensors, clip.config.vision_config, experts, CLIP_VISION)
+    logger.info("Merging %d experts by %s (%s).", len(experts), static_merge["method"], ", ".join(experts))
+    if static_merge["method"] == "adamerging":
+        check_task_names(experts, classnames or {})
+        classifier = ZeroShotCLIP(clip, resolve_tokenizer(base, tokenizer), classnames, templates)
+        merged = train_layer_wise_merge(classifier, base_tensors, expert_tensors, static_merge, data, image_processor)
+    else:
+        merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
+    clip.vision_model.load_state_dict(merged)
+    return clip.eval()
+
+
+def train_layer_wise_merge(
+    classifier: ZeroShotCLIP, base: InMemoryTensors, experts: Mapping, options: Mapping, data, image_processor
+) -> dict[str, torch.Tensor]:
+    """Layer-wise AdaMerging of the vision tower, trained on the tasks' unlabeled images; the merged tensors."""
+    if data is None or image_processor is None:
+        raise ValueError("static_merge adamerging needs `data` (unlabeled task images) and the `image_processor`.")
+    streams = task_streams(data, list(experts), image_processor, options.get("batch_size", 16))
+    merging = LayerWiseAdaMerging(classifier, "clip.vision_model.", base, experts, options.get("init_lambda", 0.3))
+    merging = adapt(
+        merging,
+        streams,
+        steps=options.get("steps", 500),
+        lr=options.get("lr", 1e-3),
+        seed=options.get("seed", 0),
+        trainable=is_merge_coefficient,
+    )
+    with torch.no_grad():
+        return {key: tensor.detach().clone() for key, tensor in merging.merged_tensors().items()}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, CLIPProcessor
 
 from .artifact import check_output_dir, load_image_processor, save_artifact
-from .clip import merge_clip
+from .clip import merge_clip, merge_static_clip
 from .data import open_dataset
 from .model_card import render_model_card
 from .recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, DatasetSource, MergeRecipe, load_recipe
@@ -35,6 +35,7 @@ EPILOG = (
 examples:
   wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
   wemoe-convert flan-t5-glue.yaml ./flan-t5-base-wemoe-glue
+  wemoe-convert baseline.yaml ./clip-adamerging   # variant: static, static_merge: {method: adamerging, data: ...}
   wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
 """
 )
@@ -105,6 +106,11 @@ def convert(
         if task.classnames is not None or task.dataset is not None
     }
     experts = {task.name: task.model for task in recipe.tasks}
+    if recipe.variant == "static":
+        convert_static(recipe, classnames, experts, output_dir, dtype, max_shard_size, overwrite)
+        if push_to_hub:
+            push_artifact(output_dir, push_to_hub, private)
+        return output_dir
     options = {
         "variant": recipe.variant,
         "keep": recipe.keep,
@@ -136,6 +142,42 @@ def convert(
     if push_to_hub:
         push_artifact(output_dir, push_to_hub, private)
     return output_dir
+
+
+def convert_static(
+    recipe: MergeRecipe,
+    classnames: dict[str, list[str]],
+    experts: dict[str, str],
+    output_dir: Path,
+    dtype: str,
+    max_shard_size: str | int,
+    overwrite: bool,
+) -> Path:
+    """`variant: static`: a plain model of the base's class (CLIPModel), merged by the recipe's static method."""
+    if recipe.architecture != "clip":
+        raise ValueError("variant: static is built for architecture: clip.")
+    base_config = AutoConfig.from_pretrained(recipe.base_model)
+    image_processor = load_image_processor(recipe.base_model, base_config.vision_config)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base_model)
+    static_merge = recipe.static_merge.model_dump()
+    model = merge_static_clip(
+        recipe.base_model,
+        experts,
+        static_merge,
+        classnames=classnames,
+        data=static_merge.pop("data", None),
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        templates={task.name: task.templates for task in recipe.tasks if task.templates},
+    ).to(DTYPES[dtype])
+    save_artifact(
+        model,
+        output_dir,
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        extra_files={"merge_config.yaml": recipe.to_yaml()},
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

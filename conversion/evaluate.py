@@ -13,11 +13,10 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 from transformers import (
@@ -29,10 +28,9 @@ from transformers import (
     CLIPModel,
     PreTrainedConfig,
 )
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from .data import TaskData, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
-from .heads import DEFAULT_TEMPLATES, zero_shot_head
+from .heads import ZeroShotCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +61,6 @@ class EvaluationResults(dict):
         self["average"] = sum(scores.values()) / len(scores)
         self.metrics = dict(metrics)
         self.task_type = task_type
-
-
-class ZeroShotCLIP(torch.nn.Module):
-    """A plain `CLIPModel` as a per-task classifier: heads from its own text tower and the tasks' class names."""
-
-    def __init__(self, clip: CLIPModel, tokenizer, classnames: Mapping[str, Sequence[str]]):
-        super().__init__()
-        self.clip = clip
-        self.heads = {
-            task: zero_shot_head(clip, tokenizer, names, DEFAULT_TEMPLATES) for task, names in classnames.items()
-        }
-
-    def forward(self, pixel_values: torch.Tensor, task: str):
-        image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-        logits = self.clip.logit_scale.exp() * image_embeds @ self.heads[task].t()
-        return ImageClassifierOutput(logits=logits)
 
 
 def class_names_of(dataset, spec: TaskData) -> list[str] | None:

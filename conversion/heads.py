@@ -1,10 +1,11 @@
 """Zero-shot classification heads from the base CLIP text tower (as in the paper and CLIP's own evaluation)."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import ImageClassifierOutput
 
 # A few of CLIP's ImageNet prompt templates; tasks may bring their own.
 DEFAULT_TEMPLATES = (
@@ -37,3 +38,27 @@ def zero_shot_head(
     embeddings = clip.get_text_features(**inputs).pooler_output
     embeddings = F.normalize(embeddings, dim=-1).view(len(classnames), len(templates), -1)
     return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+
+class ZeroShotCLIP(torch.nn.Module):
+    """A plain `CLIPModel` as a per-task classifier: heads from its own text tower and the tasks' class names."""
+
+    def __init__(
+        self,
+        clip: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        classnames: Mapping[str, Sequence[str]],
+        templates: Mapping[str, Sequence[str]] | None = None,
+    ):
+        super().__init__()
+        self.clip = clip
+        templates = templates or {}
+        self.heads = {
+            task: zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
+            for task, names in classnames.items()
+        }
+
+    def forward(self, pixel_values: torch.Tensor, task: str) -> ImageClassifierOutput:
+        image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        logits = self.clip.logit_scale.exp() * image_embeds @ self.heads[task].t()
+        return ImageClassifierOutput(logits=logits)

@@ -35,7 +35,20 @@ class TiesSpec(Strict):
     majority_sign: Literal["total", "frequency"] = "total"
 
 
-StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec, Field(discriminator="method")]
+class AdaMergingSpec(Strict):
+    """Layer-wise AdaMerging: a coefficient per tensor and task, trained by entropy minimisation on the unlabeled
+    task data that `data` (a DATA.yaml, as for `wemoe-tta`) names; only with `variant: static`."""
+
+    method: Literal["adamerging"]
+    data: Annotated[str, Field(min_length=1)]
+    init_lambda: float = Field(0.3, ge=0, le=1)
+    steps: int = Field(500, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec | AdaMergingSpec, Field(discriminator="method")]
 
 
 class RouterSpec(Strict):
@@ -113,11 +126,12 @@ tasks:
 
 
 class MergeRecipe(Strict):
-    """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section."""
+    """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section. `variant: static` builds a plain model
+    of the base's class, merged by `static_merge` alone (a baseline to compare WEMoE with)."""
 
     base_model: Annotated[str, Field(min_length=1)]
     architecture: Literal["clip", "t5"] = "clip"
-    variant: Literal["wemoe", "e-wemoe"] = "wemoe"
+    variant: Literal["wemoe", "e-wemoe", "static"] = "wemoe"
     keep: float = Field(0.1, gt=0, le=1)
     expert_format: Literal["dense", "sparse", "lowrank"] | None = None
     rank: int | None = Field(None, ge=1)
@@ -129,6 +143,15 @@ class MergeRecipe(Strict):
     def rank_with_lowrank(self) -> "MergeRecipe":
         if (self.expert_format == "lowrank") != (self.rank is not None):
             raise ValueError("`rank` is required with expert_format: lowrank and only allowed with it")
+        return self
+
+    @model_validator(mode="after")
+    def adamerging_only_static(self) -> "MergeRecipe":
+        if self.static_merge.method == "adamerging" and self.variant != "static":
+            raise ValueError(
+                "static_merge: adamerging merges a whole model from data; use it with variant: static (a WEMoE "
+                "variant merges its non-MLP tensors with task_arithmetic or ties)"
+            )
         return self
 
     @model_validator(mode="after")

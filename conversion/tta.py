@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -136,10 +136,15 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(steps, key=lambda p: json.loads((p / STEP_FILE).read_text())["step"], default=None)
 
 
-def keep_only_routers(models, weights, output_dir) -> None:
-    """accelerate save-state hook: checkpoints hold the routers (plus optimizer and RNG), not the frozen model."""
-    for i, state in enumerate(weights):
-        weights[i] = {key: value for key, value in state.items() if is_router_parameter(key)}
+def keep_only(trainable: Callable[[str], bool]):
+    """An accelerate save-state hook: checkpoints hold the trained parameters (plus optimizer and RNG), not the frozen
+    model."""
+
+    def hook(models, weights, output_dir) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {key: value for key, value in state.items() if trainable(key)}
+
+    return hook
 
 
 def adapt(
@@ -155,22 +160,23 @@ def adapt(
     mixed_precision: str = "no",
     report_to: str | None = None,
     accelerator: Accelerator | None = None,
+    trainable: Callable[[str], bool] = is_router_parameter,
 ):
-    """Train the routers of `model` on `tasks` (task name -> `TaskStream`) by entropy minimisation.
+    """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) by
+    entropy minimisation.
 
     Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
     same weights as an uninterrupted run with the same seed.
     """
-    check_tasks_known(list(tasks), list(model.config.tasks))
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
     set_seed(seed)
-    model.freeze_all_but_routers()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable(name))
     model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_save_state_pre_hook(keep_only_routers)
+    accelerator.register_save_state_pre_hook(keep_only(trainable))
     if report_to:
         accelerator.init_trackers("wemoe-tta", config={"steps": steps, "lr": lr, "seed": seed, "tasks": list(tasks)})
 
@@ -230,15 +236,27 @@ def load_task_streams(data_config, model, processor, batch_size: int, num_proces
     T5 model (`processor` its tokenizer)."""
     if batch_size % num_processes:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
-    data_config = load_data_config(data_config)
-    check_tasks_known(list(data_config.tasks), list(model.config.tasks))
     is_text = model.config.text_config is not None
-    label_words = model.config.task_labels or {}
+    return task_streams(data_config, list(model.config.tasks), processor, batch_size, is_text, model.config.task_labels)
+
+
+def task_streams(
+    data_config,
+    tasks: list[str],
+    processor,
+    batch_size: int,
+    is_text: bool = False,
+    label_words: Mapping[str, list[str]] | None = None,
+) -> dict[str, TaskStream]:
+    """A stream per task of the data config (each one of `tasks`): images through an image processor, or prompts
+    through a tokenizer with the task's label words."""
+    data_config = load_data_config(data_config)
+    check_tasks_known(list(data_config.tasks), tasks)
     streams = {}
     for task, spec in data_config.tasks.items():
         dataset = load_task_dataset(task, spec, text=is_text)
         if is_text:
-            streams[task] = TextTaskStream(dataset, spec, processor, batch_size, task, label_words.get(task))
+            streams[task] = TextTaskStream(dataset, spec, processor, batch_size, task, (label_words or {}).get(task))
         else:
             streams[task] = ImageTaskStream(dataset, spec, processor, batch_size, task)
     return streams
