@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from .build import stacked_task_vectors
 from .checkpoints import TensorSource
+from .tta import TaskStream, adapt
 
 COEFFICIENTS = "merge_coefficients"
 
@@ -49,6 +50,11 @@ class LayerWiseAdaMerging(nn.Module):
             )
         self.merge_coefficients = nn.Parameter(torch.full((len(self.keys), len(experts)), init_lambda))
 
+    @property
+    def config(self):
+        """The wrapped model's config (the task streams read the decoder start token of a T5 from it)."""
+        return self.classifier.config
+
     def merged_tensors(self) -> dict[str, torch.Tensor]:
         """theta_0 + sum_i lambda[l, i] tau_i for every merged tensor, keyed as in the base tower."""
         coefficients = self.merge_coefficients.clamp(0.0, 1.0)
@@ -66,3 +72,20 @@ class LayerWiseAdaMerging(nn.Module):
 
 def is_merge_coefficient(name: str) -> bool:
     return name == COEFFICIENTS
+
+
+def train_layer_wise_merge(
+    merging: LayerWiseAdaMerging, streams: Mapping[str, TaskStream], options: Mapping
+) -> dict[str, torch.Tensor]:
+    """Train the coefficients on the tasks' unlabeled streams (`options`: steps, lr, seed of an AdaMerging spec);
+    the merged tensors, keyed as in the base."""
+    merging = adapt(
+        merging,
+        streams,
+        steps=options.get("steps", 500),
+        lr=options.get("lr", 1e-3),
+        seed=options.get("seed", 0),
+        trainable=is_merge_coefficient,
+    )
+    with torch.no_grad():
+        return {key: tensor.detach().clone() for key, tensor in merging.merged_tensors().items()}

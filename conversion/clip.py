@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 
-from .adamerging import LayerWiseAdaMerging, is_merge_coefficient
+from .adamerging import LayerWiseAdaMerging, train_layer_wise_merge
 from .build import (
     check_experts_given,
     check_variant,
@@ -23,7 +23,7 @@ from .build import (
 )
 from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
 from .heads import DEFAULT_TEMPLATES, ZeroShotCLIP, zero_shot_head
-from .tta import adapt, task_streams
+from .tta import task_streams
 
 logger = logging.getLogger(__name__)
 
@@ -186,29 +186,15 @@ def merge_static_clip(
     logger.info("Merging %d experts by %s (%s).", len(experts), static_merge["method"], ", ".join(experts))
     if static_merge["method"] == "adamerging":
         check_task_names(experts, classnames or {})
+        if data is None or image_processor is None:
+            raise ValueError("static_merge adamerging needs `data` (unlabeled task images) and the `image_processor`.")
         classifier = ZeroShotCLIP(clip, resolve_tokenizer(base, tokenizer), classnames, templates)
-        merged = train_layer_wise_merge(classifier, base_tensors, expert_tensors, static_merge, data, image_processor)
+        streams = task_streams(data, list(experts), image_processor, static_merge.get("batch_size", 16))
+        merging = LayerWiseAdaMerging(
+            classifier, "clip.vision_model.", base_tensors, expert_tensors, static_merge.get("init_lambda", 0.3)
+        )
+        merged = train_layer_wise_merge(merging, streams, static_merge)
     else:
         merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
     clip.vision_model.load_state_dict(merged)
     return clip.eval()
-
-
-def train_layer_wise_merge(
-    classifier: ZeroShotCLIP, base: InMemoryTensors, experts: Mapping, options: Mapping, data, image_processor
-) -> dict[str, torch.Tensor]:
-    """Layer-wise AdaMerging of the vision tower, trained on the tasks' unlabeled images; the merged tensors."""
-    if data is None or image_processor is None:
-        raise ValueError("static_merge adamerging needs `data` (unlabeled task images) and the `image_processor`.")
-    streams = task_streams(data, list(experts), image_processor, options.get("batch_size", 16))
-    merging = LayerWiseAdaMerging(classifier, "clip.vision_model.", base, experts, options.get("init_lambda", 0.3))
-    merging = adapt(
-        merging,
-        streams,
-        steps=options.get("steps", 500),
-        lr=options.get("lr", 1e-3),
-        seed=options.get("seed", 0),
-        trainable=is_merge_coefficient,
-    )
-    with torch.no_grad():
-        return {key: tensor.detach().clone() for key, tensor in merging.merged_tensors().items()}

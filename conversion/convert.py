@@ -20,7 +20,7 @@ from .clip import merge_clip, merge_static_clip
 from .data import open_dataset
 from .model_card import render_model_card
 from .recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, DatasetSource, MergeRecipe, load_recipe
-from .t5 import merge_t5
+from .t5 import merge_static_t5, merge_t5
 
 logger = logging.getLogger(__name__)
 
@@ -152,28 +152,36 @@ def convert_static(
     dtype: str,
     max_shard_size: str | int,
     overwrite: bool,
-) -> Path:
-    """`variant: static`: a plain model of the base's class (CLIPModel), merged by the recipe's static method."""
-    if recipe.architecture != "clip":
-        raise ValueError("variant: static is built for architecture: clip.")
-    base_config = AutoConfig.from_pretrained(recipe.base_model)
-    image_processor = load_image_processor(recipe.base_model, base_config.vision_config)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.base_model)
+) -> None:
+    """`variant: static`: a plain model of the base's class (CLIPModel or T5ForConditionalGeneration), merged by the
+    recipe's static method, with the base's processor."""
     static_merge = recipe.static_merge.model_dump()
-    model = merge_static_clip(
-        recipe.base_model,
-        experts,
-        static_merge,
-        classnames=classnames,
-        data=static_merge.pop("data", None),
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        templates={task.name: task.templates for task in recipe.tasks if task.templates},
-    ).to(DTYPES[dtype])
+    data = static_merge.pop("data", None)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base_model)
+    if recipe.architecture == "t5":
+        model = merge_static_t5(
+            recipe.base_model, experts, static_merge, label_words=classnames or None, data=data, tokenizer=tokenizer
+        )
+        processor = tokenizer
+    else:
+        image_processor = load_image_processor(
+            recipe.base_model, AutoConfig.from_pretrained(recipe.base_model).vision_config
+        )
+        model = merge_static_clip(
+            recipe.base_model,
+            experts,
+            static_merge,
+            classnames=classnames,
+            data=data,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            templates={task.name: task.templates for task in recipe.tasks if task.templates},
+        )
+        processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     save_artifact(
-        model,
+        model.to(DTYPES[dtype]),
         output_dir,
-        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        processor,
         extra_files={"merge_config.yaml": recipe.to_yaml()},
         max_shard_size=max_shard_size,
         overwrite=overwrite,

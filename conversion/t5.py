@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig, PreTrainedModel, T5Config, T5ForCondi
 
 from modeling_wemoe import WEMoEConfig, WEMoEForConditionalGeneration
 
+from .adamerging import LayerWiseAdaMerging, train_layer_wise_merge
 from .build import (
     check_experts_given,
     check_variant,
@@ -21,9 +22,11 @@ from .build import (
     log_reconstruction_errors,
     open_experts,
     resolve_static_merge,
+    static_merge_tensors,
     wemoe_options,
 )
 from .checkpoints import Backbone, InMemoryTensors, ModelSource, load_base_model
+from .tta import task_streams
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +180,37 @@ def merge_t5(
     model.generation_config = t5.generation_config
     model.freeze_all_but_routers()
     return model.eval()
+
+
+def merge_static_t5(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    static_merge: Mapping,
+    *,
+    label_words: Mapping[str, Sequence[str]] | None = None,
+    data=None,
+    tokenizer=None,
+) -> T5ForConditionalGeneration:
+    """A plain `T5ForConditionalGeneration` whose every tensor is a static merge of the experts': the baseline WEMoE
+    is compared with. `static_merge` as for `merge_static_clip`; AdaMerging trains on the unlabeled prompts `data`
+    names (through `tokenizer`), with the entropy restricted to each task's `label_words` where given."""
+    check_experts_given(experts)
+    check_label_words(experts, label_words)
+    t5 = load_t5_model(base)
+    base_state, _ = t5_tensors(t5)
+    base_tensors = InMemoryTensors(base_state, "The base model")
+    expert_tensors = open_experts(base_tensors, t5.config, experts, T5)
+    logger.info("Merging %d T5 experts by %s (%s).", len(experts), static_merge["method"], ", ".join(experts))
+    if static_merge["method"] == "adamerging":
+        if data is None or tokenizer is None:
+            raise ValueError("static_merge adamerging needs `data` (unlabeled task prompts) and the `tokenizer`.")
+        batch_size = static_merge.get("batch_size", 16)
+        streams = task_streams(data, list(experts), tokenizer, batch_size, is_text=True, label_words=label_words)
+        merging = LayerWiseAdaMerging(t5, "", base_tensors, expert_tensors, static_merge.get("init_lambda", 0.3))
+        merged = train_layer_wise_merge(merging, streams, static_merge)
+    else:
+        merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
+    result = t5.load_state_dict(merged, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"Merged tensors the base does not have: {result.unexpected_keys}.")
+    return t5.eval()

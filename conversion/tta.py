@@ -125,7 +125,8 @@ class TextTaskStream(TaskStream):
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        start = model.config.text_config.decoder_start_token_id
+        # A WEMoE config keeps T5's fields in `text_config`; a plain T5's are its own.
+        start = (getattr(model.config, "text_config", None) or model.config).decoder_start_token_id
         decoder_input_ids = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
         logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits[:, 0]
         return logits if self.label_ids is None else logits[:, self.label_ids]
