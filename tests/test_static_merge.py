@@ -4,6 +4,7 @@ CLIPModel that `wemoe-eval` scores zero-shot."""
 import pytest
 import torch
 import yaml
+from test_tta import streams_entropy
 from transformers import AutoImageProcessor, CLIPModel
 
 from conversion import convert
@@ -94,15 +95,10 @@ def test_adamerging_recipe_lowers_entropy_and_saves_the_merge_of_its_coefficient
     image_processor = AutoImageProcessor.from_pretrained(adamerged)
     streams = task_streams(task_data, list(classnames), image_processor, 4)
 
-    @torch.no_grad()
     def mean_entropy(model_dir) -> float:
-        classifier = ZeroShotCLIP(CLIPModel.from_pretrained(model_dir).eval(), tokenizer, classnames)
-        losses = [
-            entropy_loss(stream.logits(classifier, stream.batch(0, i, step, 0, 1)))
-            for i, stream in enumerate(streams.values())
-            for step in range(5)
-        ]
-        return float(torch.stack(losses).mean())
+        return streams_entropy(
+            ZeroShotCLIP(CLIPModel.from_pretrained(model_dir).eval(), tokenizer, classnames), streams
+        )
 
     assert mean_entropy(adamerged) < mean_entropy(ta)
     assert vision_tensors(adamerged).keys() == vision_tensors(ta).keys()

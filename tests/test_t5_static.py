@@ -5,10 +5,11 @@ import yaml
 from test_t5 import PROMPTS
 from test_t5_convert import t5_checkpoints, t5_recipe  # noqa: F401 (a fixture and the recipe it fills)
 from test_t5_tta import text_data  # noqa: F401 (fixture)
+from test_tta import streams_entropy
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
 from conversion import convert
-from conversion.tta import entropy_loss, task_streams
+from conversion.tta import task_streams
 
 
 def static_t5_recipe(paths: dict, static_merge: dict) -> dict:
@@ -47,14 +48,7 @@ def test_adamerging_t5_lowers_the_first_token_entropy(t5_checkpoints, text_data,
     label_words = {"sst2": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"]}
     streams = task_streams(text_data, ["sst2", "topic", "nli"], tokenizer, 4, is_text=True, label_words=label_words)
 
-    @torch.no_grad()
     def mean_entropy(model_dir) -> float:
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-        losses = [
-            entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
-            for i, stream in enumerate(streams.values())
-            for step in range(3)
-        ]
-        return float(torch.stack(losses).mean())
+        return streams_entropy(AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval(), streams, steps=3)
 
     assert mean_entropy(adamerged) < mean_entropy(ta)

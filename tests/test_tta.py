@@ -22,16 +22,20 @@ def run_tta(artifact, data_yaml, output, *extra) -> None:
 
 
 @torch.no_grad()
-def mean_entropy(model_dir, task_data) -> float:
-    """Mean entropy over a few fixed batches of every task (images or prompts, as the artifact takes)."""
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    streams = load_task_streams(task_data, model, load_processor(model_dir, model), 4, 1)
+def streams_entropy(model, streams, steps: int = 5) -> float:
+    """Mean entropy of `model` over the first `steps` fixed batches of every task stream."""
     losses = [
         entropy_loss(stream.logits(model, stream.batch(0, i, step, 0, 1)))
         for i, stream in enumerate(streams.values())
-        for step in range(5)
+        for step in range(steps)
     ]
     return float(torch.stack(losses).mean())
+
+
+def mean_entropy(model_dir, task_data) -> float:
+    """Mean entropy over a few fixed batches of every task (images or prompts, as the artifact takes)."""
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    return streams_entropy(model, load_task_streams(task_data, model, load_processor(model_dir, model), 4, 1))
 
 
 def all_tensors(model_dir) -> dict[str, torch.Tensor]:
