@@ -75,10 +75,17 @@ def is_merge_coefficient(name: str) -> bool:
 
 
 def train_layer_wise_merge(
-    merging: LayerWiseAdaMerging, streams: Mapping[str, TaskStream], options: Mapping
+    classifier: nn.Module,
+    prefix: str,
+    base: TensorSource,
+    experts: Mapping[str, TensorSource],
+    streams: Mapping[str, TaskStream],
+    options: Mapping,
 ) -> dict[str, torch.Tensor]:
-    """Train the coefficients on the tasks' unlabeled streams (`options`: steps, lr, seed of an AdaMerging spec);
-    the merged tensors, keyed as in the base."""
+    """Layer-wise AdaMerging of the tensors under `prefix` in `classifier`, its coefficients trained on the tasks'
+    unlabeled streams (`options`: init_lambda, steps, lr, seed of an AdaMerging spec); the merged tensors, keyed as
+    in the base."""
+    merging = LayerWiseAdaMerging(classifier, prefix, base, experts, options.get("init_lambda", 0.3))
     merging = adapt(
         merging,
         streams,

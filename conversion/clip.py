@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 
-from .adamerging import LayerWiseAdaMerging, train_layer_wise_merge
+from .adamerging import train_layer_wise_merge
 from .build import (
     check_experts_given,
     check_variant,
@@ -190,10 +190,9 @@ def merge_static_clip(
             raise ValueError("static_merge adamerging needs `data` (unlabeled task images) and the `image_processor`.")
         classifier = ZeroShotCLIP(clip, resolve_tokenizer(base, tokenizer), classnames, templates)
         streams = task_streams(data, list(experts), image_processor, static_merge.get("batch_size", 16))
-        merging = LayerWiseAdaMerging(
-            classifier, "clip.vision_model.", base_tensors, expert_tensors, static_merge.get("init_lambda", 0.3)
+        merged = train_layer_wise_merge(
+            classifier, "clip.vision_model.", base_tensors, expert_tensors, streams, static_merge
         )
-        merged = train_layer_wise_merge(merging, streams, static_merge)
     else:
         merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
     clip.vision_model.load_state_dict(merged)

@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig, PreTrainedModel, T5Config, T5ForCondi
 
 from modeling_wemoe import WEMoEConfig, WEMoEForConditionalGeneration
 
-from .adamerging import LayerWiseAdaMerging, train_layer_wise_merge
+from .adamerging import train_layer_wise_merge
 from .build import (
     check_experts_given,
     check_variant,
@@ -206,8 +206,7 @@ def merge_static_t5(
             raise ValueError("static_merge adamerging needs `data` (unlabeled task prompts) and the `tokenizer`.")
         batch_size = static_merge.get("batch_size", 16)
         streams = task_streams(data, list(experts), tokenizer, batch_size, is_text=True, label_words=label_words)
-        merging = LayerWiseAdaMerging(t5, "", base_tensors, expert_tensors, static_merge.get("init_lambda", 0.3))
-        merged = train_layer_wise_merge(merging, streams, static_merge)
+        merged = train_layer_wise_merge(t5, "", base_tensors, expert_tensors, streams, static_merge)
     else:
         merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
     result = t5.load_state_dict(merged, strict=False)
