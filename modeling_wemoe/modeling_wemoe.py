@@ -213,8 +213,9 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
             packed = self.bitmask[:, start // 8 : math.ceil(stop / 8)]
             mask = unpack_bitmask(packed, packed.shape[1] * 8)[:, start % 8 : start % 8 + stop - start]
             counts = mask.sum(-1).tolist()
-            if sum(offsets) + sum(counts) > values.numel():
-                break  # more entries marked than stored: reported below
+            if any(offset + count > self.num_kept for offset, count in zip(offsets, counts, strict=True)):
+                offsets = [offset + count for offset, count in zip(offsets, counts, strict=True)]
+                continue  # more entries marked than stored: counted on, and reported below
             experts, columns = mask.nonzero(as_tuple=True)
             tile = slice(filled, filled + len(columns))
             all_positions[tile] = experts * slab_numel + columns

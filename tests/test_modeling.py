@@ -8,6 +8,7 @@ from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 from modeling_wemoe.modeling_wemoe import (
     WEMoELinear,
     WEMoERouter,
+    WEMoESparseTaskVectors,
     compute_routing_weights,
     num_kept_entries,
     pack_bitmask,
@@ -145,6 +146,22 @@ def test_sample_routing_averages_only_real_tokens():
     routing = compute_routing_weights(router, padded, "sample", token_mask=mask)
     torch.testing.assert_close(routing[0], router(hidden[0, :3]).mean(0))
     torch.testing.assert_close(routing[1], router(hidden[1]).mean(0))
+
+
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_a_bitmask_marking_an_extra_entry_after_all_stored_values_is_reported(granularity):
+    # The kept entries fill the first tile of rows; one more bit set in the last row is past every stored value.
+    store = WEMoESparseTaskVectors(NUM_EXPERTS, (OUT_FEATURES, IN_FEATURES), 0.3)
+    first_entries = torch.arange(store.numel) < store.num_kept
+    with torch.no_grad():
+        store.bitmask.copy_(pack_bitmask(first_entries).expand_as(store.bitmask))
+        store.bitmask[0, -1] |= 1 << ((store.numel - 1) % 8)
+    inputs = torch.randn(2, 3, IN_FEATURES)
+    with pytest.raises(ValueError, match="Corrupt sparse task vectors"):
+        if granularity == "sample":
+            store.merge_tile(torch.zeros(32, IN_FEATURES), torch.randn(2, NUM_EXPERTS), 0, 32)
+        else:
+            store.expert_outputs(inputs)
 
 
 @pytest.mark.parametrize("granularity", ["sample", "token"])
