@@ -5,7 +5,6 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
@@ -22,7 +21,7 @@ from .build import (
     wemoe_options,
 )
 from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
-from .heads import DEFAULT_TEMPLATES, ZeroShotCLIP, zero_shot_head
+from .heads import ZeroShotCLIP, zero_shot_heads
 from .tta import task_streams
 
 logger = logging.getLogger(__name__)
@@ -152,11 +151,8 @@ def merge_clip(
     with torch.no_grad():
         model.visual_projection.weight.copy_(clip.visual_projection.weight)
         model.logit_scale.copy_(clip.logit_scale)
-        heads = [
-            zero_shot_head(clip, tokenizer, classnames[task], templates.get(task, DEFAULT_TEMPLATES))
-            for task in tqdm(config.tasks, desc="Building zero-shot heads", unit="task")
-        ]
-        model.classifier.weight.copy_(torch.cat(heads))
+        heads = zero_shot_heads(clip, tokenizer, {task: classnames[task] for task in config.tasks}, templates)
+        model.classifier.weight.copy_(torch.cat(list(heads.values())))
     model.freeze_all_but_routers()
     return model.eval()
 

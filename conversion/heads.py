@@ -4,6 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import CLIPModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import ImageClassifierOutput
 
@@ -40,6 +41,20 @@ def zero_shot_head(
     return F.normalize(embeddings.mean(dim=1), dim=-1)
 
 
+def zero_shot_heads(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Mapping[str, Sequence[str]],
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each task's head, with the task's own templates where given and CLIP's photo prompts otherwise."""
+    templates = templates or {}
+    return {
+        task: zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
+        for task, names in tqdm(classnames.items(), desc="Building zero-shot heads", unit="task")
+    }
+
+
 class ZeroShotCLIP(torch.nn.Module):
     """A plain `CLIPModel` as a per-task classifier: heads from its own text tower and the tasks' class names."""
 
@@ -52,11 +67,7 @@ class ZeroShotCLIP(torch.nn.Module):
     ):
         super().__init__()
         self.clip = clip
-        templates = templates or {}
-        self.heads = {
-            task: zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
-            for task, names in classnames.items()
-        }
+        self.heads = zero_shot_heads(clip, tokenizer, classnames, templates)
 
     def forward(self, pixel_values: torch.Tensor, task: str) -> ImageClassifierOutput:
         image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
