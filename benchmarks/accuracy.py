@@ -27,12 +27,10 @@ Every stage is cached under --cache (delete a stage's directory, or pass --fresh
     python benchmarks/accuracy.py --tiny --cache /tmp/acc --results /tmp/acc/results   # CI-sized pipeline check
 """
 
-import argparse
 import importlib.resources
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +38,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
+from accuracy_common import (
+    Adaptation,
+    convert_and_adapt,
+    evaluate_dir,
+    method_slug,
+    parse_benchmark_args,
+    results_table,
+    save_atomically,
+    train,
+    write_yaml,
+)
 from PIL import Image, ImageDraw
-from transformers import CLIPConfig, CLIPModel, Trainer, TrainingArguments
+from transformers import CLIPConfig, CLIPModel
 
 from conversion import default_image_processor
-from conversion.convert import main as wemoe_convert
-from conversion.evaluate import main as wemoe_eval
 from conversion.heads import DEFAULT_TEMPLATES, zero_shot_head
 from conversion.toy import toy_tokenizer
-from conversion.tta import main as wemoe_tta
 
 logger = logging.getLogger("accuracy")
 IMAGE_SIZE = 32
@@ -274,28 +279,6 @@ class ZeroShotFineTuning(torch.nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
-def train(model: torch.nn.Module, dataset, steps: int, lr: float, batch_size: int, output: Path, seed: int) -> None:
-    """transformers' Trainer for a fixed number of steps, constant learning rate after a short warm-up."""
-    arguments = TrainingArguments(
-        output_dir=str(output),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        warmup_steps=min(100, steps // 10),
-        lr_scheduler_type="constant_with_warmup",
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
-    Trainer(model=model, args=arguments, train_dataset=dataset).train()
-
-
 def small_clip_config(vocab_size: int) -> CLIPConfig:
     shared = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}
     return CLIPConfig(
@@ -310,15 +293,6 @@ def small_clip_config(vocab_size: int) -> CLIPConfig:
         },  # fmt: skip
         projection_dim=128,
     )
-
-
-def save_clip(clip: CLIPModel, tokenizer, image_processor, directory: Path) -> None:
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    clip.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    image_processor.save_pretrained(staging)
-    staging.rename(directory)
 
 
 def pixel_values_of(images: list[Image.Image], image_processor) -> torch.Tensor:
@@ -347,7 +321,7 @@ def pretrain(splits: dict[str, TaskSplits], scale: Scale, directory: Path, seed:
         directory.with_name("trainer"),
         seed,
     )
-    save_clip(clip.eval(), tokenizer, image_processor, directory)
+    save_atomically(directory, clip.eval(), tokenizer, image_processor)
 
 
 def finetune(base_dir: Path, task: TaskSplits, scale: Scale, directory: Path, seed: int) -> None:
@@ -359,7 +333,7 @@ def finetune(base_dir: Path, task: TaskSplits, scale: Scale, directory: Path, se
     model = ZeroShotFineTuning(clip, head)
     data = LabeledImages(pixel_values_of(task.train[0], image_processor), task.train[1])
     train(model, data, scale.finetune_steps, 1e-4, scale.batch_size, directory.with_name("trainer"), seed)
-    save_clip(clip.eval(), tokenizer, image_processor, directory)
+    save_atomically(directory, clip.eval(), tokenizer, image_processor)
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
@@ -374,18 +348,6 @@ METHODS = {  # row -> the recipe fields it changes (None: scored without convers
     "E-WEMoE keep=0.01": {"variant": "e-wemoe", "keep": 0.01},
     "WEMoE low-rank r=16": {"variant": "wemoe", "expert_format": "lowrank", "rank": 16},
 }
-
-
-def write_yaml(content: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(content, sort_keys=False))
-    return path
-
-
-def evaluate_dir(model_dir: Path, data_yaml: Path, output: Path) -> dict[str, float]:
-    if not output.is_file():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        wemoe_eval([str(model_dir), str(data_yaml), "--output", str(output)])
-    return json.loads(output.read_text())
 
 
 def count_parameters(model_dir: Path, method: str) -> tuple[int, int]:
@@ -413,10 +375,10 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], data: dict, scale: Sc
     individual["average"] = sum(individual.values()) / len(TASKS)
     results["individual fine-tunes"] = {"scores": individual, "parameters": (0, None)}
 
+    adaptation = Adaptation(scale.tta_steps, 16 if scale is FULL else 4, seed=seed)
     for method, fields in METHODS.items():
         if fields is None:
             continue
-        slug = "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
         recipe = {
             "base_model": str(checkpoints["base"]),
             "router": {"hidden_layers": 2, "init_lambda": 0.3},
@@ -425,41 +387,13 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], data: dict, scale: Sc
             ],  # fmt: skip
             **fields,
         }
-        if fields.get("static_merge", {}).get("method") == "adamerging":
-            recipe["static_merge"] = {"method": "adamerging", "data": str(data_yaml), "steps": scale.tta_steps,
-                                      "lr": 1e-3, "batch_size": 16 if scale is FULL else 4, "seed": seed}  # fmt: skip
-        converted = cache / "models" / slug
-        if not converted.is_dir():
-            wemoe_convert([str(write_yaml(recipe, cache / f"recipe_{slug}.yaml")), str(converted)])
-        scored = converted
-        if fields["variant"] != "static":
-            scored = cache / "models" / f"{slug}_tta"
-            if not scored.is_dir():
-                batch = "16" if scale is FULL else "4"
-                wemoe_tta([str(converted), str(data_yaml), "--output", str(scored), "--steps", str(scale.tta_steps),
-                           "--lr", "1e-3", "--batch-size", batch, "--seed", str(seed),
-                           "--checkpointing-steps", str(max(1, scale.tta_steps // 3))])  # fmt: skip
-        scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{slug}.json")
+        scored = convert_and_adapt(cache, method, recipe, data_yaml, adaptation)
+        scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method), "model": str(scored)}
     return results
 
 
 # -------------------------------------------------------------------------------------------- table and plots
-def results_table(results: dict) -> str:
-    tasks = list(TASKS)
-    lines = [
-        "| method | " + " | ".join(tasks) + " | average | trainable / total params |",
-        "|---|" + "---|" * (len(tasks) + 2),
-    ]
-    for method, result in results.items():
-        scores = result["scores"]
-        trainable, total = result["parameters"]
-        params = "-" if total is None else f"{trainable:,} / {total:,}"
-        cells = " | ".join(f"{100 * scores[task]:.1f}" for task in tasks)
-        lines.append(f"| {method} | {cells} | **{100 * scores['average']:.1f}** | {params} |")
-    return "\n".join(lines)
-
-
 def plot_routing_weights(model_dir: Path, data: dict, path: Path, samples: int = 32) -> None:
     """Mean routing weight of each expert, per layer, over each task's test images (the paper's analysis)."""
     import matplotlib
@@ -542,30 +476,13 @@ def build_checkpoints(cache: Path, scale: Scale, seed: int) -> tuple[dict[str, P
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/accuracy"), help="Stage cache.")
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="Table and plots.")
-    parser.add_argument("--tiny", action="store_true", help="CI-sized: checks the pipeline, not the accuracy.")
-    parser.add_argument("--fresh", action="store_true", help="Delete the cache first.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(__doc__, Path("benchmarks/.cache/accuracy"), argv)
     scale = TINY if args.tiny else FULL
-    if args.fresh:
-        shutil.rmtree(args.cache, ignore_errors=True)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     checkpoints, data = build_checkpoints(args.cache, scale, args.seed)
     results = run_methods(args.cache, checkpoints, data, scale, args.seed)
-    table = results_table(results)
+    table = results_table(results, list(TASKS))
     (args.results / "accuracy.md").write_text(table + "\n")
     (args.results / "accuracy.json").write_text(json.dumps(results, indent=2))
     plot_routing_weights(Path(results["WEMoE"]["model"]), data, args.results / "routing_weights.png")

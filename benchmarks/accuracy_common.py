@@ -1,0 +1,148 @@
+"""What the two accuracy benchmarks (CLIP on images, T5 on text) share: fixed-step training with transformers'
+Trainer, checkpoints saved whole or not at all, and scoring one method through `wemoe-convert`, `wemoe-tta` and
+`wemoe-eval` (their `main(argv)`, exactly as a user runs them), each stage cached on disk."""
+
+import argparse
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import Trainer, TrainingArguments
+
+from conversion.convert import main as wemoe_convert
+from conversion.evaluate import main as wemoe_eval
+from conversion.tta import main as wemoe_tta
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Test-time adaptation (and AdaMerging) settings: entropy minimisation on each task's unlabeled test inputs."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def train(
+    model: torch.nn.Module,
+    dataset,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    output: Path,
+    seed: int,
+    data_collator=None,
+) -> None:
+    """transformers' Trainer for a fixed number of steps, constant learning rate after a short warm-up."""
+    arguments = TrainingArguments(
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        warmup_steps=min(100, steps // 10),
+        lr_scheduler_type="constant_with_warmup",
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=data_collator).train()
+
+
+def save_atomically(directory: Path, *parts) -> None:
+    """`save_pretrained` of every part (model, tokenizer, processor) into a staging directory renamed into place, so
+    an interrupted run never leaves a half-written checkpoint that the cache would take as done."""
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(staging)
+    staging.rename(directory)
+
+
+def write_yaml(content: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def evaluate_dir(model_dir: Path, data_yaml: Path, output: Path, extra_args: tuple[str, ...] = ()) -> dict[str, float]:
+    """`wemoe-eval` scores of a model directory, cached as JSON."""
+    if not output.is_file():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        wemoe_eval([str(model_dir), str(data_yaml), "--output", str(output), *extra_args])
+    return json.loads(output.read_text())
+
+
+def method_slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
+
+
+def convert_and_adapt(cache: Path, method: str, recipe: dict, data_yaml: Path, adaptation: Adaptation) -> Path:
+    """The model a method is scored with: `wemoe-convert` of its recipe, then `wemoe-tta` for a WEMoE variant (static
+    merges are scored as converted; AdaMerging trains with the adaptation's settings). Both outputs are cached under
+    `cache/models`."""
+    slug = method_slug(method)
+    if recipe.get("static_merge", {}).get("method") == "adamerging":  # trained on the same data as wemoe-tta
+        recipe = {**recipe, "static_merge": {"method": "adamerging", "data": str(data_yaml), "steps": adaptation.steps,
+                                             "lr": adaptation.lr, "batch_size": adaptation.batch_size,
+                                             "seed": adaptation.seed}}  # fmt: skip
+    converted = cache / "models" / slug
+    if not converted.is_dir():
+        wemoe_convert([str(write_yaml(recipe, cache / f"recipe_{slug}.yaml")), str(converted)])
+    if recipe.get("variant") == "static":
+        return converted
+    adapted = cache / "models" / f"{slug}_tta"
+    if not adapted.is_dir():
+        wemoe_tta([str(converted), str(data_yaml), "--output", str(adapted), "--steps", str(adaptation.steps),
+                   "--lr", str(adaptation.lr), "--batch-size", str(adaptation.batch_size), "--seed",
+                   str(adaptation.seed), "--checkpointing-steps", str(max(1, adaptation.steps // 3))])  # fmt: skip
+    return adapted
+
+
+def results_table(results: dict, tasks: list[str]) -> str:
+    """Markdown: one row per method, a column per task, the average, and trainable / total parameters."""
+    lines = [
+        "| method | " + " | ".join(tasks) + " | average | trainable / total params |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for method, result in results.items():
+        scores = result["scores"]
+        trainable, total = result["parameters"]
+        params = "-" if total is None else f"{trainable:,} / {total:,}"
+        cells = " | ".join(f"{100 * scores[task]:.1f}" for task in tasks)
+        lines.append(f"| {method} | {cells} | **{100 * scores['average']:.1f}** | {params} |")
+    return "\n".join(lines)
+
+
+def parse_benchmark_args(doc: str, default_cache: Path, argv: list[str] | None) -> argparse.Namespace:
+    """The benchmarks' shared command line (help text from the script's docstring), with logging, threads and the
+    cache set up: `--fresh` deletes the cache first."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cache", type=Path, default=default_cache, help="Stage cache (default: %(default)s).")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="Tables and plots.")
+    parser.add_argument("--tiny", action="store_true", help="CI-sized: checks the pipeline, not the accuracy.")
+    parser.add_argument("--fresh", action="store_true", help="Delete the cache first.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2).")
+    args = parser.parse_args(argv)
+    args.cache = args.cache.resolve()  # recipes and LoRA adapters record absolute paths to what they build on
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.fresh:
+        shutil.rmtree(args.cache, ignore_errors=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    return args
