@@ -2,9 +2,10 @@
 
 Image classifiers: accuracy of a WEMoE CLIP artifact (adapted or not: a fresh conversion is task arithmetic), or of a
 plain `CLIPModel` directory evaluated zero-shot with class names from each dataset's ClassLabel.
-Text-to-text: a WEMoE T5 artifact or a plain T5 directory generates an answer per prompt (`prefix + text`), scored by
-exact match against the label (a ClassLabel's name, or the label's text), or by Spearman correlation when the label
-column holds floats (regression tasks such as STS-B; an answer that is not a number counts as 0).
+Text-to-text: a WEMoE T5 artifact, a plain T5 directory or a PEFT adapter over a T5 (its tokenizer saved beside it)
+generates an answer per prompt (`prefix + text`), scored by exact match against the label (a ClassLabel's name, or
+the label's text), or by Spearman correlation when the label column holds floats (regression tasks such as STS-B; an
+answer that is not a number counts as 0).
 """
 
 import argparse
@@ -50,6 +51,7 @@ examples:
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
   wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
   wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
+  wemoe-eval ./flan-t5-base-sst2-lora glue.yaml          # one LoRA fine-tune, loaded over its base
 """
 
 
@@ -108,6 +110,22 @@ def load_model_for_eval(model_dir: str, datasets: Mapping[str, object], data_con
     return model, image_processor, model.config.task_labels
 
 
+def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
+    """The model's config; for a PEFT adapter, which has none of its own, its base model's."""
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        from peft import PeftConfig
+
+        try:
+            base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
+        except (OSError, ValueError):
+            raise error from None
+        if not base:
+            raise ValueError(f"{str(model_dir)!r} is a PEFT adapter that does not say its base model.") from None
+        return AutoConfig.from_pretrained(base, trust_remote_code=True)
+
+
 def is_text_model(config: PreTrainedConfig) -> bool:
     return config.model_type == "t5" or (config.model_type == "wemoe" and config.text_config is not None)
 
@@ -124,7 +142,7 @@ def evaluate(
     accuracy for image classifiers; exact match (or Spearman for float labels) for text-to-text models, which
     generate up to `max_new_tokens` tokens per answer."""
     data_config = load_data_config(data)
-    text = is_text_model(AutoConfig.from_pretrained(model_dir, trust_remote_code=True))
+    text = is_text_model(model_config(model_dir))
     datasets = {
         task: load_task_dataset(task, spec, split=split, need_labels=True, text=text)
         for task, spec in data_config.tasks.items()
@@ -196,7 +214,7 @@ def text_targets(dataset, spec: TaskData) -> list[str]:
 
 def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int):
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
     model_tasks = getattr(model.config, "tasks", None)
     if model_tasks is not None:
         check_tasks_known(list(datasets), list(model_tasks))
@@ -246,7 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model_dir", help="A WEMoE artifact, or a plain CLIPModel directory (zero-shot).")
+    parser.add_argument(
+        "model_dir", help="A WEMoE artifact, a plain CLIPModel (zero-shot) or T5 directory, or a T5's PEFT adapter."
+    )
     parser.add_argument("data", type=Path, help="DATA.yaml with a label column per task.")
     parser.add_argument("--split", default=None, help="Override every task's split (e.g. test).")
     parser.add_argument("--batch-size", type=int, default=64, help="Evaluation batch size (default: 64).")

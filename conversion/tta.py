@@ -266,7 +266,7 @@ def task_streams(
 def load_processor(model_dir: str | os.PathLike, model):
     """The artifact's tokenizer (T5) or image processor (CLIP)."""
     if model.config.text_config is not None:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
     return AutoImageProcessor.from_pretrained(model_dir)
 
 

@@ -8,13 +8,13 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_t5 import build_family
 from test_tta import mean_entropy
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
 from conversion import save_artifact
 from conversion.data import load_data_config
 from conversion.evaluate import evaluate, spearman, update_model_card
 from conversion.t5 import merge_t5
-from conversion.toy_t5 import toy_t5_tokenizer
+from conversion.toy_t5 import build_toy_t5_base, toy_t5_tokenizer
 from conversion.tta import TextTaskStream, load_task_streams, main
 
 SENTENCES = [
@@ -132,3 +132,29 @@ def test_spearman_reads_answers_as_numbers():
     # Ties share their mean rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3) correlate at 0.9487 (scipy's value).
     assert spearman(["1", "1", "2", "5"], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.948683, abs=1e-6)
     assert spearman(["4", "3", "2", "1"], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(-1.0)
+
+
+def test_a_lora_adapter_is_evaluated_over_its_base(text_data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    # Equal depths: plain transformers T5 cannot generate with a decoder deeper than its encoder (see test_t5.py).
+    base = build_toy_t5_base(gated=True, tied=False, num_decoder_layers=2)
+    base.save_pretrained(tmp_path / "base")
+    base = T5ForConditionalGeneration.from_pretrained(tmp_path / "base")  # the adapter records where its base is
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q", "wi_0", "wo"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    toy_t5_tokenizer().save_pretrained(tmp_path / "adapter")
+    merged = adapter.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    toy_t5_tokenizer().save_pretrained(tmp_path / "merged")
+    data = {"tasks": {"topic": text_data["tasks"]["topic"]}}
+    tokenizer = toy_t5_tokenizer()
+    answers = tokenizer.batch_decode(
+        merged.generate(**tokenizer(TOPICS, return_tensors="pt", padding=True), max_new_tokens=4),
+        skip_special_tokens=True,
+    )
+    labels = [answer.strip() for answer in answers[:5]] + ["never said"] * 3
+    Dataset.from_dict({"text": TOPICS, "label": labels}).to_parquet(tmp_path / "topic.parquet")
+    data["tasks"]["topic"] = {**data["tasks"]["topic"], "data_files": str(tmp_path / "topic.parquet")}
+
+    assert evaluate(tmp_path / "adapter", data, max_new_tokens=4)["topic"] == pytest.approx(5 / 8)
