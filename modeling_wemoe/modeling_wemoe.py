@@ -601,6 +601,13 @@ class WEMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        # transformers' AutoModel maps one config class to one model class per process, so once a CLIP artifact is
+        # loaded, AutoModel would build a T5 artifact as an image classifier (and the reverse). The config it hands
+        # over says which model the artifact is. (Artifacts in directories of the same name share one dynamic module
+        # name, so the config's class may be another copy of WEMoEConfig: compare the model type, not the class.)
+        config = kwargs.get("config")
+        if getattr(config, "model_type", None) == WEMoEConfig.model_type and cls is not model_class_for(config):
+            return model_class_for(config).from_pretrained(*args, **kwargs)
         # Loading materialises fresh parameters (all trainable); restore "only routers train".
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -613,6 +620,20 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         auto_map["AutoModel"] = f"modeling_wemoe.{type(self).__name__}"
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def model_class_for(config: WEMoEConfig) -> type[WEMoEPreTrainedModel]:
+    return WEMoEForConditionalGeneration if config.text_config is not None else WEMoEForImageClassification
+
+
+def check_config_fits(model_class: type, config: WEMoEConfig) -> None:
+    expected = model_class_for(config)
+    if model_class is not expected:
+        which = "text_config" if config.text_config is not None else "vision_config"
+        raise ValueError(
+            f"This WEMoE config ({which} set) is for {expected.__name__}, not {model_class.__name__}; load it with "
+            "AutoModel or that class."
+        )
 
 
 def is_router_parameter(name: str) -> bool:
@@ -631,6 +652,7 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
     def __init__(self, config: WEMoEConfig):
         super().__init__(config)
         # The setter hands the attention implementation down to `vision_config`, which CLIPAttention reads.
+        check_config_fits(WEMoEForImageClassification, config)
         config._attn_implementation = config._attn_implementation
         if config.task_labels is None:
             raise ValueError("WEMoEForImageClassification needs `config.task_labels` (each task's class names).")
@@ -933,6 +955,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: WEMoEConfig):
         super().__init__(config)
+        check_config_fits(WEMoEForConditionalGeneration, config)
         # The setter hands the attention implementation down to `text_config`, which T5Attention reads.
         config._attn_implementation = config._attn_implementation
         text_config = config.text_config

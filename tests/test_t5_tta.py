@@ -1,6 +1,8 @@
 """`wemoe-tta` and `wemoe-eval` on a T5 artifact: entropy of the first decoded token (over label words when the model
 has them), exact match and Spearman scores."""
 
+import shutil
+
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
@@ -16,6 +18,7 @@ from conversion.evaluate import evaluate, spearman, update_model_card
 from conversion.t5 import merge_t5
 from conversion.toy_t5 import build_toy_t5_base, toy_t5_tokenizer
 from conversion.tta import TextTaskStream, load_task_streams, main
+from modeling_wemoe import WEMoEForImageClassification
 
 SENTENCES = [
     "a good movie", "a bad film", "i loved it", "boring and dull", "really fun", "awful song",
@@ -158,3 +161,18 @@ def test_a_lora_adapter_is_evaluated_over_its_base(text_data, tmp_path):
     data["tasks"]["topic"] = {**data["tasks"]["topic"], "data_files": str(tmp_path / "topic.parquet")}
 
     assert evaluate(tmp_path / "adapter", data, max_new_tokens=4)["topic"] == pytest.approx(5 / 8)
+
+
+def test_auto_model_builds_each_artifact_as_its_own_model_in_one_process(artifact, t5_artifact, tmp_path):
+    # transformers maps one config class to one model class per process; a CLIP load must not decide a T5 load,
+    # even from directories of the same name (which share a dynamic module name).
+    same_name = [
+        shutil.copytree(source, tmp_path / str(kind) / "wemoe") for kind, source in enumerate((artifact, t5_artifact))
+    ]
+    clip, t5 = "WEMoEForImageClassification", "WEMoEForConditionalGeneration"
+    loads = ((artifact, clip), (t5_artifact, t5), (artifact, clip), (same_name[0], clip), (same_name[1], t5))
+    for directory, expected in loads:
+        assert type(AutoModel.from_pretrained(directory, trust_remote_code=True)).__name__ == expected
+    t5_config = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True).config
+    with pytest.raises(ValueError, match="text_config set.*is for WEMoEForConditionalGeneration"):
+        WEMoEForImageClassification(t5_config)
