@@ -13,18 +13,19 @@ pytest.importorskip("sklearn")
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+def load_script(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
-    benchmark = load_benchmark()
+    benchmark = load_script("accuracy")
     cache, results_dir = tmp_path / "cache", tmp_path / "results"
     results = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir)])
 
