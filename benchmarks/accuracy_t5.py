@@ -257,13 +257,13 @@ def split_tasks(tasks: dict[str, TextTask], scale: Scale, seed: int) -> dict[str
             for index, name in enumerate(TASKS)}  # fmt: skip
 
 
-def test_texts(tasks: dict[str, TextTask], splits: dict[str, TaskSplits]) -> set[str]:
+def texts_in_test_splits(tasks: dict[str, TextTask], splits: dict[str, TaskSplits]) -> set[str]:
     return {tasks[name].texts[i] for name, split in splits.items() for i in split.test}
 
 
 def pretraining_texts(tasks: dict[str, TextTask], splits: dict[str, TaskSplits], cap: int, seed: int) -> list[str]:
     """The corpora's text (labels never used) without any text that is in a test split, shuffled, at most `cap`."""
-    held_out = test_texts(tasks, splits)
+    held_out = texts_in_test_splits(tasks, splits)
     texts = [text for task in tasks.values() for text in task.texts + task.unlabeled if text not in held_out]
     order = np.random.default_rng(seed).permutation(len(texts))[:cap]
     return [texts[i] for i in order]
@@ -522,7 +522,7 @@ def build_checkpoints(cache: Path, scale: Scale, seed: int) -> tuple[dict[str, P
         texts = pretraining_texts({**tasks, **instruction}, splits, scale.pretrain_texts, seed)
         label_words = sorted({word for task in [*tasks.values(), *instruction.values()] for word in task.label_words})
         model, tokenizer = pretrain(texts, label_words, scale, seed)
-        instruction_tune(model, tokenizer, instruction, test_texts(tasks, splits), scale, seed)
+        instruction_tune(model, tokenizer, instruction, texts_in_test_splits(tasks, splits), scale, seed)
         model.generation_config.decoder_start_token_id = model.config.decoder_start_token_id
         save_atomically(checkpoints["base"], model.eval(), tokenizer)
     for kind in ("full", "lora"):

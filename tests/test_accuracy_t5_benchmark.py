@@ -78,7 +78,7 @@ def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
     # Neither pre-training nor instruction tuning sees a test text, whichever task's corpus it comes from.
     tasks, instruction = benchmark.load_tasks(cache / "downloads")
     splits = benchmark.split_tasks(tasks, benchmark.TINY, seed=0)
-    held_out = benchmark.test_texts(tasks, splits)
+    held_out = benchmark.texts_in_test_splits(tasks, splits)
     assert set(dataset["text"]) <= held_out
     assert held_out.isdisjoint(benchmark.pretraining_texts({**tasks, **instruction}, splits, 10**9, seed=0))
     examples = benchmark.instruction_examples(instruction, held_out, 10**6, seed=0)
