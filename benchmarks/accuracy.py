@@ -28,7 +28,6 @@ Every stage is cached under --cache (delete a stage's directory, or pass --fresh
 """
 
 import importlib.resources
-import json
 import logging
 import math
 import time
@@ -44,9 +43,9 @@ from accuracy_common import (
     evaluate_dir,
     method_slug,
     parse_benchmark_args,
-    results_table,
     save_atomically,
     train,
+    write_results,
     write_yaml,
 )
 from PIL import Image, ImageDraw
@@ -482,9 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoints, data = build_checkpoints(args.cache, scale, args.seed)
     results = run_methods(args.cache, checkpoints, data, scale, args.seed)
-    table = results_table(results, list(TASKS))
-    (args.results / "accuracy.md").write_text(table + "\n")
-    (args.results / "accuracy.json").write_text(json.dumps(results, indent=2))
+    table = write_results(results, list(TASKS), args.results, "accuracy")
     plot_routing_weights(Path(results["WEMoE"]["model"]), data, args.results / "routing_weights.png")
     plot_task_vector_norms(checkpoints, args.results / "task_vector_norms.png")
     print(table)

@@ -123,6 +123,14 @@ def results_table(results: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: dict, tasks: list[str], directory: Path, stem: str) -> str:
+    """`stem.md` (the table, returned) and `stem.json` (every score, parameter count and model path) in `directory`."""
+    table = results_table(results, tasks)
+    (directory / f"{stem}.md").write_text(table + "\n")
+    (directory / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    return table
+
+
 def parse_benchmark_args(doc: str, default_cache: Path, argv: list[str] | None) -> argparse.Namespace:
     """The benchmarks' shared command line (help text from the script's docstring), with logging, threads and the
     cache set up: `--fresh` deletes the cache first."""

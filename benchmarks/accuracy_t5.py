@@ -35,7 +35,6 @@ Every stage is cached under --cache (delete a stage's directory, or pass --fresh
 """
 
 import io
-import json
 import logging
 import subprocess
 import sys
@@ -53,9 +52,9 @@ from accuracy_common import (
     evaluate_dir,
     method_slug,
     parse_benchmark_args,
-    results_table,
     save_atomically,
     train,
+    write_results,
     write_yaml,
 )
 from transformers import (
@@ -386,6 +385,12 @@ class PromptAnswers(torch.utils.data.Dataset):
         return {"input_ids": self.inputs[index], "labels": self.targets[index]}
 
 
+def train_text_to_text(model, tokenizer, data, steps: int, lr: float, scale: Scale, seed: int) -> None:
+    """Every training stage: (input ids, target ids) pairs padded per batch, padded targets left out of the loss."""
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    train(model, data, steps, lr, scale.batch_size, TRAINER_DIR, seed, collator)
+
+
 def pretrain(texts: list[str], label_words: list[str], scale: Scale, seed: int):
     """A tokenizer trained on `texts` and a T5 pre-trained on them with span corruption."""
     tokenizer = train_tokenizer(texts, label_words, scale)
@@ -395,8 +400,7 @@ def pretrain(texts: list[str], label_words: list[str], scale: Scale, seed: int):
     logger.info("Pre-training T5 (%s parameters) with span corruption on %d chunks of %d tokens from %d texts",
                 f"{model.num_parameters():,}", len(chunks), scale.max_input_tokens, len(texts))  # fmt: skip
     data = SpanCorruptionData(chunks, tokenizer.convert_tokens_to_ids(SENTINELS), seed)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    train(model, data, scale.pretrain_steps, 5e-4, scale.batch_size, TRAINER_DIR, seed, collator)
+    train_text_to_text(model, tokenizer, data, scale.pretrain_steps, 5e-4, scale, seed)
     return model, tokenizer
 
 
@@ -418,9 +422,8 @@ def instruction_tune(model, tokenizer, instruction: dict[str, TextTask], held_ou
         logger.info("Instruction tuning on %s: %d prompts, label words %s", name, len(indices),
                     instruction[name].label_words)  # fmt: skip
         parts.append(PromptAnswers(instruction[name], indices, tokenizer))
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     data = torch.utils.data.ConcatDataset(parts)
-    train(model, data, scale.instruction_steps, 1e-3, scale.batch_size, TRAINER_DIR, seed, collator)
+    train_text_to_text(model, tokenizer, data, scale.instruction_steps, 1e-3, scale, seed)
 
 
 def finetune(base_dir: Path, task: TextTask, split: TaskSplits, scale: Scale, directory: Path, lora: bool, seed: int):
@@ -432,10 +435,8 @@ def finetune(base_dir: Path, task: TextTask, split: TaskSplits, scale: Scale, di
     if lora:
         targets = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="SEQ_2_SEQ_LM"))
-    data = PromptAnswers(task, split.train, tokenizer)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     steps, lr = (scale.lora_steps, 2e-3) if lora else (scale.finetune_steps, 1e-3)
-    train(model, data, steps, lr, scale.batch_size, TRAINER_DIR, seed, collator)
+    train_text_to_text(model, tokenizer, PromptAnswers(task, split.train, tokenizer), steps, lr, scale, seed)
     save_atomically(directory, model.eval(), tokenizer)
 
 
@@ -543,9 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoints, data, labels = build_checkpoints(args.cache, scale, args.seed)
     results = run_methods(args.cache, checkpoints, data, labels, scale, args.seed)
-    table = results_table(results, TASKS)
-    (args.results / "accuracy_t5.md").write_text(table + "\n")
-    (args.results / "accuracy_t5.json").write_text(json.dumps(results, indent=2))
+    table = write_results(results, TASKS, args.results, "accuracy_t5")
     print(table)
     print(f"\n{'tiny' if args.tiny else 'full'} run: {time.perf_counter() - start:.0f} s; results in {args.results}")
     return results
