@@ -201,6 +201,11 @@ class WEMoEConfig(PreTrainedConfig):
         return text_config
 
     @property
+    def backbone(self) -> str:
+        """Which model family the experts are: `"clip"` (with `vision_config`) or `"t5"` (with `text_config`)."""
+        return "clip" if self.vision_config is not None else "t5"
+
+    @property
     def task_label_offsets(self) -> dict[str, tuple[int, int]]:
         """`(start, end)` of each task's classes in the concatenated label space."""
         offsets, start = {}, 0

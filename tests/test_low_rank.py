@@ -26,7 +26,7 @@ def test_full_rank_equals_dense_wemoe(base, experts, classnames, tokenizer, pixe
 
 
 def test_truncated_factors_are_the_best_rank_r_approximation(base, experts, classnames, tokenizer, caplog):
-    with caplog.at_level("INFO", logger="conversion.clip"):
+    with caplog.at_level("INFO", logger="conversion"):
         model = merge_clip(
             base, experts, classnames, tokenizer=tokenizer, variant="e-wemoe", expert_format="lowrank", rank=4
         )

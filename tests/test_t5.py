@@ -139,6 +139,16 @@ def test_beam_search_runs_and_agrees_with_and_without_the_cache(family, tokenize
     assert torch.equal(with_cache, model.generate(**inputs, use_cache=False, **options))
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+def test_generation_warns_of_nothing_deprecated(family, tokenizer):
+    """The shipped code must not lean on anything transformers has deprecated: it would break on removal."""
+    base, experts = family
+    model = merge_t5(base, experts, variant="e-wemoe")
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
+
+
 def test_labels_give_a_loss_and_gradients_reach_only_the_routers(family, batch):
     base, experts = family
     input_ids, attention_mask, decoder_input_ids = batch
