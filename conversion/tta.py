@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
@@ -206,8 +206,9 @@ def adapt(
         unit="step",
         disable=not accelerator.is_local_main_process,
     )
+    step_entropy = float("nan")
     for step in progress:
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         for task_index, stream in enumerate(tasks.values()):
             inputs = stream.batch(seed, task_index, step, accelerator.process_index, accelerator.num_processes)
             last_task = task_index == len(tasks) - 1
@@ -217,18 +218,27 @@ def adapt(
                     logits = stream.logits(model, {key: value.to(accelerator.device) for key, value in inputs.items()})
                     loss = entropy_loss(logits) / len(tasks)
                 accelerator.backward(loss)
-            step_loss += loss.item()
+            step_loss += loss.detach()
         optimizer.step()
         optimizer.zero_grad()
-        progress.set_postfix(entropy=f"{step_loss:.4f}")
+        # Each process saw its share of every batch: the mean over processes is the whole batch's entropy.
+        step_entropy = accelerator.reduce(step_loss, reduction="mean").item()
+        progress.set_postfix(entropy=f"{step_entropy:.4f}")
         if report_to:
-            accelerator.log({"entropy": step_loss}, step=step + 1)
+            accelerator.log({"entropy": step_entropy}, step=step + 1)
         if checkpoint_dir is not None and (
             step + 1 == steps or (checkpointing_steps and (step + 1) % checkpointing_steps == 0)
         ):
             save_checkpoint(step + 1)
     if report_to:
         accelerator.end_training()
+    if accelerator.is_main_process:
+        logger.info(
+            "Adapted for %d steps on %d process(es); mean entropy at the last step %.6f",
+            steps,
+            accelerator.num_processes,
+            step_entropy,
+        )
     return accelerator.unwrap_model(model)
 
 
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileExistsError) as error:  # ValueError includes RecipeError
         print(f"wemoe-tta: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"Wrote {output}")
+    if PartialState().is_main_process:
+        print(f"Wrote {output}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Test-time adaptation: entropy goes down, only routers change, resume is exact, bad data is named."""
 
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +122,7 @@ def test_bad_data_is_reported_by_name(artifact, task_data, tmp_path, capsys, cha
     with pytest.raises(SystemExit) as exit_info:
         run_tta(artifact, write_yaml(data, tmp_path / "data.yaml"), tmp_path / "out", "--steps", "1")
     assert exit_info.value.code == 1
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
@@ -129,31 +134,44 @@ def empty_dataset(tmp_path) -> str:
     return str(tmp_path / "empty.parquet")
 
 
-def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifact, task_data, tmp_path):
-    import os
-    import subprocess
-    import sys
+def final_entropy(log: str) -> tuple[int, float]:
+    """The process count and last-step entropy that a `wemoe-tta` run logs when it ends."""
+    found = re.findall(r"on (\d+) process\(es\); mean entropy at the last step ([-0-9.e]+)", log)
+    assert len(found) == 1, log[-3000:]
+    return int(found[0][0]), float(found[0][1])
 
+
+def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifact, task_data, tmp_path, caplog):
+    """Two real processes (torchrun, gloo on CPU) each take half of every global batch; their averaged gradients
+    and entropies must equal one process's on the whole batch. `accelerate launch --cpu --num_processes 2` would
+    start a single process on CPU, so the run itself asserts its world size (tests/tta_in_process_group.py)."""
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
     arguments = [str(artifact), data_yaml, "--steps", "6", "--batch-size", "4", "--lr", "1e-3"]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conversion.tta"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    script = Path(__file__).with_name("tta_in_process_group.py")
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "EXPECTED_WORLD_SIZE": "2",
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
     completed = subprocess.run(
-        [*launch, *arguments, "--output", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300
+        [*launch, str(script), *arguments, "--output", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    main([*arguments, "--output", str(tmp_path / "single")])
+    assert sorted(re.findall(r"process (\d) of 2 done", completed.stdout)) == ["0", "1"], completed.stdout
+    assert completed.stdout.count("Wrote ") == 1, completed.stdout  # by the main process only
+    with caplog.at_level("INFO", logger="conversion.tta"):
+        main([*arguments, "--output", str(tmp_path / "single")])
 
+    assert final_entropy(completed.stderr)[0] == 2 and final_entropy(caplog.text)[0] == 1
+    assert final_entropy(completed.stderr)[1] == pytest.approx(final_entropy(caplog.text)[1], abs=1e-5)
     ddp, single, start = all_tensors(tmp_path / "ddp"), all_tensors(tmp_path / "single"), all_tensors(artifact)
     routers = [key for key in single if ".router." in key]
     assert max((single[k] - start[k]).abs().max() for k in routers) > 1e-3  # the routers did move
