@@ -17,6 +17,9 @@ from conversion.update_code import main
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification
 
 FORMAT_V1 = Path(__file__).parent / "fixtures" / "format_v1"
+# Recorded with torch 2.13; other torch releases differ in the last bits of fp32 kernels (1e-5 seen with torch 2.6).
+# A format drift (a tensor read into the wrong place, a layer lost) moves logits by orders of magnitude more.
+TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 
 
 def load_without_changes(model_class, directory: Path):
@@ -30,7 +33,7 @@ def test_a_v1_clip_artifact_gives_its_recorded_logits():
     model, expected = load_without_changes(WEMoEForImageClassification, FORMAT_V1 / "clip-wemoe")
     with torch.no_grad():
         logits = model(torch.tensor(expected["pixel_values"])).logits
-    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), **TOLERANCE)
 
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["without-cache", "with-cache"])
@@ -41,7 +44,7 @@ def test_a_v1_t5_artifact_gives_its_recorded_logits_and_generations(use_cache):
     inputs = tokenizer(expected["prompts"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**inputs, decoder_input_ids=torch.tensor(expected["decoder_input_ids"])).logits
-    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), **TOLERANCE)
     generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=use_cache)
     assert generated.tolist() == expected["generated_without_cache"]
 
