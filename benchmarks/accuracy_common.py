@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from conversion.convert import main as wemoe_convert
 from conversion.evaluate import main as wemoe_eval
+from conversion.outputs import staged_output
 from conversion.tta import main as wemoe_tta
 
 
@@ -60,13 +61,11 @@ def train(
 
 
 def save_atomically(directory: Path, *parts) -> None:
-    """`save_pretrained` of every part (model, tokenizer, processor) into a staging directory renamed into place, so
-    an interrupted run never leaves a half-written checkpoint that the cache would take as done."""
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    for part in parts:
-        part.save_pretrained(staging)
-    staging.rename(directory)
+    """`save_pretrained` of every part (model, tokenizer, processor) staged and renamed into place, so an interrupted
+    run never leaves a half-written checkpoint that the cache would take as done."""
+    with staged_output(directory) as staging:
+        for part in parts:
+            part.save_pretrained(staging)
 
 
 def write_yaml(content: dict, path: Path) -> Path:

@@ -3,16 +3,24 @@ nothing."""
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from transformers import AutoImageProcessor, CLIPModel, CLIPVisionConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    CLIPModel,
+    CLIPVisionConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import is_torchvision_available
 
+from modeling_wemoe.modeling_wemoe import loading_problems
+
 from .checkpoints import ModelSource
+from .outputs import staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +48,49 @@ def load_image_processor(base: ModelSource, vision_config: CLIPVisionConfig) -> 
     return default_image_processor(vision_config)
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"Output directory {str(output_dir)!r} already exists (pass overwrite=True to replace it)."
-        )
+def load_artifact_model(model_dir: str | os.PathLike, auto_class: type = AutoModel) -> PreTrainedModel:
+    """A WEMoE artifact's model with its own code, refused unless its tensors match its config exactly (transformers
+    would only report it, and leave missing tensors uninitialised). Checked here as well as in the model code, so
+    that artifacts whose code predates that check are refused too."""
+    try:
+        model, loading_info = auto_class.from_pretrained(model_dir, trust_remote_code=True, output_loading_info=True)
+    except OSError as error:
+        raise ValueError(f"Cannot load the model {str(model_dir)!r}: {error}") from None
+    problems = loading_problems(loading_info)
+    if problems:
+        raise ValueError(f"The artifact {str(model_dir)!r} does not match its config.json: {problems}.")
+    return model.eval()
+
+
+def check_max_shard_size(max_shard_size: str | int) -> int:
+    """The shard size in bytes, checked before anything is merged (`"5GB"`, `"500MB"` or an int)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"--max-shard-size {max_shard_size!r} is not a size; give e.g. 5GB, 500MB or a number of bytes ({error})."
+        ) from None
+    if size <= 0:
+        raise ValueError(f"--max-shard-size must be positive, got {max_shard_size!r}.")
+    return size
+
+
+def write_artifact(
+    model: PreTrainedModel,
+    directory: Path,
+    processor: BaseImageProcessor | PreTrainedTokenizerBase,
+    *,
+    extra_files: Mapping[str, str] | None = None,
+    max_shard_size: str | int = "5GB",
+) -> None:
+    """Write a loadable artifact into the (staging) `directory`: config, weights, code files, processor, and
+    `extra_files` (file name -> text: model card, recipe)."""
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    processor.save_pretrained(directory)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
 
 
 def save_artifact(
@@ -56,23 +102,9 @@ def save_artifact(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Save a loadable artifact into `output_dir`: written to a temporary sibling directory and renamed into place
-    only when complete, so a failure never leaves a partial artifact behind. `extra_files` maps file names to text
-    (model card, recipe)."""
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        processor.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Save a loadable artifact as `output_dir`, all or nothing (see `conversion.outputs.staged_output`)."""
+    check_max_shard_size(max_shard_size)
+    with staged_output(output_dir, overwrite=overwrite) as staging:
+        write_artifact(model, staging, processor, extra_files=extra_files, max_shard_size=max_shard_size)
     logger.info("Saved WEMoE artifact to %s", output_dir)
-    return output_dir
+    return Path(output_dir)

@@ -15,6 +15,7 @@ from transformers import PreTrainedConfig
 
 from modeling_wemoe import WEMoEConfig
 from modeling_wemoe.modeling_wemoe import (
+    TASK_RECORD,
     WEMoELinear,
     WEMoELowRankTaskVectors,
     WEMoESparseTaskVectors,
@@ -157,7 +158,10 @@ def fill_backbone(
     not_written = [
         key
         for key in result.missing_keys
-        if "task_vectors" not in key and not is_router_parameter(key) and id(parameters.get(key)) not in written
+        if "task_vectors" not in key
+        and not is_router_parameter(key)
+        and key != TASK_RECORD
+        and id(parameters.get(key)) not in written
     ]
     if not_written or result.unexpected_keys:
         raise RuntimeError(

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,14 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
+    AutoTokenizer,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     PreTrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,7 +150,8 @@ class CheckpointTensors(TensorSource):
                 with safe_open(str(file), framework="pt") as handle:
                     return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
             state_dict = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except (SafetensorError, RuntimeError, OSError, EOFError) as error:
+        except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            # An unsafe pickle (arbitrary code) is refused by `weights_only` as an UnpicklingError.
             raise ValueError(f"{self.owner}: cannot read checkpoint file {str(file)!r} ({error}).") from error
         self._bin_state_dicts[file] = state_dict
         return {key: tensor.shape for key, tensor in state_dict.items()}
@@ -324,12 +328,30 @@ def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], wha
             f"The base model must be a {model_class.__name__} ({what}), a local directory or a Hub id, "
             f"got {type(source).__name__}."
         )
-    model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
+    try:
+        model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
+    except OSError as error:  # missing path, unknown or unreachable Hub id, no weights
+        raise ValueError(f"base_model {str(source)!r} cannot be loaded: {error}") from None
     # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
     missing = sorted(loading_info.get("missing_keys", ()))
     if missing:
         raise ValueError(f"The base model checkpoint {str(source)!r} is missing tensors {missing}.")
     return model.eval()
+
+
+def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, refused when it has no vocabulary: transformers 5 builds a tokenizer of special
+    tokens only from a directory without tokenizer files, and every class name would then read the same."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"base_model {str(source)!r}: cannot load its tokenizer ({error}).") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(
+            f"base_model {str(source)!r} has no tokenizer files (its tokenizer knows only the special tokens "
+            f"{tokenizer.all_special_tokens}); save the base model's tokenizer next to its weights."
+        )
+    return tokenizer
 
 
 def load_clip_model(source: ModelSource) -> CLIPModel:

@@ -5,7 +5,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 
@@ -20,9 +20,9 @@ from .build import (
     static_merge_tensors,
     wemoe_options,
 )
-from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model
+from .checkpoints import CLIP_VISION, InMemoryTensors, ModelSource, load_clip_model, load_tokenizer
 from .heads import ZeroShotCLIP, zero_shot_heads
-from .tta import task_streams
+from .tta import load_task_datasets, task_streams
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def resolve_tokenizer(base: ModelSource, tokenizer: PreTrainedTokenizerBase | No
         return tokenizer
     if isinstance(base, CLIPModel):
         raise ValueError("`tokenizer` is required when `base` is a model in memory (it builds the zero-shot heads).")
-    return AutoTokenizer.from_pretrained(base)
+    return load_tokenizer(base)
 
 
 def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str) -> None:
@@ -185,7 +185,8 @@ def merge_static_clip(
         if data is None or image_processor is None:
             raise ValueError("static_merge adamerging needs `data` (unlabeled task images) and the `image_processor`.")
         classifier = ZeroShotCLIP(clip, resolve_tokenizer(base, tokenizer), classnames, templates)
-        streams = task_streams(data, list(experts), image_processor, static_merge.get("batch_size", 16))
+        datasets = load_task_datasets(data, list(experts))
+        streams = task_streams(datasets, image_processor, static_merge.get("batch_size", 16))
         merged = train_layer_wise_merge(
             classifier, "clip.vision_model.", base_tensors, expert_tensors, streams, static_merge
         )

@@ -13,13 +13,23 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
-from transformers import AutoConfig, AutoTokenizer, CLIPProcessor
+from transformers import AutoConfig, CLIPProcessor
 
-from .artifact import check_output_dir, load_image_processor, save_artifact
+from .artifact import check_max_shard_size, load_image_processor, write_artifact
+from .checkpoints import load_tokenizer
 from .clip import merge_clip, merge_static_clip
-from .data import open_dataset
+from .data import data_inputs, open_dataset
 from .model_card import render_model_card
-from .recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, DatasetSource, MergeRecipe, load_recipe
+from .outputs import staged_output
+from .recipe import (
+    EXAMPLE_RECIPE,
+    EXAMPLE_T5_RECIPE,
+    DatasetSource,
+    MergeRecipe,
+    check_recipe_sources,
+    load_recipe,
+    recipe_inputs,
+)
 from .t5 import merge_static_t5, merge_t5
 
 logger = logging.getLogger(__name__)
@@ -94,12 +104,24 @@ def convert(
     Returns:
         The artifact directory.
     """
+    recipe_path = recipe if isinstance(recipe, (str, os.PathLike)) else None
     recipe = load_recipe(recipe)
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
+    check_max_shard_size(max_shard_size)
+    check_recipe_sources(recipe)
+    inputs = [recipe_path, *recipe_inputs(recipe)]
+    if recipe.static_merge.method == "adamerging":
+        inputs += data_inputs(recipe.static_merge.data)
+    with staged_output(output_dir, overwrite=overwrite, inputs=inputs) as staging:
+        build_artifact(recipe, staging, dtype, max_shard_size, push_to_hub)
+    if push_to_hub:
+        push_artifact(Path(output_dir), push_to_hub, private)
+    return Path(output_dir)
 
+
+def build_artifact(recipe: MergeRecipe, directory: Path, dtype: str, max_shard_size: str | int, repo_id: str | None):
+    """Merge what the recipe names and write the artifact into `directory` (a staging directory)."""
     classnames = {
         task.name: task.classnames if task.classnames is not None else dataset_classnames(task.dataset, task.name)
         for task in recipe.tasks
@@ -107,10 +129,8 @@ def convert(
     }
     experts = {task.name: task.model for task in recipe.tasks}
     if recipe.variant == "static":
-        convert_static(recipe, classnames, experts, output_dir, dtype, max_shard_size, overwrite)
-        if push_to_hub:
-            push_artifact(output_dir, push_to_hub, private)
-        return output_dir
+        convert_static(recipe, classnames, experts, directory, dtype, max_shard_size)
+        return
     options = {
         "variant": recipe.variant,
         "keep": recipe.keep,
@@ -124,40 +144,35 @@ def convert(
     }
     if recipe.architecture == "t5":
         model = merge_t5(recipe.base_model, experts, label_words=classnames or None, **options)
-        processor = AutoTokenizer.from_pretrained(recipe.base_model)
+        processor = load_tokenizer(recipe.base_model)
     else:
         templates = {task.name: task.templates for task in recipe.tasks if task.templates}
         model = merge_clip(recipe.base_model, experts, classnames, templates=templates, **options)
         processor = load_image_processor(recipe.base_model, model.config.vision_config)
     model = model.to(DTYPES[dtype])
-    card = render_model_card(model, recipe, repo_id=push_to_hub)
-    save_artifact(
+    card = render_model_card(model, recipe, repo_id=repo_id)
+    write_artifact(
         model,
-        output_dir,
+        directory,
         processor,
         extra_files={"README.md": str(card), "merge_config.yaml": recipe.to_yaml()},
         max_shard_size=max_shard_size,
-        overwrite=overwrite,
     )
-    if push_to_hub:
-        push_artifact(output_dir, push_to_hub, private)
-    return output_dir
 
 
 def convert_static(
     recipe: MergeRecipe,
     classnames: dict[str, list[str]],
     experts: dict[str, str],
-    output_dir: Path,
+    directory: Path,
     dtype: str,
     max_shard_size: str | int,
-    overwrite: bool,
 ) -> None:
     """`variant: static`: a plain model of the base's class (CLIPModel or T5ForConditionalGeneration), merged by the
     recipe's static method, with the base's processor."""
     static_merge = recipe.static_merge.model_dump()
     data = static_merge.pop("data", None)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.base_model)
+    tokenizer = load_tokenizer(recipe.base_model)
     if recipe.architecture == "t5":
         model = merge_static_t5(
             recipe.base_model, experts, static_merge, label_words=classnames or None, data=data, tokenizer=tokenizer
@@ -178,13 +193,12 @@ def convert_static(
             templates={task.name: task.templates for task in recipe.tasks if task.templates},
         )
         processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    save_artifact(
+    write_artifact(
         model.to(DTYPES[dtype]),
-        output_dir,
+        directory,
         processor,
         extra_files={"merge_config.yaml": recipe.to_yaml()},
         max_shard_size=max_shard_size,
-        overwrite=overwrite,
     )
 
 
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             private=args.private,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, FileExistsError) as error:  # ValueError includes RecipeError
+    except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-convert: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"Wrote {output}")

@@ -11,14 +11,17 @@ CLIP models read `image_column`; T5 models read `prefix + text_column`. Adaptati
 does.
 """
 
+import io
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field
 
-from .recipe import DatasetSource, load_validated
+from .recipe import DatasetSource, dataset_paths, load_validated
 
 
 class TaskData(DatasetSource):
@@ -42,6 +45,12 @@ class DataConfig(BaseModel):
 def load_data_config(data: DataConfig | Mapping[str, Any] | str | os.PathLike) -> DataConfig:
     """A validated data config from a `DataConfig`, a dict, or a YAML file path."""
     return load_validated(DataConfig, data, "data config")
+
+
+def data_inputs(data: "DataConfig | Mapping[str, Any] | str | os.PathLike") -> list[str]:
+    """The local paths a data config reads (itself included, when it is a file)."""
+    paths = [str(data)] if isinstance(data, (str, os.PathLike)) else []
+    return paths + [path for spec in load_data_config(data).tasks.values() for path in dataset_paths(spec)]
 
 
 def check_tasks_known(requested: list[str], model_tasks: list[str]) -> None:
@@ -82,11 +91,73 @@ def load_task_dataset(
                 f"Task {task!r}: dataset {spec.path!r} split {split!r} has no column {column!r}; "
                 f"columns: {dataset.column_names}."
             )
+    if not text:
+        dataset = keep_images_undecoded(dataset, spec.image_column)
+        check_images(dataset, spec.image_column, task)
     return dataset
 
 
-def pixel_values_of(images: list, image_processor) -> torch.Tensor:
-    return image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+def keep_images_undecoded(dataset, column: str):
+    """The dataset with its `Image` column as stored (bytes and path), so that this module decodes it: an image that
+    cannot be read is then reported with its task, row and file instead of failing inside `datasets`."""
+    from datasets import Image
+
+    feature = dataset.features.get(column)
+    if isinstance(feature, Image) and feature.decode:
+        return dataset.cast_column(column, Image(decode=False))
+    return dataset
+
+
+def open_image(value: Any, task: str, row: int, load: bool = True) -> PILImage.Image:
+    """One stored image (a PIL image, `{"bytes", "path"}` as `datasets` stores them, or a path), decoded; with
+    `load=False` only opened and checked for integrity (no pixels decoded)."""
+    if isinstance(value, PILImage.Image):
+        return value
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        name = value.get("path") or "embedded bytes"
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    elif isinstance(value, (str, os.PathLike)):
+        name, source = str(value), value
+    else:
+        raise ValueError(f"Task {task!r}: row {row} of the image column holds {type(value).__name__}, not an image.")
+    try:
+        image = PILImage.open(source)
+        if load:
+            image.load()
+        else:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
+        raise ValueError(f"Task {task!r}: the image at row {row} ({name}) cannot be read: {error}.") from None
+    return image
+
+
+def check_images(dataset, column: str, task: str) -> None:
+    """Every image of the column opens and passes the format's integrity check (a truncated PNG fails here, before
+    any model is loaded, rather than in the middle of a run)."""
+    for row, value in enumerate(dataset[column]):
+        open_image(value, task, row, load=False)
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """8-bit RGB for the image processor, keeping the contrast of 16-bit and float images: PIL's own conversion
+    saturates 16-bit values at 255 and truncates floats in [0, 1] to 0."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            pixels = pixels / 257.0  # 0..65535 onto 0..255
+        return PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if pixels.size and pixels.min() >= 0 and pixels.max() <= 1:
+            pixels = pixels * 255  # a float image in [0, 1]; otherwise taken as 0..255
+        return PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def pixel_values_of(values: list, rows: list[int], image_processor, task: str) -> torch.Tensor:
+    """The image processor's `pixel_values` for stored images (`rows` name them in errors)."""
+    images = [to_rgb(open_image(value, task, row)) for value, row in zip(values, rows, strict=True)]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def batch_indices(num_samples: int, batch_size: int, seed: int, task_index: int, step: int) -> list[int]:

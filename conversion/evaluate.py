@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,15 +22,16 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    AutoModel,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     CLIPModel,
     PreTrainedConfig,
 )
 
+from .artifact import load_artifact_model
 from .data import TaskData, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
 from .heads import ZeroShotCLIP
+from .outputs import write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,37 @@ def task_predictions(model, task: str, dataset, spec: TaskData, image_processor,
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"Evaluating {task}", unit="batch", leave=False):
-        images = dataset[start : start + batch_size][spec.image_column]
-        pixel_values = pixel_values_of(images, image_processor).to(device)
-        predictions.append(model(pixel_values, task=task).logits.argmax(dim=-1).cpu())
+        rows = list(range(start, min(start + batch_size, len(dataset))))
+        pixel_values = pixel_values_of(dataset[rows][spec.image_column], rows, image_processor, task).to(device)
+        logits = model(pixel_values, task=task).logits
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                f"Task {task!r}: the model gives NaN or infinite logits (rows {rows[0]}-{rows[-1]}); its weights are "
+                "broken, and its accuracy would mean nothing."
+            )
+        predictions.append(logits.argmax(dim=-1).cpu())
     return torch.cat(predictions)
+
+
+def class_indices(task: str, labels: list, class_names: list[str]) -> tuple[torch.Tensor, int]:
+    """The labels as class indices, and how many are -1 (the Hub's "no label"), which are left out of the score.
+    Class names are accepted for indices; anything else outside the classes is an error."""
+    if labels and all(isinstance(label, str) for label in labels):
+        unknown = sorted({label for label in labels if label not in class_names})
+        if unknown:
+            raise ValueError(f"Task {task!r}: labels {unknown[:5]} are not among the classes {class_names}.")
+        labels = [class_names.index(label) for label in labels]
+    if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+        kinds = sorted({type(label).__name__ for label in labels})
+        raise ValueError(f"Task {task!r}: labels must be class indices or class names, got {kinds}.")
+    indices = torch.tensor(labels, dtype=torch.long)
+    out_of_range = indices[(indices < -1) | (indices >= len(class_names))].unique().tolist()
+    if out_of_range:
+        raise ValueError(
+            f"Task {task!r}: labels {out_of_range[:5]} are outside the task's {len(class_names)} classes "
+            f"(0-{len(class_names) - 1}, or -1 for unlabelled)."
+        )
+    return indices, int((indices == -1).sum())
 
 
 def load_model_for_eval(model_dir: str, datasets: Mapping[str, object], data_config):
@@ -105,7 +132,7 @@ def load_model_for_eval(model_dir: str, datasets: Mapping[str, object], data_con
             classnames[task] = names
         clip = CLIPModel.from_pretrained(model_dir).eval()
         return ZeroShotCLIP(clip, AutoTokenizer.from_pretrained(model_dir), classnames), image_processor, classnames
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    model = load_artifact_model(model_dir)
     check_tasks_known(list(datasets), list(model.config.tasks))
     return model, image_processor, model.config.task_labels
 
@@ -141,6 +168,8 @@ def evaluate(
     """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
     accuracy for image classifiers; exact match (or Spearman for float labels) for text-to-text models, which
     generate up to `max_new_tokens` tokens per answer."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
     data_config = load_data_config(data)
     text = is_text_model(model_config(model_dir))
     datasets = {
@@ -153,10 +182,17 @@ def evaluate(
     results = {}
     for task, dataset in datasets.items():
         spec = data_config.tasks[task]
-        check_label_names(task, class_names_of(dataset, spec), list(model_labels[task]))
+        class_names = list(model_labels[task])
+        check_label_names(task, class_names_of(dataset, spec), class_names)
+        labels, unlabelled = class_indices(task, dataset[spec.label_column], class_names)
+        if unlabelled == len(dataset):
+            raise ValueError(f"Task {task!r}: every sample is unlabelled (-1); there is nothing to score.")
+        if unlabelled:
+            logger.warning("%s: %d unlabelled samples (label -1) left out of the accuracy.", task, unlabelled)
         predictions = task_predictions(model, task, dataset, spec, image_processor, batch_size)
-        results[task] = int((predictions == torch.tensor(dataset[spec.label_column])).sum()) / len(dataset)
-        logger.info("%s: accuracy %.4f on %d samples", task, results[task], len(dataset))
+        labelled = labels != -1
+        results[task] = int((predictions[labelled] == labels[labelled]).sum()) / int(labelled.sum())
+        logger.info("%s: accuracy %.4f on %d samples", task, results[task], int(labelled.sum()))
     return EvaluationResults(results, dict.fromkeys(results, "accuracy"), "image-classification")
 
 
@@ -213,7 +249,7 @@ def text_targets(dataset, spec: TaskData) -> list[str]:
 
 
 def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int):
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    model = load_artifact_model(model_dir, AutoModelForSeq2SeqLM)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
     model_tasks = getattr(model.config, "tasks", None)
     if model_tasks is not None:
@@ -252,9 +288,7 @@ def update_model_card(model_dir: Path, results: EvaluationResults, data_config, 
         )
         for task, spec in data_config.tasks.items()
     ]
-    with tempfile.NamedTemporaryFile("w", dir=model_dir, suffix=".md", delete=False) as handle:
-        handle.write(str(card))
-    os.replace(handle.name, card_path)
+    write_file_atomically(card_path, str(card).encode())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,10 +312,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_writable_outputs(args: argparse.Namespace) -> None:
+    """Where the results go must be writable before anything is evaluated."""
+    if args.output is not None:
+        parent = args.output.parent
+        if not parent.is_dir():
+            raise ValueError(f"--output {str(args.output)!r}: directory {str(parent)!r} does not exist.")
+        if args.output.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"--output {str(args.output)!r} cannot be written.")
+    if args.update_model_card:
+        model_dir = Path(args.model_dir)
+        if not model_dir.is_dir():
+            raise ValueError(
+                f"--update-model-card writes the card of a local artifact; {str(model_dir)!r} is not a directory."
+            )
+        if not os.access(model_dir, os.W_OK):
+            raise ValueError(f"--update-model-card: {str(model_dir)!r} is not writable.")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        check_writable_outputs(args)
         results = evaluate(
             args.model_dir,
             args.data,
@@ -291,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.update_model_card:
             update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
-    except ValueError as error:  # includes RecipeError
+    except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     for task, accuracy in results.items():

@@ -38,7 +38,23 @@ def zero_shot_head(
     ).to(clip.device)
     embeddings = clip.get_text_features(**inputs).pooler_output
     embeddings = F.normalize(embeddings, dim=-1).view(len(classnames), len(templates), -1)
-    return F.normalize(embeddings.mean(dim=1), dim=-1)
+    head = F.normalize(embeddings.mean(dim=1), dim=-1)
+    check_distinct_classes(head, classnames)
+    return head
+
+
+def check_distinct_classes(head: torch.Tensor, classnames: Sequence[str]) -> None:
+    """Two classes with the same embedding can never be told apart: a tokenizer that reads their names alike (one
+    with no vocabulary reads every name alike) would give a head whose logits are all equal."""
+    similarity = head @ head.t()
+    similarity.fill_diagonal_(-1.0)
+    first, second = divmod(int(similarity.argmax()), len(classnames))
+    if len(classnames) > 1 and similarity[first, second] > 1 - 1e-6:
+        raise ValueError(
+            f"Classes {classnames[first]!r} and {classnames[second]!r} get the same zero-shot embedding: the "
+            "tokenizer reads their prompts alike, so the head could never tell them apart. Check the base model's "
+            "tokenizer and the class names."
+        )
 
 
 def zero_shot_heads(
@@ -49,10 +65,13 @@ def zero_shot_heads(
 ) -> dict[str, torch.Tensor]:
     """Each task's head, with the task's own templates where given and CLIP's photo prompts otherwise."""
     templates = templates or {}
-    return {
-        task: zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
-        for task, names in tqdm(classnames.items(), desc="Building zero-shot heads", unit="task")
-    }
+    heads = {}
+    for task, names in tqdm(classnames.items(), desc="Building zero-shot heads", unit="task"):
+        try:
+            heads[task] = zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
+        except ValueError as error:
+            raise ValueError(f"Task {task!r}: {error}") from None
+    return heads
 
 
 class ZeroShotCLIP(torch.nn.Module):

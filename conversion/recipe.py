@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -23,14 +24,14 @@ class TaskArithmeticSpec(Strict):
     """theta_0 + scaling * sum_i tau_i."""
 
     method: Literal["task_arithmetic"]
-    scaling: float = 0.3
+    scaling: FiniteFloat = 0.3
 
 
 class TiesSpec(Strict):
     """TIES-Merging: trim each task vector to `density`, elect signs, average the agreeing entries."""
 
     method: Literal["ties"]
-    scaling: float = 0.3
+    scaling: FiniteFloat = 0.3
     density: float = Field(0.2, gt=0, le=1)
     majority_sign: Literal["total", "frequency"] = "total"
 
@@ -41,9 +42,9 @@ class AdaMergingSpec(Strict):
 
     method: Literal["adamerging"]
     data: Annotated[str, Field(min_length=1)]
-    init_lambda: float = Field(0.3, ge=0, le=1)
+    init_lambda: FiniteFloat = Field(0.3, ge=0, le=1)
     steps: int = Field(500, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: FiniteFloat = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
 
@@ -54,7 +55,7 @@ StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec | AdaMergingSpec, Fiel
 class RouterSpec(Strict):
     hidden_layers: Literal[0, 1, 2] = 2
     top_k: int | None = Field(None, ge=1)
-    init_lambda: float = 0.3
+    init_lambda: FiniteFloat = 0.3
     granularity: Literal["sample", "token"] = "sample"
 
 
@@ -164,6 +165,15 @@ class MergeRecipe(Strict):
                 raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a T5 task has none")
         return self
 
+    @model_validator(mode="after")
+    def top_k_within_the_experts(self) -> "MergeRecipe":
+        if self.router.top_k is not None and self.router.top_k > len(self.tasks):
+            raise ValueError(
+                f"router.top_k ({self.router.top_k}) is larger than the number of tasks ({len(self.tasks)}): it "
+                "mixes each input's top_k experts, one expert per task"
+            )
+        return self
+
     @field_validator("tasks")
     @classmethod
     def unique_task_names(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
@@ -197,9 +207,11 @@ def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
     if isinstance(value, (str, os.PathLike)):
         source = repr(str(value))
         try:
-            value = yaml.safe_load(Path(value).read_text())
+            value = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except OSError as error:
-            raise RecipeError(f"Cannot read {what} {source}: {error}") from error
+            raise RecipeError(f"Cannot read {what} {source}: {error.strerror or error}.") from error
+        except UnicodeDecodeError:
+            raise RecipeError(f"The {what} {source} is not a text file (it is not UTF-8); give a YAML file.") from None
         except yaml.YAMLError as error:
             raise RecipeError(f"The {what} {source} is not valid YAML: {error}") from error
     if not isinstance(value, dict):
@@ -208,6 +220,46 @@ def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
         return schema.model_validate(value)
     except ValidationError as error:
         raise RecipeError(format_validation_error(error, f"{what} {source}")) from None
+
+
+def check_model_source(value: str, field: str) -> None:
+    """A model named in a recipe must be a local directory or, failing that, something that can be a Hub repo id:
+    said before anything is loaded, naming the recipe field."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RecipeError(f"{field}: {value!r} is a file; give a checkpoint directory or a Hub repo id.")
+        return
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise RecipeError(f"{field}: {value!r} does not exist here, and is not a Hub repo id (org/name).") from None
+
+
+def check_recipe_sources(recipe: "MergeRecipe") -> None:
+    check_model_source(recipe.base_model, "base_model")
+    for index, task in enumerate(recipe.tasks):
+        check_model_source(task.model, f"tasks.{index}.model ({task.name})")
+
+
+def dataset_paths(source: DatasetSource) -> list[str]:
+    """The local files and directories a dataset spec reads."""
+    files = source.data_files
+    if isinstance(files, dict):
+        files = [path for value in files.values() for path in ([value] if isinstance(value, str) else value)]
+    elif isinstance(files, str):
+        files = [files]
+    paths = [source.path, source.data_dir, *(files or [])]
+    return [path for path in paths if path and Path(path).expanduser().exists()]
+
+
+def recipe_inputs(recipe: "MergeRecipe") -> list[str]:
+    """The local paths a recipe reads (models, datasets, the AdaMerging data config): an output must never be one."""
+    paths = [recipe.base_model, *(task.model for task in recipe.tasks)]
+    paths += [path for task in recipe.tasks if task.dataset is not None for path in dataset_paths(task.dataset)]
+    if recipe.static_merge.method == "adamerging":
+        paths.append(recipe.static_merge.data)
+    return [path for path in paths if Path(path).expanduser().exists()]
 
 
 def load_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:

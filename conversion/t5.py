@@ -26,7 +26,7 @@ from .build import (
     wemoe_options,
 )
 from .checkpoints import Backbone, InMemoryTensors, ModelSource, load_base_model
-from .tta import task_streams
+from .tta import load_task_datasets, task_streams
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ def merge_static_t5(
         if data is None or tokenizer is None:
             raise ValueError("static_merge adamerging needs `data` (unlabeled task prompts) and the `tokenizer`.")
         batch_size = static_merge.get("batch_size", 16)
-        streams = task_streams(data, list(experts), tokenizer, batch_size, is_text=True, label_words=label_words)
+        datasets = load_task_datasets(data, list(experts), is_text=True)
+        streams = task_streams(datasets, tokenizer, batch_size, is_text=True, label_words=label_words)
         merged = train_layer_wise_merge(t5, "", base_tensors, expert_tensors, streams, static_merge)
     else:
         merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -20,14 +21,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from modeling_wemoe.modeling_wemoe import is_router_parameter
 
-from .artifact import check_output_dir, save_artifact
-from .data import TaskData, batch_indices, check_tasks_known, load_data_config, load_task_dataset, pixel_values_of
+from .artifact import load_artifact_model, write_artifact
+from .data import (
+    TaskData,
+    batch_indices,
+    check_tasks_known,
+    data_inputs,
+    load_data_config,
+    load_task_dataset,
+    pixel_values_of,
+)
+from .outputs import OutputError, check_output_target, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +81,10 @@ class TaskStream:
     def batch(
         self, seed: int, task_index: int, step: int, process_index: int, num_processes: int
     ) -> dict[str, torch.Tensor]:
-        indices = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)
-        return self.encode(self.dataset[indices[process_index::num_processes]][self.column])
+        rows = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)[process_index::num_processes]
+        return self.encode(self.dataset[rows][self.column], rows)
 
-    def encode(self, values: list) -> dict[str, torch.Tensor]:
+    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,8 +98,8 @@ class ImageTaskStream(TaskStream):
         super().__init__(dataset, spec.image_column, batch_size, task)
         self.image_processor = image_processor
 
-    def encode(self, values: list) -> dict[str, torch.Tensor]:
-        return {"pixel_values": pixel_values_of(values, self.image_processor)}
+    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task)}
 
     def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs, task=self.task).logits
@@ -119,7 +129,7 @@ class TextTaskStream(TaskStream):
         self.prefix = spec.prefix
         self.label_ids = label_token_ids(tokenizer, task, label_words) if label_words else None
 
-    def encode(self, values: list) -> dict[str, torch.Tensor]:
+    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
         prompts = [self.prefix + str(value) for value in values]
         encoded = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -135,6 +145,32 @@ class TextTaskStream(TaskStream):
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     steps = [p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STEP_FILE).is_file()]
     return max(steps, key=lambda p: json.loads((p / STEP_FILE).read_text())["step"], default=None)
+
+
+def resumable_checkpoint(checkpoint_dir: str | os.PathLike | None, run: Mapping) -> Path:
+    """The latest checkpoint, if it was written by a run with the same settings (`run`: learning rate, seed, batch
+    size, data, model). Resuming with others would silently break the promise that a resumed run ends as an
+    uninterrupted one would: refused, naming what differs."""
+    checkpoint = latest_checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint found in {str(checkpoint_dir)!r}.")
+    saved = json.loads((checkpoint / STEP_FILE).read_text()).get("run")
+    if saved is None:
+        logger.warning("%s records no run settings (an older release wrote it); resuming unchecked.", checkpoint)
+        return checkpoint
+    current = json.loads(json.dumps(dict(run)))  # as it will be stored
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
+        for key in sorted(saved.keys() | current.keys())
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume: {str(checkpoint)!r} was written by a run with other settings, so resuming would not end as "
+            f"that run would ({'; '.join(differences)}). Resume with the same settings, or start over without "
+            "--resume."
+        )
+    return checkpoint
 
 
 def keep_only(trainable: Callable[[str], bool]):
@@ -162,14 +198,17 @@ def adapt(
     report_to: str | None = None,
     accelerator: Accelerator | None = None,
     trainable: Callable[[str], bool] = is_router_parameter,
+    run_settings: Mapping | None = None,
 ):
     """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) by
     entropy minimisation.
 
     Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
-    same weights as an uninterrupted run with the same seed.
+    same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
+    `run_settings` (batch size, data, ...); resuming with other values is refused.
     """
+    run = {"lr": lr, "seed": seed, **(run_settings or {})}
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
     set_seed(seed)
     for name, parameter in model.named_parameters():
@@ -184,9 +223,7 @@ def adapt(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_step = 0
     if resume:
-        checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        if checkpoint is None:
-            raise ValueError(f"--resume: no checkpoint found in {str(checkpoint_dir)!r}.")
+        checkpoint = resumable_checkpoint(checkpoint_dir, run)
         accelerator.load_state(str(checkpoint), strict=False)
         start_step = json.loads((checkpoint / STEP_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, start_step)
@@ -195,7 +232,7 @@ def adapt(
         target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
         accelerator.save_state(str(target))
         if accelerator.is_main_process:
-            (target / STEP_FILE).write_text(json.dumps({"step": step}))
+            (target / STEP_FILE).write_text(json.dumps({"step": step, "run": run}))
         accelerator.wait_for_everyone()
 
     progress = tqdm(
@@ -245,32 +282,50 @@ def adapt(
 def load_task_streams(data_config, model, processor, batch_size: int, num_processes: int) -> dict[str, TaskStream]:
     """A stream per task of the data config: images for a CLIP model (`processor` an image processor), prompts for a
     T5 model (`processor` its tokenizer)."""
+    check_batch_size(batch_size, num_processes)
+    is_text = model.config.text_config is not None
+    datasets = load_task_datasets(data_config, list(model.config.tasks), is_text)
+    return task_streams(datasets, processor, batch_size, is_text, model.config.task_labels)
+
+
+def check_batch_size(batch_size: int, num_processes: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of samples per task, got {batch_size}.")
     if batch_size % num_processes:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
-    is_text = model.config.text_config is not None
-    return task_streams(data_config, list(model.config.tasks), processor, batch_size, is_text, model.config.task_labels)
+
+
+def load_task_datasets(data_config, tasks: list[str], is_text: bool = False) -> dict[str, tuple]:
+    """Each task's checked dataset and its spec (`(dataset, TaskData)`), for the tasks the data config names."""
+    data_config = load_data_config(data_config)
+    check_tasks_known(list(data_config.tasks), tasks)
+    return {task: (load_task_dataset(task, spec, text=is_text), spec) for task, spec in data_config.tasks.items()}
 
 
 def task_streams(
-    data_config,
-    tasks: list[str],
+    datasets: Mapping[str, tuple],
     processor,
     batch_size: int,
     is_text: bool = False,
     label_words: Mapping[str, list[str]] | None = None,
 ) -> dict[str, TaskStream]:
-    """A stream per task of the data config (each one of `tasks`): images through an image processor, or prompts
-    through a tokenizer with the task's label words."""
-    data_config = load_data_config(data_config)
-    check_tasks_known(list(data_config.tasks), tasks)
+    """A stream per task of `load_task_datasets`' result: images through an image processor, or prompts through a
+    tokenizer with the task's label words."""
     streams = {}
-    for task, spec in data_config.tasks.items():
-        dataset = load_task_dataset(task, spec, text=is_text)
+    for task, (dataset, spec) in datasets.items():
         if is_text:
             streams[task] = TextTaskStream(dataset, spec, processor, batch_size, task, (label_words or {}).get(task))
         else:
             streams[task] = ImageTaskStream(dataset, spec, processor, batch_size, task)
     return streams
+
+
+def data_fingerprint(datasets: Mapping[str, tuple]) -> dict:
+    """What identifies the data a run adapts on: each task's spec, row count and `datasets` fingerprint."""
+    return {
+        task: {"spec": spec.model_dump(mode="json"), "rows": len(dataset), "fingerprint": dataset._fingerprint}
+        for task, (dataset, spec) in datasets.items()
+    }
 
 
 def load_processor(model_dir: str | os.PathLike, model):
@@ -297,31 +352,78 @@ def adapt_artifact(
     overwrite: bool = False,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
-    complete artifact in `output` (atomically). Checkpoints go to `checkpoint_dir` (default: `OUTPUT.checkpoints`)."""
-    output = Path(output)
-    check_output_dir(output, overwrite)
+    complete artifact in `output` (atomically, under a lock: see `conversion.outputs`). Checkpoints go to
+    `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked without the weights is checked
+    before they are loaded: the settings, the output, the data (every image opened), a resume's settings."""
+    check_training_settings(steps, lr, checkpointing_steps)
+    checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
+    inputs = [model_dir, *data_inputs(data), checkpoint_dir]
+    check_output_target(Path(output), overwrite, [path for path in inputs if Path(path).exists()])
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    if config.model_type != "wemoe":
+        raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    processor = load_processor(model_dir, model)
-    tasks = load_task_streams(data, model, processor, batch_size, accelerator.num_processes)
-    model = adapt(
-        model,
-        tasks,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        checkpoint_dir=checkpoint_dir or f"{output}.checkpoints",
-        checkpointing_steps=checkpointing_steps,
-        resume=resume,
-        report_to=report_to,
-        accelerator=accelerator,
-    )
-    if accelerator.is_main_process:
-        source = Path(model_dir)
-        carried = {name: (source / name).read_text() for name in CARRIED_FILES if (source / name).is_file()}
-        save_artifact(model, output, processor, extra_files=carried, overwrite=overwrite)
+    check_batch_size(batch_size, accelerator.num_processes)
+    is_text = config.text_config is not None
+    datasets = load_task_datasets(data, list(config.tasks), is_text)
+    run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
+    if resume:
+        resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
+    with contextlib.ExitStack() as stack:
+        staging = lock_output_on_main_process(stack, accelerator, output, overwrite, inputs)
+        model = load_artifact_model(model_dir)
+        processor = load_processor(model_dir, model)
+        streams = task_streams(datasets, processor, batch_size, is_text, config.task_labels)
+        model = adapt(
+            model,
+            streams,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            checkpoint_dir=checkpoint_dir,
+            checkpointing_steps=checkpointing_steps,
+            resume=resume,
+            report_to=report_to,
+            accelerator=accelerator,
+            run_settings=run_settings,
+        )
+        if accelerator.is_main_process:
+            source = Path(model_dir)
+            carried = {name: (source / name).read_text() for name in CARRIED_FILES if (source / name).is_file()}
+            write_artifact(model, staging, processor, extra_files=carried)
     accelerator.wait_for_everyone()
-    return output
+    return Path(output)
+
+
+def check_training_settings(steps: int, lr: float, checkpointing_steps: int | None) -> None:
+    if steps < 1:
+        raise ValueError(f"--steps must be a positive number of optimizer steps, got {steps}.")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {lr}.")
+    if checkpointing_steps is not None and checkpointing_steps < 1:
+        raise ValueError(f"--checkpointing-steps must be a positive number of steps, got {checkpointing_steps}.")
+
+
+def model_identity(model_dir: str | os.PathLike) -> str:
+    """A local artifact by its absolute path (however it was written), a Hub artifact by its id."""
+    return str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
+
+
+def lock_output_on_main_process(
+    stack: contextlib.ExitStack, accelerator: Accelerator, output, overwrite: bool, inputs: list
+) -> Path | None:
+    """The main process takes the output's lock and a staging directory for the run (the others write nothing); if
+    it cannot, every process stops with its reason rather than waiting for it."""
+    staging, error = None, None
+    if accelerator.is_main_process:
+        try:
+            staging = stack.enter_context(staged_output(output, overwrite=overwrite, inputs=inputs))
+        except OutputError as failure:
+            error = str(failure)
+    error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise OutputError(error)
+    return staging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -359,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
         output = adapt_artifact(args.model_dir, args.data, args.output, **options)
-    except (ValueError, FileExistsError) as error:  # ValueError includes RecipeError
+    except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-tta: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     if PartialState().is_main_process:

@@ -23,6 +23,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from modeling_wemoe import WEMoEConfig
 from modeling_wemoe.modeling_wemoe import model_class_for
 
+from .outputs import write_file_atomically
+
 logger = logging.getLogger(__name__)
 
 # Every code file a release has shipped in artifacts: files of this kind that the current code does not need are
@@ -61,19 +63,6 @@ def refreshed_config(config_dict: dict, config: WEMoEConfig) -> dict:
     return config_dict
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-    os.chmod(handle.name, 0o666 & ~current_umask())
-    os.replace(handle.name, path)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def update_code_in_directory(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Rewrite the code files and `auto_map` of the artifact in `directory`; returns the files written and the
     stale code files removed (names)."""
@@ -90,14 +79,14 @@ def update_code_in_directory(directory: str | os.PathLike) -> tuple[list[str], l
     config = WEMoEConfig.from_dict(config_dict)
     files = code_files_for(config)
     for file in files:
-        write_atomically(directory / file.name, file.read_bytes())
+        write_file_atomically(directory / file.name, file.read_bytes())
     written = [file.name for file in files]
     stale = sorted(
         {path.name for pattern in CODE_FILE_PATTERNS for path in directory.glob(pattern)} - set(written)
     )
     for name in stale:
         (directory / name).unlink()
-    write_atomically(config_path, (json.dumps(refreshed_config(config_dict, config), indent=2) + "\n").encode())
+    write_file_atomically(config_path, (json.dumps(refreshed_config(config_dict, config), indent=2) + "\n").encode())
     logger.info("Updated %s: wrote %s and config.json, removed %s", directory, written, stale or "nothing")
     return [*written, "config.json"], stale
 

@@ -4,6 +4,7 @@ Shipped inside every artifact: imports only transformers (and, through it, huggi
 """
 
 import copy
+import math
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
@@ -174,6 +175,8 @@ class WEMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"`router_top_k` must be between 1 and num_experts ({self.num_experts}), got {self.router_top_k}."
             )
+        if not math.isfinite(self.init_lambda):
+            raise ValueError(f"`init_lambda` must be a finite number, got {self.init_lambda}.")
 
     def validate_expert_format(self):
         if self.expert_format == "sparse":

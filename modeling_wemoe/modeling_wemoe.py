@@ -10,6 +10,7 @@ Shipped inside every artifact: imports only torch, transformers' public API and 
 that a published artifact keeps working when transformers changes the internals of its own model families.
 """
 
+import json
 import math
 import warnings
 
@@ -520,6 +521,31 @@ def is_router_parameter(name: str) -> bool:
     return name.startswith("router.") or ".router." in name
 
 
+# What a model's tensors were built for (task order, and each task's classes where the tensors hold its head), saved
+# with them as bytes: an artifact whose config.json was edited to another order loads as an error, not as a silently
+# wrong model. Artifacts saved before 0.2 lack it, and are loaded without this check.
+TASK_RECORD = "task_record"
+
+
+def encode_task_record(tasks: list[str], task_labels: dict[str, list[str]] | None) -> torch.Tensor:
+    record = [[task, (task_labels or {}).get(task)] for task in tasks]
+    return torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)
+
+
+def loading_problems(loading_info: dict) -> str | None:
+    """What keeps a loaded checkpoint from matching its config exactly, in words; None when it matches."""
+    missing = [key for key in loading_info.get("missing_keys", ()) if key != TASK_RECORD]
+    problems = {
+        "missing from the checkpoint": sorted(missing),
+        "in the checkpoint but not in the model": sorted(loading_info.get("unexpected_keys", ())),
+        "of another shape than the config gives": sorted(
+            str(item[0]) if isinstance(item, tuple) else str(item) for item in loading_info.get("mismatched_keys", ())
+        ),
+    }
+    found = [f"{len(keys)} tensor(s) {what}: {keys}" for what, keys in problems.items() if keys]
+    return "; ".join(found) or None
+
+
 # Model classes by backbone (`WEMoEConfig.backbone`), filled by each family's modeling file as it is imported.
 WEMOE_MODEL_CLASSES: dict[str, type["WEMoEPreTrainedModel"]] = {}
 
@@ -567,6 +593,10 @@ class WEMoEPreTrainedModel(PreTrainedModel):
     artifact_pipelines: dict[str, dict] = {}  # `config.custom_pipelines` of saved artifacts: task -> pipeline class
     _supports_sdpa = True
 
+    # Whether the tensors hold each task's classes (a classification head per task): then they are recorded too.
+    labels_in_tensors: bool = False
+    _keys_to_ignore_on_load_missing = [rf"^{TASK_RECORD}$"]  # artifacts saved before 0.2 have none
+
     def __init__(self, config: WEMoEConfig):
         super().__init__(config)
         if config.backbone != self.backbone:
@@ -574,6 +604,10 @@ class WEMoEPreTrainedModel(PreTrainedModel):
                 f"This WEMoE config is for a {config.backbone!r} backbone, not {type(self).__name__} "
                 f"({self.backbone!r}); load it with AutoModel or that backbone's class."
             )
+        self.register_buffer(TASK_RECORD, self.expected_task_record())
+
+    def expected_task_record(self) -> torch.Tensor:
+        return encode_task_record(self.config.tasks, self.config.task_labels if self.labels_in_tensors else None)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -584,6 +618,8 @@ class WEMoEPreTrainedModel(PreTrainedModel):
             module.reset_for_routing(self.config.init_lambda)
             return
         super()._init_weights(module)
+        if module is self:
+            init.copy_(getattr(self, TASK_RECORD), self.expected_task_record())
         if isinstance(module, WEMoERouter) and module.hidden_layers == 0:
             init.constant_(module.weight, self.config.init_lambda)
         elif isinstance(module, WEMoELinear):
@@ -619,11 +655,26 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         if getattr(config, "model_type", None) == WEMoEConfig.model_type and config.backbone != cls.backbone:
             name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             return artifact_model_class(config, name_or_path, kwargs).from_pretrained(*args, **kwargs)
+        # transformers reports tensors that do not match the config, and leaves missing ones uninitialised: refuse.
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = loading_problems(loading_info)
+        if problems:
+            raise ValueError(f"The WEMoE checkpoint does not match its config.json: {problems}.")
+        model.check_task_record()
         # Loading materialises fresh parameters (all trainable); restore "only routers train".
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_all_but_routers()
-        return loaded
+        return (model, loading_info) if wants_info else model
+
+    def check_task_record(self) -> None:
+        """The tensors were saved for the tasks (and classes) in the order config.json gives."""
+        saved = bytes(getattr(self, TASK_RECORD).tolist()).decode(errors="replace")
+        expected = bytes(self.expected_task_record().tolist()).decode()
+        if saved != expected:
+            raise ValueError(
+                f"The WEMoE checkpoint was saved for tasks and classes {saved}, but config.json says {expected}: "
+                "config.json was edited. Restore it; tasks and their classes cannot be reordered after conversion."
+            )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` records a single auto class per model class; AutoModel must resolve too.
@@ -651,6 +702,7 @@ __all__ = [
     "build_task_vectors",
     "compute_routing_weights",
     "is_router_parameter",
+    "loading_problems",
     "model_class_for",
     "num_kept_entries",
     "pack_bitmask",

@@ -245,6 +245,7 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
     """
 
     backbone = "clip"
+    labels_in_tensors = True  # the classifier's rows are the tasks' classes, in order
     main_input_name = "pixel_values"
     _no_split_modules = ["WEMoECLIPEncoderLayer", "WEMoECLIPVisionEmbeddings"]
 
