@@ -37,7 +37,7 @@ from .data import (
     load_task_dataset,
     pixel_values_of,
 )
-from .outputs import OutputError, check_output_target, staged_output
+from .outputs import OutputError, check_output_target, staged_output, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def adapt(
         target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
         accelerator.save_state(str(target))
         if accelerator.is_main_process:
-            (target / STEP_FILE).write_text(json.dumps({"step": step, "run": run}))
+            # Written last and by a rename: a checkpoint with this file is complete, even if the run is killed here.
+            write_file_atomically(target / STEP_FILE, json.dumps({"step": step, "run": run}).encode())
         accelerator.wait_for_everyone()
 
     progress = tqdm(
