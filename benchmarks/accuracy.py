@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw
 from transformers import CLIPConfig, CLIPModel
 
 from conversion import default_image_processor
-from conversion.heads import DEFAULT_TEMPLATES, zero_shot_head
+from conversion.backbones.clip import DEFAULT_TEMPLATES, zero_shot_head
 from conversion.toy import toy_tokenizer
 
 logger = logging.getLogger("accuracy")

@@ -13,10 +13,10 @@ import torch
 import yaml
 from transformers import Trainer, TrainingArguments
 
-from conversion.convert import main as wemoe_convert
-from conversion.evaluate import main as wemoe_eval
+from conversion.cli.convert import main as wemoe_convert
+from conversion.cli.evaluate import main as wemoe_eval
+from conversion.cli.tta import main as wemoe_tta
 from conversion.outputs import staged_output
-from conversion.tta import main as wemoe_tta
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,37 @@
-"""Building WEMoE artifacts: reading checkpoints, merging, zero-shot heads, saving."""
+"""Building WEMoE artifacts: reading checkpoints, merging, adapting, evaluating, saving.
 
-from .artifact import default_image_processor, load_image_processor, save_artifact
-from .clip import merge_clip
+Family-specific knowledge lives in one plug-in per backbone family (`conversion.backbones`); the command-line
+tools are thin layers over this library (`conversion.cli`).
+"""
+
+from .adaptation import adapt, adapt_artifact
+from .artifact import load_artifact_model, save_artifact
+from .backbones import BACKBONES, get_backbone
+from .backbones.clip import default_image_processor, merge_clip
+from .backbones.t5 import merge_t5
 from .convert import convert
+from .evaluation import evaluate
+from .merge import merge, merge_static
 from .merge_methods import STATIC_MERGE_METHODS, magnitude_keep_mask, task_arithmetic
-from .t5 import merge_t5
+from .recipe import MergeOptions, MergeRecipe, load_recipe
 
 __all__ = [
+    "BACKBONES",
     "STATIC_MERGE_METHODS",
+    "MergeOptions",
+    "MergeRecipe",
+    "adapt",
+    "adapt_artifact",
     "convert",
     "default_image_processor",
-    "load_image_processor",
+    "evaluate",
+    "get_backbone",
+    "load_artifact_model",
+    "load_recipe",
     "magnitude_keep_mask",
+    "merge",
     "merge_clip",
+    "merge_static",
     "merge_t5",
     "save_artifact",
     "task_arithmetic",

@@ -2,7 +2,8 @@
 coefficients are learned on unlabeled test data.
 
 Every tensor l of the merged tower becomes theta_0[l] + sum_i lambda[l, i] * tau_i[l], with one coefficient per tensor
-and task, clamped to [0, 1] and trained by the same entropy minimisation as WEMoE's routers (`conversion.tta.adapt`).
+and task, clamped to [0, 1] and trained by the same entropy minimisation as WEMoE's routers
+(`conversion.adaptation.adapt`).
 The result is an ordinary model: after training, the coefficients are folded into the weights.
 """
 
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .adaptation import adapt
 from .build import stacked_task_vectors
 from .checkpoints import TensorSource
-from .tta import TaskStream, adapt
+from .recipe import DEFAULT_LAMBDA
+from .streams import TaskStream
 
 COEFFICIENTS = "merge_coefficients"
 
@@ -37,7 +40,7 @@ class LayerWiseAdaMerging(nn.Module):
         prefix: str,
         base: TensorSource,
         experts: Mapping[str, TensorSource],
-        init_lambda: float = 0.3,
+        init_lambda: float = DEFAULT_LAMBDA,
     ):
         super().__init__()
         self.classifier = classifier.requires_grad_(False)
@@ -83,16 +86,11 @@ def train_layer_wise_merge(
     options: Mapping,
 ) -> dict[str, torch.Tensor]:
     """Layer-wise AdaMerging of the tensors under `prefix` in `classifier`, its coefficients trained on the tasks'
-    unlabeled streams (`options`: init_lambda, steps, lr, seed of an AdaMerging spec); the merged tensors, keyed as
-    in the base."""
-    merging = LayerWiseAdaMerging(classifier, prefix, base, experts, options.get("init_lambda", 0.3))
+    unlabeled streams (`options`: a validated AdaMerging spec, `conversion.recipe.AdaMergingSpec`, as a dict); the
+    merged tensors, keyed as in the base."""
+    merging = LayerWiseAdaMerging(classifier, prefix, base, experts, options["init_lambda"])
     merging = adapt(
-        merging,
-        streams,
-        steps=options.get("steps", 500),
-        lr=options.get("lr", 1e-3),
-        seed=options.get("seed", 0),
-        trainable=is_merge_coefficient,
+        merging, streams, steps=options["steps"], lr=options["lr"], seed=options["seed"], trainable=is_merge_coefficient
     )
     with torch.no_grad():
         return {key: tensor.detach().clone() for key, tensor in merging.merged_tensors().items()}

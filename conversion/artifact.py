@@ -6,46 +6,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from transformers import (
-    AutoImageProcessor,
-    AutoModel,
-    CLIPModel,
-    CLIPVisionConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.utils import is_torchvision_available
 
 from modeling_wemoe.modeling_wemoe import loading_problems
 
-from .checkpoints import ModelSource
 from .outputs import staged_output
 
 logger = logging.getLogger(__name__)
-
-
-def default_image_processor(vision_config: CLIPVisionConfig) -> BaseImageProcessor:
-    """CLIP's preprocessing (resize, center crop, CLIP mean/std) at the tower's image size, on torchvision when it is
-    installed and on PIL otherwise (naming the backend avoids transformers' fallback warning)."""
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
-    else:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    size = vision_config.image_size
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-def load_image_processor(base: ModelSource, vision_config: CLIPVisionConfig) -> BaseImageProcessor:
-    """The base model's own image processor when it has one, else CLIP's default at the tower's image size."""
-    if not isinstance(base, PreTrainedModel):
-        try:
-            return AutoImageProcessor.from_pretrained(base)
-        except OSError:
-            logger.warning("No image processor found with %s; using CLIP's default preprocessing.", base)
-    elif not isinstance(base, CLIPModel):
-        raise TypeError(f"Expected a CLIPModel or a path, got {type(base).__name__}.")
-    return default_image_processor(vision_config)
 
 
 def load_artifact_model(model_dir: str | os.PathLike, auto_class: type = AutoModel) -> PreTrainedModel:

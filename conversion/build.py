@@ -23,7 +23,7 @@ from modeling_wemoe.modeling_wemoe import (
 )
 
 from .checkpoints import (
-    Backbone,
+    CheckpointLayout,
     ModelSource,
     TensorSource,
     check_finite,
@@ -32,6 +32,7 @@ from .checkpoints import (
     open_expert,
 )
 from .merge_methods import get_static_merge, low_rank_factors, magnitude_keep_mask
+from .recipe import MergeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -42,50 +43,45 @@ VARIANTS = {
 }
 
 
-def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
-
-
 def check_experts_given(experts: Mapping[str, object]) -> None:
     if not experts:
         raise ValueError("`experts` is empty: give at least one fine-tuned model, keyed by task name.")
 
 
-def resolve_static_merge(static_merge: Mapping | None, scaling: float) -> dict:
-    """The static merge for non-MLP parameters: as given, or task arithmetic at `scaling`; its method checked."""
-    static_merge = dict(static_merge or {"method": "task_arithmetic", "scaling": scaling})
-    get_static_merge(static_merge.get("method", ""))
-    return static_merge
-
-
-def wemoe_options(
-    variant: str, expert_format: str | None, keep: float, rank: int | None, static_merge: Mapping
-) -> dict:
-    """The WEMoEConfig fields that a variant and its storage options decide."""
-    expert_format = expert_format or VARIANTS[variant]["expert_format"]
+def wemoe_config_options(options: MergeOptions) -> dict:
+    """The `WEMoEConfig` fields that the merge options decide (the recipe's names map to the artifact's here)."""
+    if options.variant not in VARIANTS:
+        raise ValueError(
+            f"variant {options.variant!r} builds a plain model (`merge_static`); a WEMoE model is one of "
+            f"{sorted(VARIANTS)}."
+        )
+    expert_format = options.expert_format or VARIANTS[options.variant]["expert_format"]
     return {
-        "router_mode": VARIANTS[variant]["router_mode"],
+        "router_mode": VARIANTS[options.variant]["router_mode"],
         "expert_format": expert_format,
-        "keep": keep if expert_format == "sparse" else None,
-        "rank": rank if expert_format == "lowrank" else None,
-        "static_merge": dict(static_merge),
+        "keep": options.keep if expert_format == "sparse" else None,
+        "rank": options.rank if expert_format == "lowrank" else None,
+        "init_lambda": options.router.init_lambda,
+        "router_hidden_layers": options.router.hidden_layers,
+        "router_top_k": options.router.top_k,
+        "routing_granularity": options.router.granularity,
+        "static_merge": options.static_merge.model_dump(),
     }
 
 
 def open_experts(
-    base: TensorSource, base_config: PreTrainedConfig, experts: Mapping[str, ModelSource], backbone: Backbone
-) -> dict[str, TensorSource]:
-    """Every expert's tensors, their architectures and tensor shapes checked against the base before anything is
-    built (tensors themselves are read later, one at a time)."""
-    sources = {}
+    base: TensorSource, base_config: PreTrainedConfig, experts: Mapping[str, ModelSource], layout: CheckpointLayout
+) -> tuple[dict[str, TensorSource], dict[str, PreTrainedConfig | None]]:
+    """Every expert's tensors and config (None for a LoRA adapter), their architectures and tensor shapes checked
+    against the base before anything is built (tensors themselves are read later, one at a time)."""
+    sources, configs = {}, {}
     for task, source in tqdm(experts.items(), desc="Opening experts", unit="expert"):
-        tensors, config = open_expert(source, task, base, backbone)
+        tensors, config = open_expert(source, task, base, layout)
         if config is not None:
-            check_same_architecture(base_config, config, task, backbone)
-        check_matching_tensors(base, tensors, backbone)
-        sources[task] = tensors
-    return sources
+            check_same_architecture(base_config, config, task, layout)
+        check_matching_tensors(base, tensors, layout)
+        sources[task], configs[task] = tensors, config
+    return sources, configs
 
 
 def assign_task_vectors(store: nn.Module, task_vectors: torch.Tensor, config: WEMoEConfig) -> torch.Tensor | None:

@@ -1,22 +1,22 @@
 """Reading base models and fine-tuned experts, and checking up front that they can be merged.
 
-An expert is read as a `TensorSource`: a mapping from backbone key (for CLIP the vision-tower key
-`encoder.layers.0.mlp.fc1.weight`, without the `vision_model.` prefix; for T5 the model's own key) to the fine-tuned
-tensor, whose shapes are known before any tensor is read. A `Backbone` says how a model family's checkpoints are
-read. Checkpoint directories are read lazily, one tensor at a time (safetensors through `safe_open`, `.bin`
-memory-mapped), so a merge holds one tensor per expert at a time rather than every expert model. Every problem is
-reported with the task, the file or tensor, and what was expected.
+An expert is read as a `TensorSource`: a mapping from merge key (what the family's `Backbone.key_of` makes of a
+checkpoint key, e.g. CLIP's vision-tower key `encoder.layers.0.mlp.fc1.weight` in either key layout) to the
+fine-tuned tensor, whose shapes are known before any tensor is read. The family's plug-in (`conversion.backbones`)
+says how its checkpoints are laid out; nothing here knows a family. Checkpoint directories are read lazily, one
+tensor at a time (safetensors through `safe_open`, `.bin` memory-mapped), so a merge holds one tensor per expert at a
+time rather than every expert model. Every problem is reported with the task, the file or tensor, and what was
+expected.
 """
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from huggingface_hub import snapshot_download
@@ -24,10 +24,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    CLIPConfig,
-    CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -37,19 +33,6 @@ logger = logging.getLogger(__name__)
 
 ModelSource = PreTrainedModel | str | os.PathLike
 
-# Fields that decide tensor shapes or the forward computation of a CLIP vision tower.
-CLIP_VISION_ARCHITECTURE_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "image_size",
-    "patch_size",
-    "hidden_act",
-    "layer_norm_eps",
-)
-VISION_TOWER_ROOTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
 PEFT_ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
@@ -77,59 +60,25 @@ class InMemoryTensors(TensorSource):
         return self._state_dict[key]
 
 
-def vision_tower_key(checkpoint_key: str) -> str | None:
-    """The vision-tower key of a checkpoint key in either CLIP layout, or None for anything else (text tower,
-    projections, logit scale, and the non-persistent `position_ids` buffers older checkpoints carry)."""
-    key = checkpoint_key.removeprefix("vision_model.")
-    if key.split(".")[0] not in VISION_TOWER_ROOTS or key.endswith("position_ids"):
-        return None
-    return key
+class CheckpointLayout(Protocol):
+    """How a family's checkpoints are read and compared (`conversion.backbones.Backbone` provides it)."""
 
-
-@dataclass(frozen=True)
-class Backbone:
-    """How one model family's checkpoints are read and compared.
-
-    `key_of` maps a checkpoint key to the backbone key (None: not part of the merge); `config_of` finds the backbone
-    config in a checkpoint's config (None: a different kind of model); `model_tensors` gives an in-memory model's
-    backbone tensors and config (None: a different kind of model); `architecture_fields` must agree between base
-    and experts; `tensor_hints` explain what a missing or extra tensor usually means.
-    """
-
-    name: str
-    key_of: Callable[[str], str | None]
-    config_of: Callable[[PreTrainedConfig], PreTrainedConfig | None]
-    model_tensors: Callable[[PreTrainedModel], tuple[Mapping[str, torch.Tensor], PreTrainedConfig] | None]
+    display_name: str
     architecture_fields: tuple[str, ...]
-    tensor_hints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tensor_hints: Mapping[str, str]
 
+    def key_of(self, checkpoint_key: str) -> str | None: ...
 
-def clip_vision_config_of(config: PreTrainedConfig) -> CLIPVisionConfig | None:
-    if isinstance(config, CLIPConfig):
-        return config.vision_config
-    return config if isinstance(config, CLIPVisionConfig) else None
+    def config_of(self, config: PreTrainedConfig) -> PreTrainedConfig | None: ...
 
-
-def clip_vision_tensors(model: PreTrainedModel) -> tuple[Mapping[str, torch.Tensor], CLIPVisionConfig] | None:
-    if not isinstance(model, (CLIPModel, CLIPVisionModel)):
-        return None
-    tower = model.vision_model if isinstance(model, CLIPModel) else model
-    return tower.state_dict(), tower.config
-
-
-CLIP_VISION = Backbone(
-    name="CLIP",
-    key_of=vision_tower_key,
-    config_of=clip_vision_config_of,
-    model_tensors=clip_vision_tensors,
-    architecture_fields=CLIP_VISION_ARCHITECTURE_FIELDS,
-)
+    def model_tensors(self, model: PreTrainedModel) -> tuple[Mapping[str, torch.Tensor], PreTrainedConfig] | None: ...
 
 
 class CheckpointTensors(TensorSource):
-    """The backbone tensors of a full fine-tune saved as safetensors (single or sharded) or `.bin`."""
+    """The tensors of a full fine-tune saved as safetensors (single or sharded) or `.bin` whose keys `key_of` maps
+    to a merge key (`what` names them in errors: "CLIP backbone")."""
 
-    def __init__(self, directory: Path, owner: str, backbone: Backbone = CLIP_VISION):
+    def __init__(self, directory: Path, owner: str, key_of: Callable[[str], str | None], what: str):
         self.owner = owner
         self.directory = directory
         self._bin_state_dicts: dict[Path, dict[str, torch.Tensor]] = {}  # memory-mapped by torch.load
@@ -137,12 +86,12 @@ class CheckpointTensors(TensorSource):
         self.shapes = {}
         for file in checkpoint_files(directory, owner):
             for checkpoint_key, shape in self._read_header(file).items():
-                key = backbone.key_of(checkpoint_key)
+                key = key_of(checkpoint_key)
                 if key is not None:
                     self._location[key] = (file, checkpoint_key)
                     self.shapes[key] = shape
         if not self.shapes:
-            raise ValueError(f"{owner}: no {backbone.name} backbone tensors found in {str(directory)!r}.")
+            raise ValueError(f"{owner}: no {what} tensors found in {str(directory)!r}.")
 
     def _read_header(self, file: Path) -> dict[str, torch.Size]:
         try:
@@ -190,15 +139,24 @@ def checkpoint_files(directory: Path, owner: str) -> list[Path]:
 
 class LoraExpertTensors(TensorSource):
     """A PEFT LoRA adapter read as the fine-tuned tensors it stands for: W0 + scale * B @ A for adapted weights,
-    the saved value for fully trained tensors (`bias`, `modules_to_save`), W0 elsewhere."""
+    the saved value for fully trained tensors (`bias`, `modules_to_save`), W0 elsewhere. Keys are the merge keys
+    `key_of` gives (`what` names them in messages)."""
 
-    def __init__(self, directory: str | os.PathLike, base: TensorSource, owner: str, backbone: Backbone = CLIP_VISION):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        base: TensorSource,
+        owner: str,
+        key_of: Callable[[str], str | None],
+        what: str,
+    ):
         from peft import PeftConfig, PeftType
         from peft.utils import load_peft_weights
 
         self.owner = owner
         self.base = base
-        self.backbone = backbone
+        self.key_of = key_of
+        self.what = what
         self.shapes = dict(base.shapes)
         config = PeftConfig.from_pretrained(str(directory))
         if config.peft_type != PeftType.LORA:
@@ -207,7 +165,7 @@ class LoraExpertTensors(TensorSource):
             )
         unsupported = {
             "use_dora": "DoRA (weight-decomposed LoRA) is not supported: its update is not a fixed task vector",
-            "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not occur in CLIP or T5",
+            "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) is not supported",
             "lora_bias": "lora_bias is not supported",
         }
         for field, reason in unsupported.items():
@@ -230,23 +188,16 @@ class LoraExpertTensors(TensorSource):
                     factors.setdefault(module, {})[part] = tensor
                     break
             else:
-                key = self.backbone.key_of(model_key)
+                key = self.key_of(model_key)
                 if key is None:
-                    logger.warning(
-                        "%s: ignoring adapter tensor %r outside the %s backbone.",
-                        self.owner,
-                        saved_key,
-                        self.backbone.name,
-                    )
+                    logger.debug("%s: adapter tensor %r is not a %s tensor.", self.owner, saved_key, self.what)
                     continue
                 self._check_shape(key, tensor.shape, saved_key)
                 self._replaced[key] = tensor
         for module, pair in factors.items():
-            key = self.backbone.key_of(f"{module}.weight")
+            key = self.key_of(f"{module}.weight")
             if key is None:
-                logger.warning(
-                    "%s: ignoring LoRA on %r, outside the %s backbone.", self.owner, module, self.backbone.name
-                )
+                logger.debug("%s: LoRA on %r is not on a %s tensor.", self.owner, module, self.what)
                 continue
             if set(pair) != {"lora_A", "lora_B"}:
                 raise ValueError(
@@ -307,14 +258,15 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, owner: str) -> Path:
     return directory
 
 
-def read_backbone_config(directory: Path, owner: str, backbone: Backbone) -> PreTrainedConfig:
+def read_backbone_config(directory: Path, owner: str, layout: CheckpointLayout) -> PreTrainedConfig:
     if not (directory / "config.json").is_file():
         raise ValueError(f"{owner}: {str(directory)!r} has no config.json.")
     config = AutoConfig.from_pretrained(directory)
-    backbone_config = backbone.config_of(config)
+    backbone_config = layout.config_of(config)
     if backbone_config is None:
         raise ValueError(
-            f"{owner}: {str(directory)!r} is a {config.model_type!r} checkpoint; expected a {backbone.name} model."
+            f"{owner}: {str(directory)!r} is a {config.model_type!r} checkpoint; expected a "
+            f"{layout.display_name} model."
         )
     return backbone_config
 
@@ -354,49 +306,47 @@ def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_clip_model(source: ModelSource) -> CLIPModel:
-    """The base `CLIPModel`: its text tower builds the zero-shot heads."""
-    return load_base_model(source, CLIPModel, "vision and text towers")
-
-
 def open_expert(
-    source: ModelSource, task: str, base: TensorSource, backbone: Backbone = CLIP_VISION
+    source: ModelSource, task: str, base: TensorSource, layout: CheckpointLayout
 ) -> tuple[TensorSource, PreTrainedConfig | None]:
     """An expert's tensors and its backbone config (None for a LoRA adapter, which has the base's architecture)."""
     owner = f"Expert {task!r}"
     if isinstance(source, PreTrainedModel):
-        tensors = backbone.model_tensors(source)
+        tensors = layout.model_tensors(source)
         if tensors is None:
-            raise TypeError(f"{owner} must be a {backbone.name} model, got {type(source).__name__}.")
+            raise TypeError(f"{owner} must be a {layout.display_name} model, got {type(source).__name__}.")
         state_dict, config = tensors
         return InMemoryTensors(state_dict, owner), config
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            f"{owner} must be a {backbone.name} model, a local directory or a Hub id, got {type(source).__name__}."
+            f"{owner} must be a {layout.display_name} model, a local directory or a Hub id, "
+            f"got {type(source).__name__}."
         )
     directory = resolve_checkpoint_dir(source, owner)
+    what = f"{layout.display_name} backbone"
     if (directory / PEFT_ADAPTER_CONFIG).is_file():
-        return LoraExpertTensors(directory, base, owner, backbone), None
-    return CheckpointTensors(directory, owner, backbone), read_backbone_config(directory, owner, backbone)
+        return LoraExpertTensors(directory, base, owner, layout.key_of, what), None
+    tensors = CheckpointTensors(directory, owner, layout.key_of, what)
+    return tensors, read_backbone_config(directory, owner, layout)
 
 
 def check_same_architecture(
-    base: PreTrainedConfig, expert: PreTrainedConfig, task: str, backbone: Backbone = CLIP_VISION
+    base: PreTrainedConfig, expert: PreTrainedConfig, task: str, layout: CheckpointLayout
 ) -> None:
     differences = [
         f"{field}: base {getattr(base, field, None)!r}, expert {getattr(expert, field, None)!r}"
-        for field in backbone.architecture_fields
+        for field in layout.architecture_fields
         if getattr(base, field, None) != getattr(expert, field, None)
     ]
     if differences:
         raise ValueError(f"Expert {task!r} does not share the base model's architecture: {'; '.join(differences)}.")
 
 
-def check_matching_tensors(base: TensorSource, expert: TensorSource, backbone: Backbone = CLIP_VISION) -> None:
+def check_matching_tensors(base: TensorSource, expert: TensorSource, layout: CheckpointLayout) -> None:
     where = f" checkpoint {str(expert.directory)!r}" if isinstance(expert, CheckpointTensors) else ""
     missing = sorted(base.shapes.keys() - expert.shapes.keys())
     extra = sorted(expert.shapes.keys() - base.shapes.keys())
-    hints = "".join(f" {backbone.tensor_hints[key]}" for key in missing + extra if key in backbone.tensor_hints)
+    hints = "".join(f" {layout.tensor_hints[key]}" for key in missing + extra if key in layout.tensor_hints)
     if missing:
         raise ValueError(f"{expert.owner}{where} is missing tensors that the base model has: {missing}.{hints}")
     if extra:

@@ -7,8 +7,8 @@ tasks:
   sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
 ```
 
-CLIP models read `image_column`; T5 models read `prefix + text_column`. Adaptation never reads labels; evaluation
-does.
+Image models (CLIP) read `image_column`; text models read `prefix + text_column`. Adaptation never reads labels;
+evaluation does.
 """
 
 import io
@@ -32,8 +32,9 @@ class TaskData(DatasetSource):
     text_column: str = "text"
     prefix: str = ""
 
-    def input_column(self, text: bool) -> str:
-        return self.text_column if text else self.image_column
+    def input_column(self, input_kind: str) -> str:
+        """The column a family reads: `"image"` or `"text"` (`Backbone.input_kind`)."""
+        return self.text_column if input_kind == "text" else self.image_column
 
 
 class DataConfig(BaseModel):
@@ -78,20 +79,21 @@ def open_dataset(task: str, source: DatasetSource, split: str | None = None):
 
 
 def load_task_dataset(
-    task: str, spec: TaskData, split: str | None = None, need_labels: bool = False, text: bool = False
+    task: str, spec: TaskData, split: str | None = None, need_labels: bool = False, input_kind: str = "image"
 ):
-    """The task's `datasets.Dataset`, checked to be non-empty and to have the input (and label) column; `text`
-    says the input is the text column (T5) rather than the image column (CLIP)."""
+    """The task's `datasets.Dataset`, checked to be non-empty and to have the input (and label) column;
+    `input_kind` says whether the input is the image column or the text column (`Backbone.input_kind`). Every image
+    is opened and checked here, before any model is loaded."""
     split = split or spec.split
     dataset = open_dataset(task, spec, split)
-    required = [spec.input_column(text)] + ([spec.label_column] if need_labels else [])
+    required = [spec.input_column(input_kind)] + ([spec.label_column] if need_labels else [])
     for column in required:
         if column not in dataset.column_names:
             raise ValueError(
                 f"Task {task!r}: dataset {spec.path!r} split {split!r} has no column {column!r}; "
                 f"columns: {dataset.column_names}."
             )
-    if not text:
+    if input_kind == "image":
         dataset = keep_images_undecoded(dataset, spec.image_column)
         check_images(dataset, spec.image_column, task)
     return dataset

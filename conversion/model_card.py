@@ -7,6 +7,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from modeling_wemoe import WEMoEPreTrainedModel
 
+from .backbones import Backbone
 from .merge_methods import get_static_merge
 from .recipe import MergeRecipe
 
@@ -18,16 +19,12 @@ def hub_id_or_none(name_or_path: str) -> str | None:
     return None if Path(name_or_path).exists() else name_or_path
 
 
-# Per architecture: the card template, the Hub pipeline tag and tags, and the title's model name.
-ARCHITECTURE_CARDS = {
-    "clip": {"template": "wemoe_clip.md", "pipeline_tag": "image-classification", "title": "CLIP"},
-    "t5": {"template": "wemoe_t5.md", "pipeline_tag": "text2text-generation", "title": "T5"},
-}
-
-
-def render_model_card(model: WEMoEPreTrainedModel, recipe: MergeRecipe, repo_id: str | None = None) -> ModelCard:
+def render_model_card(
+    model: WEMoEPreTrainedModel, recipe: MergeRecipe, backbone: Backbone, repo_id: str | None = None
+) -> ModelCard:
+    """One template for every family (`model_cards/wemoe.md`); the family's plug-in gives its summary, what its
+    labels are called, its pipeline tag and a usage snippet."""
     config = model.config
-    card = ARCHITECTURE_CARDS[recipe.architecture]
     variant = VARIANT_NAMES[recipe.variant] + (f", keep {recipe.keep:g}" if recipe.variant == "e-wemoe" else "")
     router = (
         "router in every layer" if config.router_mode == "per_layer" else "single router shared by all layers"
@@ -35,8 +32,8 @@ def render_model_card(model: WEMoEPreTrainedModel, recipe: MergeRecipe, repo_id:
     card_data = ModelCardData(
         base_model=hub_id_or_none(recipe.base_model),
         library_name="transformers",
-        pipeline_tag=card["pipeline_tag"],
-        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, card["pipeline_tag"]],
+        pipeline_tag=backbone.pipeline_tag,
+        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, backbone.pipeline_tag],
     )
     task_labels = config.task_labels or {}
     tasks = [
@@ -44,14 +41,16 @@ def render_model_card(model: WEMoEPreTrainedModel, recipe: MergeRecipe, repo_id:
     ]
     return ModelCard.from_template(
         card_data,
-        template_str=(files("model_cards") / card["template"]).read_text(),
-        title=f"{VARIANT_NAMES[recipe.variant]} {card['title']}: {', '.join(task['name'] for task in tasks)}",
+        template_str=(files("model_cards") / "wemoe.md").read_text(),
+        title=f"{VARIANT_NAMES[recipe.variant]} {backbone.display_name}: {', '.join(task['name'] for task in tasks)}",
+        summary=backbone.card_summary.format(n=len(tasks)),
+        labels_name=backbone.labels_name,
+        usage=backbone.card_usage(repo_id or "path/to/this/artifact", tasks[0]["name"]),
         variant_name=variant,
         static_merge_name=f"{get_static_merge(recipe.static_merge.method).pretty_name}, "
         f"scaling {recipe.static_merge.scaling:g}",
         router_description=router,
         tasks=tasks,
         report=model.parameter_report(),
-        repo_id=repo_id or "path/to/this/artifact",
         recipe_yaml=recipe.to_yaml(),
     )

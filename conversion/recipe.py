@@ -11,6 +11,10 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
+# The merging coefficient that task arithmetic, TIES, AdaMerging's start and WEMoE's routers use unless told otherwise
+# (the papers' choice for 8 ViT-B/32 tasks).
+DEFAULT_LAMBDA = 0.3
+
 
 class RecipeError(ValueError):
     """A conversion recipe that cannot be used; the message names every offending key."""
@@ -24,14 +28,14 @@ class TaskArithmeticSpec(Strict):
     """theta_0 + scaling * sum_i tau_i."""
 
     method: Literal["task_arithmetic"]
-    scaling: FiniteFloat = 0.3
+    scaling: FiniteFloat = DEFAULT_LAMBDA
 
 
 class TiesSpec(Strict):
     """TIES-Merging: trim each task vector to `density`, elect signs, average the agreeing entries."""
 
     method: Literal["ties"]
-    scaling: FiniteFloat = 0.3
+    scaling: FiniteFloat = DEFAULT_LAMBDA
     density: float = Field(0.2, gt=0, le=1)
     majority_sign: Literal["total", "frequency"] = "total"
 
@@ -42,7 +46,7 @@ class AdaMergingSpec(Strict):
 
     method: Literal["adamerging"]
     data: Annotated[str, Field(min_length=1)]
-    init_lambda: FiniteFloat = Field(0.3, ge=0, le=1)
+    init_lambda: FiniteFloat = Field(DEFAULT_LAMBDA, ge=0, le=1)
     steps: int = Field(500, ge=1)
     lr: FiniteFloat = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -55,7 +59,7 @@ StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec | AdaMergingSpec, Fiel
 class RouterSpec(Strict):
     hidden_layers: Literal[0, 1, 2] = 2
     top_k: int | None = Field(None, ge=1)
-    init_lambda: FiniteFloat = 0.3
+    init_lambda: FiniteFloat = DEFAULT_LAMBDA
     granularity: Literal["sample", "token"] = "sample"
 
 
@@ -126,28 +130,26 @@ tasks:
 """
 
 
-class MergeRecipe(Strict):
-    """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section. `variant: static` builds a plain model
-    of the base's class, merged by `static_merge` alone (a baseline to compare WEMoE with)."""
+class MergeOptions(Strict):
+    """How experts are merged; every default is declared here once. `MergeRecipe` adds what is merged. The Python
+    API (`conversion.merge`, `merge_clip`, `merge_t5`) takes these fields as keyword arguments, validated the same
+    way."""
 
-    base_model: Annotated[str, Field(min_length=1)]
-    architecture: Literal["clip", "t5"] = "clip"
     variant: Literal["wemoe", "e-wemoe", "static"] = "wemoe"
     keep: float = Field(0.1, gt=0, le=1)
     expert_format: Literal["dense", "sparse", "lowrank"] | None = None
     rank: int | None = Field(None, ge=1)
     static_merge: StaticMergeSpec = TaskArithmeticSpec(method="task_arithmetic")
     router: RouterSpec = RouterSpec()
-    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def rank_with_lowrank(self) -> "MergeRecipe":
+    def rank_with_lowrank(self) -> "MergeOptions":
         if (self.expert_format == "lowrank") != (self.rank is not None):
             raise ValueError("`rank` is required with expert_format: lowrank and only allowed with it")
         return self
 
     @model_validator(mode="after")
-    def adamerging_only_static(self) -> "MergeRecipe":
+    def adamerging_only_static(self) -> "MergeOptions":
         if self.static_merge.method == "adamerging" and self.variant != "static":
             raise ValueError(
                 "static_merge: adamerging merges a whole model from data; use it with variant: static (a WEMoE "
@@ -155,14 +157,32 @@ class MergeRecipe(Strict):
             )
         return self
 
+
+class MergeRecipe(MergeOptions):
+    """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section. `variant: static` builds a plain model
+    of the base's class, merged by `static_merge` alone (a baseline to compare WEMoE with). `architecture` names a
+    registered backbone family (`conversion.backbones`)."""
+
+    base_model: Annotated[str, Field(min_length=1)]
+    architecture: str = "clip"
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+
+    @field_validator("architecture")
+    @classmethod
+    def registered_architecture(cls, architecture: str) -> str:
+        from .backbones import BACKBONES
+
+        if architecture not in BACKBONES:
+            raise ValueError(f"unknown architecture {architecture!r}; registered: {sorted(BACKBONES)}")
+        return architecture
+
     @model_validator(mode="after")
     def tasks_fit_the_architecture(self) -> "MergeRecipe":
+        from .backbones import get_backbone
+
+        backbone = get_backbone(self.architecture)
         for index, task in enumerate(self.tasks):
-            where = f"tasks.{index} ({task.name})"
-            if self.architecture == "clip" and task.classnames is None and task.dataset is None:
-                raise ValueError(f"{where}: a CLIP task needs `classnames` or a `dataset` with a ClassLabel column")
-            if self.architecture == "t5" and task.templates is not None:
-                raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a T5 task has none")
+            backbone.check_recipe_task(task, f"tasks.{index} ({task.name})")
         return self
 
     @model_validator(mode="after")
@@ -203,23 +223,23 @@ def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
     `what` says what the value is in messages (e.g. "conversion recipe")."""
     if isinstance(value, schema):
         return value
-    source = "(dict)"
+    name = what
     if isinstance(value, (str, os.PathLike)):
-        source = repr(str(value))
+        name = f"{what} {str(value)!r}"
         try:
             value = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
         except OSError as error:
-            raise RecipeError(f"Cannot read {what} {source}: {error.strerror or error}.") from error
+            raise RecipeError(f"Cannot read {name}: {error.strerror or error}.") from error
         except UnicodeDecodeError:
-            raise RecipeError(f"The {what} {source} is not a text file (it is not UTF-8); give a YAML file.") from None
+            raise RecipeError(f"The {name} is not a text file (it is not UTF-8); give a YAML file.") from None
         except yaml.YAMLError as error:
-            raise RecipeError(f"The {what} {source} is not valid YAML: {error}") from error
+            raise RecipeError(f"The {name} is not valid YAML: {error}") from error
     if not isinstance(value, dict):
-        raise RecipeError(f"The {what} {source} must be a mapping of keys, got {type(value).__name__}.")
+        raise RecipeError(f"The {name} must be a mapping of keys, got {type(value).__name__}.")
     try:
         return schema.model_validate(value)
     except ValidationError as error:
-        raise RecipeError(format_validation_error(error, f"{what} {source}")) from None
+        raise RecipeError(format_validation_error(error, name)) from None
 
 
 def check_model_source(value: str, field: str) -> None:

@@ -1,4 +1,5 @@
-"""`wemoe-update-code`: replace a WEMoE artifact's model code with this release's; its weights stay as they are.
+"""Replacing a WEMoE artifact's model code with this release's; its weights stay as they are. The library behind
+`wemoe-update-code` (`conversion.cli.update_code`).
 
 An artifact carries its modeling code, and is loaded by whatever transformers its users have. Code published by an
 older release can stop working with a newer transformers (0.1.0's T5 code generates wrongly with the KV cache on
@@ -6,14 +7,12 @@ transformers 5.24). This rewrites the code files and the `auto_map` of `config.j
 Hub repo, and never touches a weight file. The artifact format is unchanged, so weights saved by any release load.
 """
 
-import argparse
 import importlib.metadata
 import inspect
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,11 +30,6 @@ logger = logging.getLogger(__name__)
 # removed, so that nothing stale is left to import.
 CODE_FILE_PATTERNS = ("configuration_wemoe.py", "modeling_wemoe*.py", "pipeline_wemoe.py")
 
-EPILOG = """examples:
-  wemoe-update-code ./clip-b32-ewemoe-8task                     # a local artifact, in place
-  wemoe-update-code my-org/flan-t5-base-wemoe-glue               # a Hub repo: one commit with the new code files
-  wemoe-update-code ./adapted --push-to-hub my-org/adapted       # in place, then upload the code to that repo
-"""
 
 
 def code_files_for(config: WEMoEConfig) -> list[Path]:
@@ -130,33 +124,3 @@ def update_code(artifact: str | os.PathLike, push_to_hub: str | None = None) -> 
         shutil.rmtree(Path(workspace) / ".cache", ignore_errors=True)
         written, stale = update_code_in_directory(workspace)
         return push_code(Path(workspace), push_to_hub or str(artifact), written, stale)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="wemoe-update-code",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-update-code`: "),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("artifact", help="A WEMoE artifact: a local directory (updated in place) or a Hub repo id.")
-    parser.add_argument(
-        "--push-to-hub", metavar="ORG/NAME", help="Upload the updated code to this Hub repo (default for a Hub id: it)."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log the files written and removed.")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        where = update_code(args.artifact, args.push_to_hub)
-    except (ValueError, OSError) as error:
-        print(f"wemoe-update-code: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"Updated the WEMoE code of {where} to wemoe {release_version()}")
-
-
-if __name__ == "__main__":
-    main()

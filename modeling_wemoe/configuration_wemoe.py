@@ -8,7 +8,7 @@ import math
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPVisionConfig, PreTrainedConfig, T5Config
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
@@ -22,16 +22,19 @@ class WEMoEConfig(PreTrainedConfig):
     go here. `static_merge` is recorded for provenance and is not read by the model.
 
     The backbone is exactly one of `vision_config` (a CLIP image classifier, `WEMoEForImageClassification`) and
-    `text_config` (a T5 / Flan-T5 text-to-text model, `WEMoEForConditionalGeneration`).
+    `text_config` (a text model of the family its `model_type` names: T5 / Flan-T5, `WEMoEForConditionalGeneration`;
+    other families register their own model class). `backbone` says which family it is.
 
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower the experts were fine-tuned from.
         projection_dim (`int`, *optional*):
             Output size of the visual projection (the CLIP joint embedding size); required with `vision_config`.
-        text_config (`dict` or `T5Config`, *optional*):
-            The T5 model the experts were fine-tuned from (plain `wi`/`wo` or gated `wi_0`/`wi_1`/`wo` feed-forward).
-            Its decoder feed-forward blocks always route per token (see `routing_granularity`).
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The text model the experts were fine-tuned from; a dict is read as the config of its `model_type`
+            (`"t5"` when it has none, as in artifacts saved before other text families existed). A T5 has plain
+            `wi`/`wo` or gated `wi_0`/`wi_1`/`wo` feed-forward blocks; its decoder always routes per token (see
+            `routing_granularity`).
         tie_word_embeddings (`bool`, defaults to `False`):
             T5 only: whether `lm_head` shares the weight of the `shared` input embedding (as in the original T5) or
             has its own (Flan-T5, T5 v1.1). Set by the converter from the base checkpoint.
@@ -96,7 +99,7 @@ class WEMoEConfig(PreTrainedConfig):
     model_type = "wemoe"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, optional=True),
-        "text_config": SubConfigSpec(config_class=T5Config, optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="t5", optional=True),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -119,7 +122,7 @@ class WEMoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.text_config is not None:
-            self.is_encoder_decoder = True
+            self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
         if self.num_experts is None and self.tasks is not None:
             self.num_experts = len(self.tasks)
         if self.task_labels is not None and self.tasks is not None:
@@ -155,7 +158,8 @@ class WEMoEConfig(PreTrainedConfig):
             )
         if self.task_labels is None:
             return
-        # A CLIP head needs every task's classes; T5 label words are optional per task.
+        # An image classifier's heads need every task's classes; a text model's labels may be given for some tasks
+        # (T5 label words; a text classifier checks for all of them itself).
         labelled = set(self.task_labels) == set(self.tasks) or (
             self.text_config is not None and set(self.task_labels) <= set(self.tasks)
         )
@@ -195,18 +199,18 @@ class WEMoEConfig(PreTrainedConfig):
             )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
-        """As for any config; with `decoder=True` and a T5 backbone, the decoder's view of `text_config` (its own
-        layer count), which `generate()` sizes the KV cache from."""
+        """As for any config; with `decoder=True` and an encoder-decoder backbone (T5), the decoder's view of
+        `text_config` (its own layer count), which `generate()` sizes the KV cache from."""
         text_config = super().get_text_config(decoder=decoder, encoder=encoder)
-        if decoder and not encoder and text_config is self.text_config and self.text_config is not None:
+        if decoder and not encoder and text_config is self.text_config and self.is_encoder_decoder:
             text_config = copy.deepcopy(text_config)
             text_config.is_decoder, text_config.num_layers = True, text_config.num_decoder_layers
         return text_config
 
     @property
     def backbone(self) -> str:
-        """Which model family the experts are: `"clip"` (with `vision_config`) or `"t5"` (with `text_config`)."""
-        return "clip" if self.vision_config is not None else "t5"
+        """Which model family the experts are: `"clip"` (with `vision_config`), else `text_config`'s model type."""
+        return "clip" if self.vision_config is not None else self.text_config.model_type
 
     @property
     def task_label_offsets(self) -> dict[str, tuple[int, int]]:

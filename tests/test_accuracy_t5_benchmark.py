@@ -14,8 +14,8 @@ import pytest
 from test_accuracy_benchmark import load_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
+from conversion.backbones.t5 import generated_answers
 from conversion.data import load_data_config, load_task_dataset
-from conversion.evaluate import generated_answers
 
 benchmark = load_script("accuracy_t5")
 missing = [str(path) for path in (benchmark.WORDNET_NOUNS,) if not path.exists()]
@@ -71,7 +71,7 @@ def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
     # A sample's answer does not depend on its batch (batched generation with the KV cache, padding excluded).
     model = AutoModelForSeq2SeqLM.from_pretrained(cache / "models" / "wemoe_tta", trust_remote_code=True).eval()
     spec = load_data_config(cache / "data.yaml").tasks["fortunes"]
-    dataset = load_task_dataset("fortunes", spec, text=True)
+    dataset = load_task_dataset("fortunes", spec, input_kind="text")
     alone = generated_answers(model, tokenizer, dataset, spec, batch_size=1, max_new_tokens=4)
     assert generated_answers(model, tokenizer, dataset, spec, batch_size=5, max_new_tokens=4) == alone
 

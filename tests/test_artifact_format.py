@@ -13,7 +13,7 @@ import torch
 from fresh_process import BLOCK_REPOSITORY_PACKAGES, run_in_fresh_process
 from transformers import PreTrainedTokenizerFast
 
-from conversion.update_code import main
+from conversion.cli.update_code import main
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification
 
 FORMAT_V1 = Path(__file__).parent / "fixtures" / "format_v1"

@@ -58,7 +58,7 @@ def test_task_lists_that_do_not_match(base, experts, classnames, tokenizer, chan
 
 
 def test_unknown_variant_and_missing_tokenizer(base, experts, classnames, tokenizer):
-    with pytest.raises(ValueError, match=r"Unknown variant 'moe'; choose one of \['e-wemoe', 'wemoe'\]"):
+    with pytest.raises(ValueError, match=r"Invalid merge options:\n  variant: Input should be 'wemoe', 'e-wemoe'"):
         merge_clip(base, experts, classnames, tokenizer=tokenizer, variant="moe")
     with pytest.raises(ValueError, match="`tokenizer` is required when `base` is a model in memory"):
         merge_clip(base, experts, classnames)

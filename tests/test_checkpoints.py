@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionModel
 
 from conversion import merge_clip
-from conversion.checkpoints import CheckpointTensors, vision_tower_key
+from conversion.backbones.clip import vision_tower_key
+from conversion.checkpoints import CheckpointTensors
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_checkpoint_formats_read_the_same_tensors(experts, tmp_path, serializati
         expert.save_pretrained(tmp_path, max_shard_size="20KB" if serialization == "sharded" else "5GB")
     if serialization == "sharded":
         assert (tmp_path / "model.safetensors.index.json").exists()
-    tensors = CheckpointTensors(tmp_path, "Expert 'shapes'")
+    tensors = CheckpointTensors(tmp_path, "Expert 'shapes'", vision_tower_key, "CLIP backbone")
     state = expert.state_dict()
     assert set(tensors) == set(state)
     for key, tensor in state.items():

@@ -16,7 +16,7 @@ from test_checkpoints import lora_expert
 from transformers import AutoModel
 
 from conversion import convert, merge_clip
-from conversion.convert import main
+from conversion.cli.convert import main
 from conversion.toy import build_toy_base, build_toy_expert
 
 

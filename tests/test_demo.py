@@ -1,4 +1,4 @@
-from conversion.demo import main
+from conversion.cli.demo import main
 
 
 def test_demo_runs_end_to_end_and_prints_what_it_did(tmp_path, capsys):

@@ -9,8 +9,9 @@ from datasets import load_dataset
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModel
 
-from conversion.data import load_data_config, load_task_dataset
-from conversion.evaluate import evaluate, main, task_predictions
+from conversion.cli.evaluate import main
+from conversion.data import load_data_config, load_task_dataset, pixel_values_of
+from conversion.evaluation import evaluate
 
 
 def hand_written_accuracy(model_dir, data_file, task) -> float:
@@ -34,6 +35,16 @@ def test_cli_accuracy_equals_a_hand_written_loop(artifact, task_data, tmp_path, 
         assert results[task] == pytest.approx(hand_written_accuracy(artifact, spec["data_files"], task), abs=1e-12)
     assert results["average"] == pytest.approx(sum(results[t] for t in task_data["tasks"]) / 3)
     assert "average" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def task_predictions(model, task: str, dataset, spec, processor, batch_size: int) -> torch.Tensor:
+    predictions = []
+    for start in range(0, len(dataset), batch_size):
+        rows = list(range(start, min(start + batch_size, len(dataset))))
+        pixel_values = pixel_values_of(dataset[rows][spec.image_column], rows, processor, task)
+        predictions.append(model(pixel_values, task=task).logits.argmax(dim=-1))
+    return torch.cat(predictions)
 
 
 def test_a_sample_prediction_does_not_depend_on_its_batch(artifact, task_data):

@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conversion.convert import main as convert_main
-from conversion.evaluate import main as eval_main
-from conversion.tta import main as tta_main
+from conversion.cli.convert import main as convert_main
+from conversion.cli.evaluate import main as eval_main
+from conversion.cli.tta import main as tta_main
 
 RUNS_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -87,7 +87,7 @@ def test_low_rank_top_k_computes_only_the_selected_experts_exactly(
 ):
     """The gathered top-k path must equal the same model computing every expert with the masked weights."""
     model = merge_clip(
-        base, experts, classnames, tokenizer=tokenizer, expert_format="lowrank", rank=4, router_top_k=top_k
+        base, experts, classnames, tokenizer=tokenizer, expert_format="lowrank", rank=4, router={"top_k": top_k}
     )
     randomize_routers(model)
     with torch.no_grad():

@@ -13,14 +13,16 @@ from modeling_wemoe.modeling_wemoe import WEMoERouter, WEMoESparseTaskVectors, n
     "options",
     [
         {"variant": "wemoe"},
-        {"variant": "wemoe", "router_hidden_layers": 1},
-        {"variant": "wemoe", "router_hidden_layers": 0, "granularity": "token"},
+        {"variant": "wemoe", "router": {"hidden_layers": 1}},
+        {"variant": "wemoe", "router": {"hidden_layers": 0, "granularity": "token"}},
         {"variant": "e-wemoe", "keep": 1.0},
     ],
     ids=["wemoe", "depth1", "depth0-token", "e-wemoe-keep-all"],
 )
 def test_fresh_merge_equals_task_arithmetic(base, experts, classnames, tokenizer, pixel_values, options):
-    model = merge_clip(base, experts, classnames, tokenizer=tokenizer, init_lambda=0.25, scaling=0.25, **options)
+    options = {**options, "router": {**options.get("router", {}), "init_lambda": 0.25}}
+    static_merge = {"method": "task_arithmetic", "scaling": 0.25}
+    model = merge_clip(base, experts, classnames, tokenizer=tokenizer, static_merge=static_merge, **options)
     reference = task_arithmetic_tower(base, experts, scaling=0.25)
     with torch.no_grad():
         hidden = model(pixel_values, output_hidden_states=True).hidden_states[-1]
@@ -30,7 +32,7 @@ def test_fresh_merge_equals_task_arithmetic(base, experts, classnames, tokenizer
 
 @pytest.mark.parametrize(
     "options",
-    [{"variant": "wemoe"}, {"variant": "e-wemoe", "keep": 0.1}, {"variant": "wemoe", "router_top_k": 2}],
+    [{"variant": "wemoe"}, {"variant": "e-wemoe", "keep": 0.1}, {"variant": "wemoe", "router": {"top_k": 2}}],
     ids=["wemoe", "e-wemoe", "top-2"],
 )
 def test_per_sample_routing_matches_per_sample_merged_reference(

@@ -9,12 +9,14 @@ from transformers import AutoImageProcessor, CLIPModel
 
 from conversion import convert
 from conversion.adamerging import LayerWiseAdaMerging
+from conversion.adaptation import load_task_datasets, task_streams
+from conversion.backbones import get_backbone
+from conversion.backbones.clip import ZeroShotCLIP
 from conversion.checkpoints import InMemoryTensors
-from conversion.evaluate import evaluate
-from conversion.heads import ZeroShotCLIP
+from conversion.evaluation import evaluate
 from conversion.merge_methods import ties_merging
 from conversion.recipe import RecipeError, load_recipe
-from conversion.tta import entropy_loss, load_task_datasets, task_streams
+from conversion.streams import entropy_loss
 
 
 def static_recipe(recipe: dict, static_merge: dict) -> dict:
@@ -93,7 +95,8 @@ def test_adamerging_recipe_lowers_entropy_and_saves_the_merge_of_its_coefficient
     ta = convert(static_recipe(recipe, {"method": "task_arithmetic", "scaling": 0.3}), tmp_path / "ta")
 
     image_processor = AutoImageProcessor.from_pretrained(adamerged)
-    streams = task_streams(load_task_datasets(task_data, list(classnames)), image_processor, 4)
+    datasets = load_task_datasets(task_data, list(classnames), "image")
+    streams = task_streams(get_backbone("clip"), datasets, image_processor, 4)
 
     def mean_entropy(model_dir) -> float:
         return streams_entropy(

@@ -8,10 +8,9 @@ import torch
 from fresh_process import T5_FRESH_PROCESS_SCRIPT, run_in_fresh_process
 from reference import randomize_routers
 from reference_t5 import per_sample_reference_logits, task_arithmetic_t5
+from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 
-from conversion import save_artifact
-from conversion.t5 import merge_t5
-from conversion.toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
+from conversion import merge_t5, save_artifact
 
 TASKS = ("sst2", "topic", "nli")
 PROMPTS = [
@@ -48,7 +47,7 @@ def batch(tokenizer):
     "options",
     [
         {"variant": "wemoe"},
-        {"variant": "wemoe", "router_hidden_layers": 1, "granularity": "token"},
+        {"variant": "wemoe", "router": {"hidden_layers": 1, "granularity": "token"}},
         {"variant": "e-wemoe", "keep": 1.0},
     ],
     ids=["wemoe", "depth1-token", "e-wemoe-keep-all"],
@@ -56,7 +55,8 @@ def batch(tokenizer):
 def test_fresh_merge_equals_task_arithmetic(family, batch, options):
     base, experts = family
     input_ids, attention_mask, decoder_input_ids = batch
-    model = merge_t5(base, experts, init_lambda=0.25, scaling=0.25, **options)
+    options = {**options, "router": {**options.get("router", {}), "init_lambda": 0.25}}
+    model = merge_t5(base, experts, static_merge={"method": "task_arithmetic", "scaling": 0.25}, **options)
     reference = task_arithmetic_t5(base, experts, scaling=0.25)
     with torch.no_grad():
         output = model(input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)

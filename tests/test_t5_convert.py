@@ -8,12 +8,11 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 from test_t5 import PROMPTS, build_family
+from toy_t5 import toy_t5_tokenizer
 from transformers import AutoModelForSeq2SeqLM
 
-from conversion import convert
+from conversion import convert, merge_t5
 from conversion.recipe import RecipeError
-from conversion.t5 import merge_t5
-from conversion.toy_t5 import toy_t5_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_convert_writes_a_t5_artifact_equal_to_merge_t5(t5_checkpoints, tmp_path
         {task: t5_checkpoints[task] for task in ("sst2", "topic", "nli")},
         variant="e-wemoe",
         keep=0.5,
-        label_words={"sst2": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"]},
+        classnames={"sst2": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"]},
     )
     assert loaded.config.task_labels == in_memory.config.task_labels
     inputs = toy_t5_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
@@ -72,7 +71,7 @@ def test_convert_writes_a_t5_artifact_equal_to_merge_t5(t5_checkpoints, tmp_path
         )
     card = ModelCard.load(artifact / "README.md")
     assert card.data.pipeline_tag == "text2text-generation" and "t5" in card.data.tags
-    assert "negative, positive" in card.text and "(free text)" in card.text
+    assert "| sst2 | negative, positive |" in card.text and "| topic | - |" in card.text
     assert (artifact / "tokenizer.json").is_file() and (artifact / "pipeline_wemoe.py").is_file()
 
 
@@ -91,7 +90,7 @@ def test_cli_converts_a_t5_recipe(t5_checkpoints, tmp_path):
     ("change", "message"),
     [
         (lambda r: r["tasks"][0].update(templates=["a {}"]), r"tasks.0 \(sst2\): `templates` build CLIP zero-shot"),
-        (lambda r: r.update(architecture="bert"), r"architecture: Input should be 'clip' or 't5'"),
+        (lambda r: r.update(architecture="gpt2"), r"architecture: Value error, unknown architecture 'gpt2'"),
         (
             lambda r: r.update(architecture="clip"),
             r"tasks.1 \(topic\): a CLIP task needs `classnames` or a `dataset`",

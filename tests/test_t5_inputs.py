@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_t5 import TASKS, build_family
+from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 from transformers import T5ForConditionalGeneration
 
-from conversion.t5 import merge_t5
+from conversion import merge_t5
 from conversion.toy import build_toy_base
-from conversion.toy_t5 import build_toy_t5_base, build_toy_t5_expert
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,9 @@ def test_expert_with_nan(flan):
     ("change", "message"),
     [
         ({"experts": {}}, r"`experts` is empty"),
-        ({"label_words": {"qqp": ["yes"]}}, r"`label_words` names tasks without an expert: \['qqp'\]"),
-        ({"label_words": {"sst2": []}}, r"`label_words` has an empty list for task\(s\) \['sst2'\]"),
-        ({"variant": "moe"}, r"Unknown variant 'moe'"),
+        ({"classnames": {"qqp": ["yes"]}}, r"`classnames` names tasks without an expert: \['qqp'\]"),
+        ({"classnames": {"sst2": []}}, r"`classnames` has an empty class list for task\(s\) \['sst2'\]"),
+        ({"variant": "moe"}, r"variant: Input should be 'wemoe', 'e-wemoe' or 'static'"),
     ],
     ids=["no-experts", "unknown-task", "empty-words", "variant"],
 )

@@ -9,7 +9,8 @@ from test_tta import streams_entropy
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
 from conversion import convert
-from conversion.tta import load_task_datasets, task_streams
+from conversion.adaptation import load_task_datasets, task_streams
+from conversion.backbones import get_backbone
 
 
 def static_t5_recipe(paths: dict, static_merge: dict) -> dict:
@@ -46,8 +47,8 @@ def test_adamerging_t5_lowers_the_first_token_entropy(t5_checkpoints, text_data,
     ta = convert(static_t5_recipe(t5_checkpoints, {"method": "task_arithmetic", "scaling": 0.3}), tmp_path / "t5_ta")
     tokenizer = AutoTokenizer.from_pretrained(ta)
     label_words = {"sst2": ["negative", "positive"], "nli": ["entailment", "neutral", "contradiction"]}
-    datasets = load_task_datasets(text_data, ["sst2", "topic", "nli"], is_text=True)
-    streams = task_streams(datasets, tokenizer, 4, is_text=True, label_words=label_words)
+    datasets = load_task_datasets(text_data, ["sst2", "topic", "nli"], "text")
+    streams = task_streams(get_backbone("t5"), datasets, tokenizer, 4, label_words)
 
     def mean_entropy(model_dir) -> float:
         return streams_entropy(AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval(), streams, steps=3)

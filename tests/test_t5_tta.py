@@ -10,14 +10,15 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_t5 import build_family
 from test_tta import mean_entropy
+from toy_t5 import build_toy_t5_base, toy_t5_tokenizer
 from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
-from conversion import save_artifact
+from conversion import merge_t5, save_artifact
+from conversion.adaptation import load_task_streams
+from conversion.backbones.t5 import TextTaskStream, spearman
+from conversion.cli.tta import main
 from conversion.data import load_data_config
-from conversion.evaluate import evaluate, spearman, update_model_card
-from conversion.t5 import merge_t5
-from conversion.toy_t5 import build_toy_t5_base, toy_t5_tokenizer
-from conversion.tta import TextTaskStream, load_task_streams, main
+from conversion.evaluation import evaluate, update_model_card
 from modeling_wemoe import WEMoEForImageClassification
 
 SENTENCES = [
@@ -30,7 +31,7 @@ TOPICS = ["the ball", "an atom", "the soup", "a guitar", "the vote", "the code",
 @pytest.fixture(scope="module")
 def t5_artifact(tmp_path_factory):
     base, experts = build_family(gated=True, tied=False)
-    model = merge_t5(base, experts, label_words={"sst2": ["negative", "positive"]})
+    model = merge_t5(base, experts, classnames={"sst2": ["negative", "positive"]})
     # Named apart from the CLIP artifacts: transformers keys dynamic modules by directory name within a process.
     return save_artifact(model, tmp_path_factory.mktemp("t5") / "t5_artifact", toy_t5_tokenizer())
 

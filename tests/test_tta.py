@@ -13,8 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from conversion.adaptation import load_task_streams
+from conversion.backbones import backbone_for_config
+from conversion.cli.tta import main
 from conversion.data import batch_indices
-from conversion.tta import entropy_loss, load_processor, load_task_streams, main
+from conversion.streams import entropy_loss
 
 
 def write_yaml(content: dict, path) -> str:
@@ -40,7 +43,8 @@ def streams_entropy(model, streams, steps: int = 5) -> float:
 def mean_entropy(model_dir, task_data) -> float:
     """Mean entropy over a few fixed batches of every task (images or prompts, as the artifact takes)."""
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    return streams_entropy(model, load_task_streams(task_data, model, load_processor(model_dir, model), 4, 1))
+    processor = backbone_for_config(model.config).load_processor(model_dir)
+    return streams_entropy(model, load_task_streams(task_data, model, processor, 4, 1))
 
 
 def all_tensors(model_dir) -> dict[str, torch.Tensor]:
@@ -167,7 +171,7 @@ def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifa
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert sorted(re.findall(r"process (\d) of 2 done", completed.stdout)) == ["0", "1"], completed.stdout
     assert completed.stdout.count("Wrote ") == 1, completed.stdout  # by the main process only
-    with caplog.at_level("INFO", logger="conversion.tta"):
+    with caplog.at_level("INFO", logger="conversion.adaptation"):
         main([*arguments, "--output", str(tmp_path / "single")])
 
     assert final_entropy(completed.stderr)[0] == 2 and final_entropy(caplog.text)[0] == 1

@@ -14,13 +14,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import pipeline
 
-from .artifact import default_image_processor
-from .build import VARIANTS
-from .convert import convert
-from .evaluate import evaluate
-from .recipe import MergeRecipe
-from .toy import build_toy_base, build_toy_expert, toy_tokenizer
-from .tta import adapt_artifact
+from ..adaptation import adapt_artifact
+from ..backbones.clip import default_image_processor
+from ..build import VARIANTS
+from ..convert import convert
+from ..evaluation import evaluate
+from ..recipe import MergeRecipe
+from ..toy import build_toy_base, build_toy_expert, toy_tokenizer
 
 DEMO_TASKS = {
     "shapes": ["circle", "square", "triangle"],

@@ -1,43 +1,33 @@
-"""`wemoe-tta`: test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate.
+"""Test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate; the library
+behind `wemoe-tta` (`conversion.cli.tta`) and AdaMerging.
 
 Only router parameters train. Each step draws one batch per task (round-robin over every task, from shuffled,
-endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted distribution: over the
-task's classes for CLIP; for T5, over the first decoded token, restricted to the task's label words when the model
-has them.
-Launchable unchanged with `accelerate launch` on several processes (DDP): every process takes an equal share of
-each global batch.
+endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted distribution, over what
+the family's task stream (`Backbone.task_stream`) says: a task's classes, or a T5's first decoded token.
+Runs unchanged on several processes (DDP): every process takes an equal share of each global batch.
 """
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig
 
 from modeling_wemoe.modeling_wemoe import is_router_parameter
 
 from .artifact import load_artifact_model, write_artifact
-from .data import (
-    TaskData,
-    batch_indices,
-    check_tasks_known,
-    data_inputs,
-    load_data_config,
-    load_task_dataset,
-    pixel_values_of,
-)
+from .backbones import Backbone, backbone_for_config
+from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset
 from .outputs import OutputError, check_output_target, staged_output, write_file_atomically
+from .streams import TaskStream, entropy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -45,101 +35,6 @@ CHECKPOINT_PREFIX = "step_"
 STEP_FILE = "wemoe_tta_step.json"
 CARRIED_FILES = ("README.md", "merge_config.yaml")
 
-EPILOG = """example DATA.yaml (labels are never read):
-  tasks:
-    eurosat: {path: tanganke/eurosat, split: test, image_column: image}
-    shapes: {path: imagefolder, data_dir: ./data/shapes, split: train}
-  for a T5 artifact:
-  tasks:
-    sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
-
-examples:
-  wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
-  wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
-  accelerate launch --num_processes 4 -m conversion.tta ./model data.yaml --output ./adapted --mixed-precision bf16
-"""
-
-
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy of the softmax over the classes, one value per sample averaged over the batch."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
-
-
-class TaskStream:
-    """One task's unlabeled samples, served as the batch `batch_indices` picks for each step; a subclass turns rows
-    into model inputs and says which logits adaptation takes the entropy of."""
-
-    def __init__(self, dataset, column: str, batch_size: int, task: str):
-        if len(dataset) < batch_size:
-            raise ValueError(f"Task {task!r} has {len(dataset)} samples, fewer than the batch size {batch_size}.")
-        self.dataset = dataset
-        self.column = column
-        self.batch_size = batch_size
-        self.task = task
-
-    def batch(
-        self, seed: int, task_index: int, step: int, process_index: int, num_processes: int
-    ) -> dict[str, torch.Tensor]:
-        rows = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)[process_index::num_processes]
-        return self.encode(self.dataset[rows][self.column], rows)
-
-    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class ImageTaskStream(TaskStream):
-    """Images through the artifact's image processor; the entropy of the task's class distribution."""
-
-    def __init__(self, dataset, spec: TaskData, image_processor, batch_size: int, task: str):
-        super().__init__(dataset, spec.image_column, batch_size, task)
-        self.image_processor = image_processor
-
-    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task)}
-
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**inputs, task=self.task).logits
-
-
-def label_token_ids(tokenizer, task: str, label_words: list[str]) -> list[int]:
-    """The first token of each label word: what the first decoding step must choose between."""
-    first_tokens = [tokenizer(word, add_special_tokens=False)["input_ids"][:1] for word in label_words]
-    if any(not tokens for tokens in first_tokens):
-        raise ValueError(f"Task {task!r}: a label word in {label_words} tokenizes to nothing.")
-    ids = [tokens[0] for tokens in first_tokens]
-    if len(set(ids)) != len(ids):
-        raise ValueError(
-            f"Task {task!r}: label words {label_words} do not differ in their first token ({ids}); the first "
-            "decoding step cannot tell them apart."
-        )
-    return ids
-
-
-class TextTaskStream(TaskStream):
-    """Prompts (`prefix + text`) through the tokenizer; the entropy of the first decoded token, over the task's
-    label words when it has them, else over the vocabulary."""
-
-    def __init__(self, dataset, spec: TaskData, tokenizer, batch_size: int, task: str, label_words: list | None):
-        super().__init__(dataset, spec.text_column, batch_size, task)
-        self.tokenizer = tokenizer
-        self.prefix = spec.prefix
-        self.label_ids = label_token_ids(tokenizer, task, label_words) if label_words else None
-
-    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
-        prompts = [self.prefix + str(value) for value in values]
-        encoded = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # A WEMoE config keeps T5's fields in `text_config`; a plain T5's are its own.
-        start = (getattr(model.config, "text_config", None) or model.config).decoder_start_token_id
-        decoder_input_ids = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
-        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits[:, 0]
-        return logits if self.label_ids is None else logits[:, self.label_ids]
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -281,12 +176,12 @@ def adapt(
 
 
 def load_task_streams(data_config, model, processor, batch_size: int, num_processes: int) -> dict[str, TaskStream]:
-    """A stream per task of the data config: images for a CLIP model (`processor` an image processor), prompts for a
-    T5 model (`processor` its tokenizer)."""
+    """A stream per task of the data config, as the model's family reads its task data (`processor`: the artifact's
+    image processor or tokenizer)."""
     check_batch_size(batch_size, num_processes)
-    is_text = model.config.text_config is not None
-    datasets = load_task_datasets(data_config, list(model.config.tasks), is_text)
-    return task_streams(datasets, processor, batch_size, is_text, model.config.task_labels)
+    backbone = backbone_for_config(model.config)
+    datasets = load_task_datasets(data_config, list(model.config.tasks), backbone.input_kind)
+    return task_streams(backbone, datasets, processor, batch_size, model.config.task_labels)
 
 
 def check_batch_size(batch_size: int, num_processes: int) -> None:
@@ -296,29 +191,28 @@ def check_batch_size(batch_size: int, num_processes: int) -> None:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
 
 
-def load_task_datasets(data_config, tasks: list[str], is_text: bool = False) -> dict[str, tuple]:
-    """Each task's checked dataset and its spec (`(dataset, TaskData)`), for the tasks the data config names."""
+def load_task_datasets(data_config, tasks: list[str], input_kind: str) -> dict[str, tuple]:
+    """Each task's checked dataset and its spec (`(dataset, TaskData)`), for the tasks the data config names;
+    `input_kind` is what the family reads (`"image"` or `"text"`)."""
     data_config = load_data_config(data_config)
     check_tasks_known(list(data_config.tasks), tasks)
-    return {task: (load_task_dataset(task, spec, text=is_text), spec) for task, spec in data_config.tasks.items()}
+    return {
+        task: (load_task_dataset(task, spec, input_kind=input_kind), spec) for task, spec in data_config.tasks.items()
+    }
 
 
 def task_streams(
+    backbone: Backbone,
     datasets: Mapping[str, tuple],
     processor,
     batch_size: int,
-    is_text: bool = False,
-    label_words: Mapping[str, list[str]] | None = None,
+    task_labels: Mapping[str, list[str]] | None = None,
 ) -> dict[str, TaskStream]:
-    """A stream per task of `load_task_datasets`' result: images through an image processor, or prompts through a
-    tokenizer with the task's label words."""
-    streams = {}
-    for task, (dataset, spec) in datasets.items():
-        if is_text:
-            streams[task] = TextTaskStream(dataset, spec, processor, batch_size, task, (label_words or {}).get(task))
-        else:
-            streams[task] = ImageTaskStream(dataset, spec, processor, batch_size, task)
-    return streams
+    """A stream per task of `load_task_datasets`' result, as the family turns its data into model inputs."""
+    return {
+        task: backbone.task_stream(dataset, spec, processor, batch_size, task, (task_labels or {}).get(task))
+        for task, (dataset, spec) in datasets.items()
+    }
 
 
 def data_fingerprint(datasets: Mapping[str, tuple]) -> dict:
@@ -327,13 +221,6 @@ def data_fingerprint(datasets: Mapping[str, tuple]) -> dict:
         task: {"spec": spec.model_dump(mode="json"), "rows": len(dataset), "fingerprint": dataset._fingerprint}
         for task, (dataset, spec) in datasets.items()
     }
-
-
-def load_processor(model_dir: str | os.PathLike, model):
-    """The artifact's tokenizer (T5) or image processor (CLIP)."""
-    if model.config.text_config is not None:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
-    return AutoImageProcessor.from_pretrained(model_dir)
 
 
 def adapt_artifact(
@@ -363,18 +250,18 @@ def adapt_artifact(
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     if config.model_type != "wemoe":
         raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
+    backbone = backbone_for_config(config)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
     check_batch_size(batch_size, accelerator.num_processes)
-    is_text = config.text_config is not None
-    datasets = load_task_datasets(data, list(config.tasks), is_text)
+    datasets = load_task_datasets(data, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
     with contextlib.ExitStack() as stack:
         staging = lock_output_on_main_process(stack, accelerator, output, overwrite, inputs)
         model = load_artifact_model(model_dir)
-        processor = load_processor(model_dir, model)
-        streams = task_streams(datasets, processor, batch_size, is_text, config.task_labels)
+        processor = backbone.load_processor(model_dir, config)
+        streams = task_streams(backbone, datasets, processor, batch_size, config.task_labels)
         model = adapt(
             model,
             streams,
@@ -425,49 +312,3 @@ def lock_output_on_main_process(
     if error is not None:
         raise OutputError(error)
     return staging
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="wemoe-tta",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-tta`: "),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("model_dir", help="WEMoE artifact to adapt (local directory or Hub id).")
-    parser.add_argument("data", type=Path, help="DATA.yaml: a datasets.load_dataset spec per task.")
-    parser.add_argument("--output", required=True, type=Path, help="Directory for the adapted artifact.")
-    parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (default: 1000).")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4).")
-    parser.add_argument("--batch-size", type=int, default=16, help="Global batch size per task (default: 16).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for data order and router init (default: 0).")
-    parser.add_argument(
-        "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
-    )
-    parser.add_argument("--checkpoint-dir", default=None, help="Where checkpoints go (default: OUTPUT.checkpoints).")
-    parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
-    parser.add_argument(
-        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="Autocast (default: no)."
-    )
-    parser.add_argument(
-        "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
-        output = adapt_artifact(args.model_dir, args.data, args.output, **options)
-    except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
-        print(f"wemoe-tta: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if PartialState().is_main_process:
-        print(f"Wrote {output}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,195 @@
+"""What a backbone family plug-in says: everything about a model family that building, adapting and evaluating WEMoE
+models needs, in one object. The rest of `conversion` asks the registry (`conversion.backbones`) for it and never
+tests which family it holds.
+
+A family plug-in subclasses `Backbone`, sets its class attributes and implements the methods marked as such, then
+registers an instance with `register_backbone`. Its modeling code is a `modeling_wemoe/modeling_wemoe_<family>.py`.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from ..adaptation import TaskStream
+    from ..checkpoints import ModelSource, TensorSource
+    from ..evaluation import EvaluationResults
+    from ..recipe import TaskSpec
+
+
+class Backbone:
+    """One model family: its checkpoints' layout, how its WEMoE model is built and finished, its static baseline,
+    how its task data becomes model inputs, how it is evaluated, and what its model card says.
+
+    Attributes:
+        architecture: the recipe's `architecture:` value, and the `backbone` of the family's WEMoE configs.
+        display_name: the family's name in messages and model card titles (`"CLIP"`).
+        plain_model_types: `model_type`s of this family's ordinary checkpoints (base models, fine-tunes), so that
+            `wemoe-eval` knows which family scores a plain model directory.
+        model_class: the WEMoE model class (from `modeling_wemoe`).
+        expert_linears: the linear layers that are weight-ensembled experts, by module path within a layer.
+        input_kind: what a task's data column holds, `"image"` or `"text"`.
+        pipeline_tag: the Hub pipeline tag of the family's artifacts.
+        labels_name: what a task's `classnames` are for this family, in cards and messages.
+        labels_required: whether every task needs `classnames` (or a dataset's ClassLabel) in a recipe.
+        templates_allowed: whether a task may give prompt templates (zero-shot heads).
+        needs_tokenizer: whether finishing a merged model needs the base's tokenizer (to build heads).
+        architecture_fields: config fields that must agree between the base and every expert.
+        tensor_hints: what a missing or extra tensor usually means, by merge key.
+        card_summary: one paragraph on what the artifact is, for its model card (`{n}`: the number of experts).
+    """
+
+    architecture: str
+    display_name: str
+    plain_model_types: tuple[str, ...] = ()
+    model_class: type
+    expert_linears: tuple[str, ...] = ()
+    input_kind: str
+    pipeline_tag: str
+    labels_name: str = "classes"
+    labels_required: bool = True
+    templates_allowed: bool = False
+    needs_tokenizer: bool = False
+    architecture_fields: tuple[str, ...] = ()
+    tensor_hints: Mapping[str, str] = {}
+    card_summary: str = ""
+
+    # Checkpoints -------------------------------------------------------------------------------------------------
+
+    def key_of(self, checkpoint_key: str) -> str | None:
+        """The merge key of a checkpoint key, or None for a tensor that is not part of the merged backbone."""
+        raise NotImplementedError
+
+    def config_of(self, config: PreTrainedConfig) -> PreTrainedConfig | None:
+        """The backbone's config within a checkpoint's config; None for another kind of model."""
+        raise NotImplementedError
+
+    def model_tensors(self, model: PreTrainedModel) -> tuple[Mapping[str, torch.Tensor], PreTrainedConfig] | None:
+        """An in-memory model's backbone tensors by merge key, and its backbone config; None for another kind."""
+        raise NotImplementedError
+
+    # Building ----------------------------------------------------------------------------------------------------
+
+    def load_base(self, source: "ModelSource") -> PreTrainedModel:
+        """The pre-trained base model, in memory, from a local directory or from the Hub."""
+        raise NotImplementedError
+
+    def base_tensors(self, base: PreTrainedModel) -> Mapping[str, torch.Tensor]:
+        """The base's tensors that are merged (keys as `key_of` gives them)."""
+        raise NotImplementedError
+
+    def wemoe_config_fields(self, base: PreTrainedModel) -> dict[str, Any]:
+        """The `WEMoEConfig` fields that describe the backbone (e.g. `vision_config`, `text_config`)."""
+        raise NotImplementedError
+
+    def merge_target(self, model: nn.Module) -> nn.Module:
+        """The part of a WEMoE model whose tensors carry the merge keys."""
+        raise NotImplementedError
+
+    def task_labels(
+        self,
+        classnames: Mapping[str, Sequence[str]] | None,
+        experts: Mapping[str, "ModelSource"],
+        expert_configs: Mapping[str, PreTrainedConfig | None],
+    ) -> dict[str, list[str]] | None:
+        """Each task's labels for the artifact, from the given `classnames`; checked against the experts."""
+        classnames = {task: list(names) for task, names in (classnames or {}).items()}
+        unknown = sorted(set(classnames) - set(experts))
+        if unknown:
+            raise ValueError(f"`classnames` names tasks without an expert: {unknown}; experts: {sorted(experts)}.")
+        empty = [task for task, names in classnames.items() if not names]
+        if empty:
+            raise ValueError(f"`classnames` has an empty class list for task(s) {empty}.")
+        missing = [task for task in experts if task not in classnames]
+        if self.labels_required and missing:
+            raise ValueError(
+                f"`experts` and `classnames` must name the same tasks: experts {sorted(experts)}, "
+                f"classnames {sorted(classnames)}."
+            )
+        return classnames or None
+
+    def finish(
+        self,
+        model: nn.Module,
+        base: PreTrainedModel,
+        experts: Mapping[str, "ModelSource"],
+        expert_tensors: Mapping[str, "TensorSource"],
+        task_labels: Mapping[str, list[str]] | None,
+        tokenizer=None,
+        templates: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Write what the merge does not (classification heads, projections, generation settings)."""
+
+    def load_processor(self, source: "ModelSource", config: PreTrainedConfig | None = None):
+        """The processor (image processor or tokenizer) that a base model or an artifact prepares inputs with."""
+        raise NotImplementedError
+
+    def static_model(
+        self,
+        base: PreTrainedModel,
+        merged: Mapping[str, torch.Tensor],
+        experts: Mapping[str, "ModelSource"],
+        expert_tensors: Mapping[str, "TensorSource"],
+    ):
+        """The static baseline: the base with `merged` written into its merged part; for families whose tasks keep
+        their own heads, a model per task (task name -> model)."""
+        raise NotImplementedError
+
+    def write_static(
+        self, static, directory, processor, *, extra_files: Mapping[str, str], max_shard_size, dtype: torch.dtype
+    ) -> None:
+        """Save `static_model`'s result into `directory` as ordinary checkpoints, in `dtype`."""
+        raise NotImplementedError
+
+    def static_processor(self, source: "ModelSource", tokenizer=None):
+        """The processor saved with a static baseline."""
+        return self.load_processor(source)
+
+    def adamerging_classifier(
+        self,
+        base: PreTrainedModel,
+        task_labels: Mapping[str, list[str]] | None,
+        experts: Mapping[str, "ModelSource"],
+        expert_tensors: Mapping[str, "TensorSource"],
+        tokenizer=None,
+        templates: Mapping[str, Sequence[str]] | None = None,
+    ) -> tuple[nn.Module, str]:
+        """A classifier `(**inputs, task=...) -> .logits` over the base, and the prefix of the merged tensors in it,
+        for layer-wise AdaMerging."""
+        raise NotImplementedError
+
+    def check_recipe_task(self, task: "TaskSpec", where: str) -> None:
+        """Recipe rules that depend on the family, named by `where` (`tasks.0 (sst2)`)."""
+        if self.labels_required and task.classnames is None and task.dataset is None:
+            raise ValueError(
+                f"{where}: a {self.display_name} task needs `classnames` or a `dataset` with a ClassLabel column"
+            )
+        if not self.templates_allowed and task.templates is not None:
+            raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a {self.display_name} task has none")
+
+    # Adaptation and evaluation -----------------------------------------------------------------------------------
+
+    def task_stream(
+        self, dataset, spec, processor, batch_size: int, task: str, labels: Sequence[str] | None
+    ) -> "TaskStream":
+        """One task's unlabeled samples as model inputs, and the logits whose entropy adaptation minimises."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int
+    ) -> "EvaluationResults":
+        """Scores per task of a WEMoE artifact or a plain model of this family on labeled data."""
+        raise NotImplementedError
+
+    def card_usage(self, repo_id: str, task: str) -> str:
+        """A Python snippet loading and using the artifact (model card)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.display_name} backbone {self.architecture!r}: {self.model_class.__name__}>"
+
+
+__all__ = ["Backbone"]

@@ -1,0 +1,346 @@
+"""The CLIP family: a CLIP vision tower's experts, one zero-shot head per task built from the base's text tower.
+
+Experts are `CLIPVisionModel`s or `CLIPModel`s, in either key layout (`vision_model.` prefix or none), full
+fine-tunes or PEFT LoRA adapters. Only the vision tower is merged; its MLPs (`fc1`, `fc2`) are the experts. The
+visual projection, the logit scale and the text tower are the base's, as in the paper.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import is_torchvision_available
+
+from modeling_wemoe import WEMoEForImageClassification
+
+from ..artifact import load_artifact_model, write_artifact
+from ..checkpoints import ModelSource, load_base_model
+from ..data import check_tasks_known, pixel_values_of
+from ..evaluation import EvaluationResults, class_names_of, classification_accuracy
+from ..streams import TaskStream
+from . import register_backbone
+from .base import Backbone
+
+logger = logging.getLogger(__name__)
+
+VISION_TOWER_ROOTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
+
+# A few of CLIP's ImageNet prompt templates; tasks may bring their own.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a good photo of a {}.",
+    "a close-up photo of a {}.",
+)
+
+
+@torch.no_grad()
+def zero_shot_head(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> torch.Tensor:
+    """`(num_classes, projection_dim)` class embeddings: each class's prompts embedded by the text tower,
+    L2-normalised, averaged over templates and normalised again."""
+    texts = [template.format(name) for name in classnames for template in templates]
+    inputs = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=clip.config.text_config.max_position_embeddings,
+        return_tensors="pt",
+    ).to(clip.device)
+    embeddings = clip.get_text_features(**inputs).pooler_output
+    embeddings = F.normalize(embeddings, dim=-1).view(len(classnames), len(templates), -1)
+    head = F.normalize(embeddings.mean(dim=1), dim=-1)
+    check_distinct_classes(head, classnames)
+    return head
+
+
+def check_distinct_classes(head: torch.Tensor, classnames: Sequence[str]) -> None:
+    """Two classes with the same embedding can never be told apart: a tokenizer that reads their names alike (one
+    with no vocabulary reads every name alike) would give a head whose logits are all equal."""
+    similarity = head @ head.t()
+    similarity.fill_diagonal_(-1.0)
+    first, second = divmod(int(similarity.argmax()), len(classnames))
+    if len(classnames) > 1 and similarity[first, second] > 1 - 1e-6:
+        raise ValueError(
+            f"Classes {classnames[first]!r} and {classnames[second]!r} get the same zero-shot embedding: the "
+            "tokenizer reads their prompts alike, so the head could never tell them apart. Check the base model's "
+            "tokenizer and the class names."
+        )
+
+
+def zero_shot_heads(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Mapping[str, Sequence[str]],
+    templates: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each task's head, with the task's own templates where given and CLIP's photo prompts otherwise."""
+    templates = templates or {}
+    heads = {}
+    for task, names in tqdm(classnames.items(), desc="Building zero-shot heads", unit="task"):
+        try:
+            heads[task] = zero_shot_head(clip, tokenizer, names, templates.get(task, DEFAULT_TEMPLATES))
+        except ValueError as error:
+            raise ValueError(f"Task {task!r}: {error}") from None
+    return heads
+
+
+class ZeroShotCLIP(torch.nn.Module):
+    """A plain `CLIPModel` as a per-task classifier: heads from its own text tower and the tasks' class names."""
+
+    def __init__(
+        self,
+        clip: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        classnames: Mapping[str, Sequence[str]],
+        templates: Mapping[str, Sequence[str]] | None = None,
+    ):
+        super().__init__()
+        self.clip = clip
+        self.heads = zero_shot_heads(clip, tokenizer, classnames, templates)
+
+    def forward(self, pixel_values: torch.Tensor, task: str) -> ImageClassifierOutput:
+        image_embeds = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        logits = self.clip.logit_scale.exp() * image_embeds @ self.heads[task].t()
+        return ImageClassifierOutput(logits=logits)
+
+
+def default_image_processor(vision_config: CLIPVisionConfig) -> BaseImageProcessor:
+    """CLIP's preprocessing (resize, center crop, CLIP mean/std) at the tower's image size, on torchvision when it is
+    installed and on PIL otherwise (naming the backend avoids transformers' fallback warning)."""
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+    else:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    size = vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def warn_on_ignored_expert_parts(clip: CLIPModel, expert: ModelSource, task: str) -> None:
+    # Heads and projection come from the base model, as in the paper; say so when an expert changed them.
+    if not isinstance(expert, CLIPModel):
+        return
+    if not torch.equal(expert.visual_projection.weight, clip.visual_projection.weight):
+        logger.warning("Expert %r has a fine-tuned visual_projection; the base model's is used.", task)
+    text_parts = ("text_model", "text_projection")
+    expert_text = {k: v for k, v in expert.state_dict().items() if k.startswith(text_parts)}
+    base_text = {k: v for k, v in clip.state_dict().items() if k.startswith(text_parts)}
+    if any(not torch.equal(tensor, base_text[key]) for key, tensor in expert_text.items()):
+        logger.warning("Expert %r has a fine-tuned text tower; the base model's builds the heads.", task)
+
+
+class ImageTaskStream(TaskStream):
+    """Images through the artifact's image processor; the entropy of the task's class distribution."""
+
+    def __init__(self, dataset, spec, image_processor, batch_size: int, task: str):
+        super().__init__(dataset, spec.image_column, batch_size, task)
+        self.image_processor = image_processor
+
+    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task)}
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs, task=self.task).logits
+
+
+def vision_tower_key(checkpoint_key: str) -> str | None:
+    """The vision-tower key of a checkpoint key in either CLIP layout, or None for anything else (text tower,
+    projections, logit scale, and the non-persistent `position_ids` buffers older checkpoints carry)."""
+    key = checkpoint_key.removeprefix("vision_model.")
+    if key.split(".")[0] not in VISION_TOWER_ROOTS or key.endswith("position_ids"):
+        return None
+    return key
+
+
+@register_backbone
+class CLIPBackbone(Backbone):
+    architecture = "clip"
+    display_name = "CLIP"
+    plain_model_types = ("clip",)
+    model_class = WEMoEForImageClassification
+    expert_linears = ("mlp.fc1", "mlp.fc2")
+    input_kind = "image"
+    pipeline_tag = "image-classification"
+    labels_name = "classes"
+    labels_required = True
+    templates_allowed = True
+    needs_tokenizer = True
+    # Fields that decide tensor shapes or the forward computation of a CLIP vision tower.
+    architecture_fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+    )
+    card_summary = (
+        "A multi-task CLIP image classifier: {n} fine-tuned CLIP vision towers merged into one model, with one "
+        "zero-shot head per task built from the base model's text tower."
+    )
+
+    def key_of(self, checkpoint_key: str) -> str | None:
+        return vision_tower_key(checkpoint_key)
+
+    def config_of(self, config: PreTrainedConfig) -> CLIPVisionConfig | None:
+        if isinstance(config, CLIPConfig):
+            return config.vision_config
+        return config if isinstance(config, CLIPVisionConfig) else None
+
+    def model_tensors(self, model: PreTrainedModel):
+        if not isinstance(model, (CLIPModel, CLIPVisionModel)):
+            return None
+        tower = model.vision_model if isinstance(model, CLIPModel) else model
+        return tower.state_dict(), tower.config
+
+    def load_base(self, source: ModelSource) -> CLIPModel:
+        """The base `CLIPModel`: its text tower builds the zero-shot heads."""
+        return load_base_model(source, CLIPModel, "vision and text towers")
+
+    def base_tensors(self, base: CLIPModel) -> Mapping[str, torch.Tensor]:
+        return base.vision_model.state_dict()
+
+    def wemoe_config_fields(self, base: CLIPModel) -> dict:
+        return {"vision_config": base.config.vision_config.to_dict(), "projection_dim": base.config.projection_dim}
+
+    def merge_target(self, model: WEMoEForImageClassification) -> torch.nn.Module:
+        return model.vision_model
+
+    @torch.no_grad()
+    def finish(self, model, base, experts, expert_tensors, task_labels, tokenizer=None, templates=None) -> None:
+        for task, source in experts.items():
+            warn_on_ignored_expert_parts(base, source, task)
+        model.visual_projection.weight.copy_(base.visual_projection.weight)
+        model.logit_scale.copy_(base.logit_scale)
+        heads = zero_shot_heads(base, tokenizer, {task: task_labels[task] for task in model.config.tasks}, templates)
+        model.classifier.weight.copy_(torch.cat(list(heads.values())))
+
+    def load_processor(self, source: ModelSource, config: PreTrainedConfig | None = None) -> BaseImageProcessor:
+        """The model's own image processor when it has one, else CLIP's default at the tower's image size."""
+        if isinstance(source, PreTrainedModel):
+            return default_image_processor(self.config_of(source.config))
+        try:
+            return AutoImageProcessor.from_pretrained(source)
+        except OSError:
+            logger.warning("No image processor found with %s; using CLIP's default preprocessing.", source)
+        config = config or CLIPConfig.from_pretrained(source)
+        return default_image_processor(self.config_of(config) or config.vision_config)
+
+    def static_processor(self, source: ModelSource, tokenizer=None) -> CLIPProcessor:
+        return CLIPProcessor(image_processor=self.load_processor(source), tokenizer=tokenizer)
+
+    def static_model(self, base: CLIPModel, merged, experts, expert_tensors) -> CLIPModel:
+        """A plain `CLIPModel`: the base with its vision tower replaced by the merge (text tower and projections stay
+        the base's, which builds zero-shot heads as for WEMoE)."""
+        base.vision_model.load_state_dict(merged)
+        return base.eval()
+
+    def write_static(self, static, directory, processor, *, extra_files, max_shard_size, dtype) -> None:
+        write_artifact(static.to(dtype), directory, processor, extra_files=extra_files, max_shard_size=max_shard_size)
+
+    def adamerging_classifier(self, base, task_labels, experts, expert_tensors, tokenizer=None, templates=None):
+        return ZeroShotCLIP(base, tokenizer, task_labels, templates), "clip.vision_model."
+
+    def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> ImageTaskStream:
+        return ImageTaskStream(dataset, spec, processor, batch_size, task)
+
+    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
+        """Accuracy of a WEMoE artifact, or of a plain `CLIPModel` zero-shot with the datasets' class names."""
+        model, class_names = self.classifier_for(model_dir, datasets, data_config)
+        image_processor = self.load_processor(model_dir)
+        device = next(model.parameters()).device
+
+        def logits_of(task: str):
+            return lambda values, rows: model(
+                pixel_values_of(values, rows, image_processor, task).to(device), task=task
+            ).logits
+
+        scores = {
+            task: classification_accuracy(
+                task, dataset, data_config.tasks[task], class_names[task], logits_of(task), batch_size, "image"
+            )
+            for task, dataset in datasets.items()
+        }
+        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
+
+    def classifier_for(self, model_dir: str, datasets: Mapping, data_config):
+        """The model to score and each task's class names: a WEMoE artifact as it is, or a plain CLIPModel with
+        zero-shot heads from the datasets' ClassLabel names."""
+        model = load_artifact_model(model_dir)
+        if not isinstance(model, CLIPModel):
+            check_tasks_known(list(datasets), list(model.config.tasks))
+            return model, model.config.task_labels
+        class_names = {}
+        for task, dataset in datasets.items():
+            names = class_names_of(dataset, data_config.tasks[task])
+            if names is None:
+                raise ValueError(f"Task {task!r}: a plain CLIP model needs a ClassLabel label column for class names.")
+            class_names[task] = names
+        return ZeroShotCLIP(model, AutoTokenizer.from_pretrained(model_dir), class_names), class_names
+
+    def card_usage(self, repo_id: str, task: str) -> str:
+        return f"""```python
+from transformers import AutoModel, pipeline
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+logits = model(pixel_values, task="{task}").logits  # that task's classes only
+
+classify = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+classify("image.jpg")
+```"""
+
+
+def merge_clip(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    templates: Mapping[str, Sequence[str]] | None = None,
+    **options,
+) -> WEMoEForImageClassification:
+    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier: `conversion.merge` for
+    the CLIP family. `classnames` build each task's zero-shot head from the base text tower (with `tokenizer`,
+    loaded from `base` when that is a path or Hub id); `options` are `MergeOptions` fields.
+
+    Example:
+
+    ```python
+    >>> from conversion import merge_clip
+    >>> model = merge_clip(
+    ...     "openai/clip-vit-base-patch32",
+    ...     {"eurosat": "tanganke/clip-vit-base-patch32_eurosat", "gtsrb": "tanganke/clip-vit-base-patch32_gtsrb"},
+    ...     {"eurosat": eurosat_classnames, "gtsrb": gtsrb_classnames},
+    ...     variant="e-wemoe",
+    ... )
+    ```
+    """
+    from ..merge import merge
+
+    return merge(CLIPBackbone.architecture, base, experts, classnames, tokenizer=tokenizer, templates=templates,
+                 **options)

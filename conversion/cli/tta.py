@@ -1,0 +1,75 @@
+"""`wemoe-tta`: test-time adaptation of a WEMoE artifact's routers on unlabeled task data, on accelerate.
+
+Launchable unchanged with `accelerate launch` (GPUs) or `torchrun` (CPU: `ACCELERATE_USE_CPU=true`) on several
+processes; `conversion.adaptation` holds the library it runs.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+from ..adaptation import adapt_artifact
+
+EPILOG = """example DATA.yaml (labels are never read):
+  tasks:
+    eurosat: {path: tanganke/eurosat, split: test, image_column: image}
+    shapes: {path: imagefolder, data_dir: ./data/shapes, split: train}
+  for a T5 artifact:
+  tasks:
+    sst2: {path: glue, config_name: sst2, split: validation, text_column: sentence, prefix: "sst2 sentence: "}
+
+examples:
+  wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
+  wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
+  accelerate launch --num_processes 4 -m conversion.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
+  ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m conversion.cli.tta ./model data.yaml --output ./a
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="wemoe-tta",
+        description=__doc__.splitlines()[0].removeprefix("`wemoe-tta`: "),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", help="WEMoE artifact to adapt (local directory or Hub id).")
+    parser.add_argument("data", type=Path, help="DATA.yaml: a datasets.load_dataset spec per task.")
+    parser.add_argument("--output", required=True, type=Path, help="Directory for the adapted artifact.")
+    parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (default: 1000).")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Global batch size per task (default: 16).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for data order and router init (default: 0).")
+    parser.add_argument(
+        "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
+    )
+    parser.add_argument("--checkpoint-dir", default=None, help="Where checkpoints go (default: OUTPUT.checkpoints).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="Autocast (default: no)."
+    )
+    parser.add_argument(
+        "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
+        output = adapt_artifact(args.model_dir, args.data, args.output, **options)
+    except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
+        print(f"wemoe-tta: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if PartialState().is_main_process:
+        print(f"Wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

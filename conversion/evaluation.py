@@ -1,0 +1,166 @@
+"""Scoring models on labeled task data, and recording the scores in a model card; the library behind `wemoe-eval`
+(`conversion.cli.evaluate`).
+
+Which model family a directory holds (a WEMoE artifact's `backbone`, a plain model's `model_type`) decides how it
+is scored (`Backbone.evaluate`): classifiers by accuracy, text-to-text models by exact match or Spearman.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PreTrainedConfig
+
+from .backbones import backbone_for_config
+from .data import TaskData, load_data_config, load_task_dataset
+from .outputs import write_file_atomically
+
+logger = logging.getLogger(__name__)
+
+# `datasets` loaders for local files: not a dataset's identity, so results name the task instead.
+PACKAGED_BUILDERS = {"parquet", "imagefolder", "csv", "json", "arrow", "webdataset", "text"}
+
+
+class EvaluationResults(dict):
+    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task."""
+
+    def __init__(self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str):
+        super().__init__(scores)
+        self["average"] = sum(scores.values()) / len(scores)
+        self.metrics = dict(metrics)
+        self.task_type = task_type
+
+
+def class_names_of(dataset, spec: TaskData) -> list[str] | None:
+    from datasets import ClassLabel
+
+    feature = dataset.features[spec.label_column]
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def check_label_names(task: str, dataset_names: list[str] | None, model_names: list[str]) -> None:
+    """Integer labels only mean the same classes when the dataset's ClassLabel names match the model's head."""
+    if dataset_names is not None and dataset_names != model_names:
+        raise ValueError(
+            f"Task {task!r}: the dataset's classes {dataset_names} differ from the model's {model_names}; "
+            "labels would be compared against the wrong classes."
+        )
+
+
+def class_indices(task: str, labels: list, class_names: list[str]) -> tuple[torch.Tensor, int]:
+    """The labels as class indices, and how many are -1 (the Hub's "no label"), which are left out of the score.
+    Class names are accepted for indices; anything else outside the classes is an error."""
+    if labels and all(isinstance(label, str) for label in labels):
+        unknown = sorted({label for label in labels if label not in class_names})
+        if unknown:
+            raise ValueError(f"Task {task!r}: labels {unknown[:5]} are not among the classes {class_names}.")
+        labels = [class_names.index(label) for label in labels]
+    if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+        kinds = sorted({type(label).__name__ for label in labels})
+        raise ValueError(f"Task {task!r}: labels must be class indices or class names, got {kinds}.")
+    indices = torch.tensor(labels, dtype=torch.long)
+    out_of_range = indices[(indices < -1) | (indices >= len(class_names))].unique().tolist()
+    if out_of_range:
+        raise ValueError(
+            f"Task {task!r}: labels {out_of_range[:5]} are outside the task's {len(class_names)} classes "
+            f"(0-{len(class_names) - 1}, or -1 for unlabelled)."
+        )
+    return indices, int((indices == -1).sum())
+
+
+@torch.no_grad()
+def classification_accuracy(
+    task: str,
+    dataset,
+    spec: TaskData,
+    class_names: list[str],
+    logits_of: Callable[[list, list[int]], torch.Tensor],
+    batch_size: int,
+    input_kind: str,
+) -> float:
+    """Accuracy of a classifier on one task: `logits_of(values, rows)` gives the logits over the task's classes for
+    a batch of the input column's values (`input_kind`: which column). Unlabelled samples (-1) are left out; broken
+    (NaN) logits are an error."""
+    check_label_names(task, class_names_of(dataset, spec), class_names)
+    labels, unlabelled = class_indices(task, dataset[spec.label_column], class_names)
+    if unlabelled == len(dataset):
+        raise ValueError(f"Task {task!r}: every sample is unlabelled (-1); there is nothing to score.")
+    if unlabelled:
+        logger.warning("%s: %d unlabelled samples (label -1) left out of the accuracy.", task, unlabelled)
+    column = spec.input_column(input_kind)
+    predictions = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=f"Evaluating {task}", unit="batch", leave=False):
+        rows = list(range(start, min(start + batch_size, len(dataset))))
+        logits = logits_of(dataset[rows][column], rows)
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                f"Task {task!r}: the model gives NaN or infinite logits (rows {rows[0]}-{rows[-1]}); its weights are "
+                "broken, and its accuracy would mean nothing."
+            )
+        predictions.append(logits.argmax(dim=-1).cpu())
+    labelled = labels != -1
+    accuracy = int((torch.cat(predictions)[labelled] == labels[labelled]).sum()) / int(labelled.sum())
+    logger.info("%s: accuracy %.4f on %d samples", task, accuracy, int(labelled.sum()))
+    return accuracy
+
+
+def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
+    """The model's config; for a PEFT adapter, which has none of its own, its base model's."""
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        from peft import PeftConfig
+
+        try:
+            base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
+        except (OSError, ValueError):
+            raise error from None
+        if not base:
+            raise ValueError(f"{str(model_dir)!r} is a PEFT adapter that does not say its base model.") from None
+        return AutoConfig.from_pretrained(base, trust_remote_code=True)
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    data,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> EvaluationResults:
+    """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
+    accuracy for classifiers; exact match (or Spearman for float labels) for text-to-text models, which generate up
+    to `max_new_tokens` tokens per answer."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
+    data_config = load_data_config(data)
+    backbone = backbone_for_config(model_config(model_dir))
+    datasets = {
+        task: load_task_dataset(task, spec, split=split, need_labels=True, input_kind=backbone.input_kind)
+        for task, spec in data_config.tasks.items()
+    }
+    return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens)
+
+
+def update_model_card(model_dir: Path, results: EvaluationResults, data_config, split: str | None) -> None:
+    """Write the scores into the artifact's README.md as model-index results (replaced atomically)."""
+    card_path = model_dir / "README.md"
+    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    card.data.model_name = card.data.model_name or model_dir.name
+    card.data.eval_results = [
+        EvalResult(
+            task_type=results.task_type,
+            dataset_type=task if spec.path in PACKAGED_BUILDERS else spec.path,
+            dataset_name=task,
+            dataset_config=spec.config_name,
+            dataset_split=split or spec.split,
+            metric_type=results.metrics[task],
+            metric_value=results[task],
+        )
+        for task, spec in data_config.tasks.items()
+    ]
+    write_file_atomically(card_path, str(card).encode())

@@ -1,0 +1,38 @@
+"""Task data as adaptation sees it: one task's unlabeled samples, batch by batch, as model inputs, and the logits
+whose entropy adaptation minimises. Each backbone family subclasses `TaskStream` (`Backbone.task_stream`)."""
+
+import torch
+import torch.nn.functional as F
+
+from .data import batch_indices
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax over the classes, one value per sample averaged over the batch."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+class TaskStream:
+    """One task's unlabeled samples, served as the batch `batch_indices` picks for each step; a subclass turns rows
+    into model inputs and says which logits adaptation takes the entropy of."""
+
+    def __init__(self, dataset, column: str, batch_size: int, task: str):
+        if len(dataset) < batch_size:
+            raise ValueError(f"Task {task!r} has {len(dataset)} samples, fewer than the batch size {batch_size}.")
+        self.dataset = dataset
+        self.column = column
+        self.batch_size = batch_size
+        self.task = task
+
+    def batch(
+        self, seed: int, task_index: int, step: int, process_index: int, num_processes: int
+    ) -> dict[str, torch.Tensor]:
+        rows = batch_indices(len(self.dataset), self.batch_size, seed, task_index, step)[process_index::num_processes]
+        return self.encode(self.dataset[rows][self.column], rows)
+
+    def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
