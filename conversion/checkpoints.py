@@ -154,6 +154,7 @@ class LoraExpertTensors(TensorSource):
         from peft.utils import load_peft_weights
 
         self.owner = owner
+        self.directory = Path(directory)
         self.base = base
         self.key_of = key_of
         self.what = what

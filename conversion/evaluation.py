@@ -108,8 +108,21 @@ def classification_accuracy(
     return accuracy
 
 
+def task_model_dirs(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """The per-task model directories of a static baseline whose tasks keep their own heads (one plain model per
+    task, `MODEL_DIR/<task>/config.json`); empty for a single model."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or (model_dir / "config.json").is_file():
+        return {}
+    return {path.parent.name: path.parent for path in sorted(model_dir.glob("*/config.json"))}
+
+
 def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
-    """The model's config; for a PEFT adapter, which has none of its own, its base model's."""
+    """The model's config; for a PEFT adapter, which has none of its own, its base model's; for a directory of
+    per-task models, the first one's."""
+    per_task = task_model_dirs(model_dir)
+    if per_task:
+        return AutoConfig.from_pretrained(next(iter(per_task.values())))
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     except (OSError, ValueError) as error:

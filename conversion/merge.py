@@ -155,7 +155,7 @@ def merge_static(
         merged = train_layer_wise_merge(classifier, prefix, base_tensors, expert_tensors, streams, static_merge)
     else:
         merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
-    return backbone.static_model(base_model, merged, experts, expert_tensors)
+    return backbone.static_model(base_model, merged, experts, expert_tensors, task_labels)
 
 
 __all__ = ["merge", "merge_options", "merge_static"]

@@ -133,6 +133,7 @@ class Backbone:
         merged: Mapping[str, torch.Tensor],
         experts: Mapping[str, "ModelSource"],
         expert_tensors: Mapping[str, "TensorSource"],
+        task_labels: Mapping[str, list[str]] | None,
     ):
         """The static baseline: the base with `merged` written into its merged part; for families whose tasks keep
         their own heads, a model per task (task name -> model)."""

@@ -254,7 +254,7 @@ class CLIPBackbone(Backbone):
     def static_processor(self, source: ModelSource, tokenizer=None) -> CLIPProcessor:
         return CLIPProcessor(image_processor=self.load_processor(source), tokenizer=tokenizer)
 
-    def static_model(self, base: CLIPModel, merged, experts, expert_tensors) -> CLIPModel:
+    def static_model(self, base: CLIPModel, merged, experts, expert_tensors, task_labels) -> CLIPModel:
         """A plain `CLIPModel`: the base with its vision tower replaced by the merge (text tower and projections stay
         the base's, which builds zero-shot heads as for WEMoE)."""
         base.vision_model.load_state_dict(merged)

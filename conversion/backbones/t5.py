@@ -157,7 +157,7 @@ class T5Backbone(Backbone):
             raise ValueError("A T5 base in memory has no tokenizer to save with the artifact; give its directory.")
         return load_tokenizer(source)
 
-    def static_model(self, base: T5ForConditionalGeneration, merged, experts, expert_tensors):
+    def static_model(self, base: T5ForConditionalGeneration, merged, experts, expert_tensors, task_labels):
         """A plain `T5ForConditionalGeneration` whose every tensor is the merge."""
         result = base.load_state_dict(merged, strict=False)
         if result.unexpected_keys:
