@@ -11,6 +11,7 @@ from .modeling_wemoe import (
     WEMoESparseTaskVectors,
     WEMoETaskVectors,
 )
+from .modeling_wemoe_bert import WEMoEForSequenceClassification as WEMoEForSequenceClassification
 from .modeling_wemoe_clip import WEMoEForImageClassification
 from .modeling_wemoe_t5 import WEMoEForConditionalGeneration
 

@@ -2,7 +2,7 @@
 types are what its plug-in says, and recipes, configs and artifacts reach the right family through it."""
 
 import pytest
-from transformers import CLIPVisionConfig, T5Config
+from transformers import BertConfig, CLIPVisionConfig, T5Config
 
 from conversion.backbones import BACKBONES, backbone_for_config, get_backbone
 from modeling_wemoe import WEMoEConfig
@@ -10,6 +10,11 @@ from modeling_wemoe.modeling_wemoe import WEMOE_MODEL_CLASSES, WEMoELinear, mode
 
 # A tiny WEMoE config of every registered family: a family without one here fails `test_every_family_is_covered`.
 TINY_BACKBONE_CONFIGS = {
+    "bert": {
+        "text_config": BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        ).to_dict()
+    },
     "clip": {
         "vision_config": CLIPVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
@@ -49,7 +54,7 @@ def test_a_family_plug_in_describes_its_model(architecture):
 
 
 def test_unknown_families_are_named():
-    with pytest.raises(ValueError, match=r"Unknown architecture 'gpt2'; registered: \['clip', 't5'"):
+    with pytest.raises(ValueError, match=r"Unknown architecture 'gpt2'; registered: \['bert', 'clip', 't5'"):
         get_backbone("gpt2")
     with pytest.raises(ValueError, match=r"No backbone family handles 'llama' models"):
         backbone_for_config(type("Config", (), {"model_type": "llama"})())
