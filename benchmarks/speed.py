@@ -6,11 +6,11 @@ and the naive per-sample loop. All models live in one process; each round times 
 over rounds are printed as ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so
 that the machine's drift affects every row alike). Peak memory is measured for each row in a fresh child process:
 the resident-set growth over the loaded model during its first forward (which builds the sparse tile layouts) and
-during a warm one. Then the same for a
-T5-base-shaped encoder-decoder (see `speed_t5.py`). Random weights: this measures speed, not accuracy.
+during a warm one. Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped
+text classifier (128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
 
     python benchmarks/speed.py --threads 2
-    python benchmarks/speed.py --repeats 9 --no-t5
+    python benchmarks/speed.py --repeats 9 --no-t5 --no-bert
 """
 
 import argparse
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from speed_t5 import T5_BASE, interleaved_medians, randomize_, t5_speed_table
 from torch.func import functional_call
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModel
 
-from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
+from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification, WEMoEForSequenceClassification
 
 VISION = {
     "hidden_size": 768,
@@ -43,6 +43,12 @@ ROWS = {
     "naive per-sample loop": "naive",
 }
 MIB = 2**20
+BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+BERT_ROWS = {
+    "WEMoE dense": {},
+    "E-WEMoE keep=0.1": {"expert_format": "sparse", "keep": 0.1, "router_mode": "shared"},
+    "low-rank rank 64": {"expert_format": "lowrank", "rank": 64},
+}
 
 
 def wemoe_model(num_experts: int, options: dict) -> WEMoEForImageClassification:
@@ -134,6 +140,33 @@ def artifact_size(model: torch.nn.Module) -> float | None:
         return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) / MIB
 
 
+def bert_speed_table(num_experts: int, batch: int, repeats: int, seq_len: int = 128) -> None:
+    """Forward rows of a BERT-base-shaped classifier (one task's head) against the dense classifier."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(1000, 30000, (batch, seq_len))
+    tasks = [f"task{i}" for i in range(num_experts)]
+    models = {"dense BERT": BertForSequenceClassification(BertConfig(**BERT_BASE)).eval()}
+    for row, options in BERT_ROWS.items():
+        config = WEMoEConfig(
+            text_config=BertConfig(**BERT_BASE).to_dict(), tasks=tasks, task_labels={t: ["a", "b"] for t in tasks},
+            **options,
+        )
+        models[row] = randomize_(WEMoEForSequenceClassification(config).eval())
+    with torch.no_grad():
+        timings = interleaved_medians(
+            {
+                row: (lambda m=model: m(input_ids=input_ids))
+                if row == "dense BERT"
+                else (lambda m=model: m(input_ids=input_ids, task="task0"))
+                for row, model in models.items()
+            },
+            repeats,
+        )
+    print(f"{'row':<24} {'forward':>9} {'x dense':>8}")
+    for row, (seconds, ratio) in timings.items():
+        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -145,6 +178,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8, help="Default: 8.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed rounds; medians are reported (default: 5).")
     parser.add_argument("--no-t5", action="store_true", help="Skip the T5-base-shaped rows.")
+    parser.add_argument("--no-bert", action="store_true", help="Skip the BERT-base-shaped rows.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -172,6 +206,9 @@ def main() -> None:
     if not args.no_t5:
         print(f"\nT5-base shape, {args.experts} experts, batch {args.batch_size}, 64-token prompts, fp32")
         t5_speed_table(T5_BASE, args.experts, args.batch_size, args.repeats)
+    if not args.no_bert:
+        print(f"\nBERT-base shape, {args.experts} experts, batch {args.batch_size}, 128-token inputs, fp32")
+        bert_speed_table(args.experts, args.batch_size, args.repeats)
 
 
 if __name__ == "__main__":
