@@ -1,5 +1,5 @@
 """Artifacts saved by earlier releases load with today's code: no missing or unexpected tensors, the logits and
-generations recorded when they were saved (tests/fixtures/make_format_fixtures.py), and a cache that agrees.
+generations recorded when they were saved (tests/fixtures/format_v1/make_fixtures.py), and a cache that agrees.
 `wemoe-update-code` gives a published artifact today's code without touching its weights."""
 
 import hashlib
