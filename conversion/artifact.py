@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
 from modeling_wemoe.modeling_wemoe import loading_problems
@@ -14,6 +14,11 @@ from modeling_wemoe.modeling_wemoe import loading_problems
 from .outputs import staged_output
 
 logger = logging.getLogger(__name__)
+
+
+def is_artifact(config: PreTrainedConfig | None) -> bool:
+    """Whether a config is a WEMoE artifact's: its files load with the artifact's own code (`trust_remote_code`)."""
+    return config is not None and config.model_type == "wemoe"
 
 
 def load_artifact_model(model_dir: str | os.PathLike, auto_class: type = AutoModel) -> PreTrainedModel:

@@ -292,11 +292,11 @@ def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], wha
     return model.eval()
 
 
-def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The base model's tokenizer, refused when it has no vocabulary: transformers 5 builds a tokenizer of special
     tokens only from a directory without tokenizer files, and every class name would then read the same."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ValueError(f"base_model {str(source)!r}: cannot load its tokenizer ({error}).") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):

@@ -381,7 +381,7 @@ class WEMoEForSequenceClassification(WEMoEPreTrainedModel):
         ```python
         >>> from transformers import AutoModel, AutoTokenizer
         >>> model = AutoModel.from_pretrained("path/to/wemoe-bert", trust_remote_code=True)
-        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/wemoe-bert")
+        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/wemoe-bert", trust_remote_code=True)
         >>> inputs = tokenizer(["a gorgeous, witty movie."], return_tensors="pt")
         >>> model(**inputs, task="sst2").logits.softmax(-1)
         ```

@@ -577,7 +577,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         ```python
         >>> from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
         >>> model = AutoModelForSeq2SeqLM.from_pretrained("path/to/wemoe-t5", trust_remote_code=True)
-        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/wemoe-t5")
+        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/wemoe-t5", trust_remote_code=True)
         >>> inputs = tokenizer(["sst2 sentence: a gorgeous, witty movie."], return_tensors="pt")
         >>> tokenizer.batch_decode(model.generate(**inputs), skip_special_tokens=True)
         ```

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from modeling_wemoe.modeling_wemoe_bert import WEMoEBertHead, WEMoEForSequenceClassification
 
-from ..artifact import load_artifact_model, write_artifact
+from ..artifact import is_artifact, load_artifact_model, write_artifact
 from ..checkpoints import (
     CheckpointTensors,
     ModelSource,
@@ -254,7 +254,7 @@ class BertBackbone(Backbone):
     def load_processor(self, source: ModelSource, config: PreTrainedConfig | None = None):
         if isinstance(source, PreTrainedModel):
             raise ValueError("A BERT base in memory has no tokenizer to save with the artifact; give its directory.")
-        return load_tokenizer(source)
+        return load_tokenizer(source, trust_remote_code=is_artifact(config))
 
     def static_model(self, base, merged, experts, expert_tensors, task_labels) -> dict[str, PreTrainedModel]:
         """One plain `BertForSequenceClassification` per task: the merged encoder and that task's own head."""
@@ -302,9 +302,10 @@ class BertBackbone(Backbone):
             directory = str(per_task[task]) if per_task else model_dir
             if directory not in loaded:
                 model = load_artifact_model(directory, AutoModelForSequenceClassification)
-                loaded[directory] = model, AutoTokenizer.from_pretrained(directory)
+                tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=is_artifact(model.config))
+                loaded[directory] = model, tokenizer
             model, tokenizer = loaded[directory]
-            extra = {"task": task} if model.config.model_type == "wemoe" else {}
+            extra = {"task": task} if is_artifact(model.config) else {}
 
             def logits_of(values, rows, model=model, tokenizer=tokenizer, spec=spec, extra=extra):
                 texts = [spec.prefix + str(value) for value in values]
@@ -316,7 +317,7 @@ class BertBackbone(Backbone):
         return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
 
     def class_names(self, model, task: str, dataset, spec) -> list[str]:
-        if model.config.model_type == "wemoe":
+        if is_artifact(model.config):
             check_tasks_known([task], list(model.config.tasks))
             return list(model.config.task_labels[task])
         return expert_labels(model.config) or class_names_of(dataset, spec)
@@ -326,7 +327,7 @@ class BertBackbone(Backbone):
 from transformers import AutoModel, AutoTokenizer, pipeline
 
 model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 logits = model(**tokenizer(["some text"], return_tensors="pt"), task="{task}").logits  # that task's classes
 
 classify = pipeline("text-classification", model="{repo_id}", trust_remote_code=True)

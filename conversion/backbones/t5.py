@@ -22,7 +22,7 @@ from transformers import (
 
 from modeling_wemoe import WEMoEForConditionalGeneration
 
-from ..artifact import load_artifact_model, write_artifact
+from ..artifact import is_artifact, load_artifact_model, write_artifact
 from ..checkpoints import ModelSource, load_base_model, load_tokenizer
 from ..data import TaskData, check_tasks_known
 from ..evaluation import EvaluationResults, check_label_names, class_names_of
@@ -155,7 +155,7 @@ class T5Backbone(Backbone):
     def load_processor(self, source: ModelSource, config: PreTrainedConfig | None = None):
         if isinstance(source, PreTrainedModel):
             raise ValueError("A T5 base in memory has no tokenizer to save with the artifact; give its directory.")
-        return load_tokenizer(source)
+        return load_tokenizer(source, trust_remote_code=is_artifact(config))
 
     def static_model(self, base: T5ForConditionalGeneration, merged, experts, expert_tensors, task_labels):
         """A plain `T5ForConditionalGeneration` whose every tensor is the merge."""
@@ -181,7 +181,7 @@ class T5Backbone(Backbone):
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 model = AutoModelForSeq2SeqLM.from_pretrained("{repo_id}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 generator = pipeline("text2text-generation", model="{repo_id}", trust_remote_code=True)
 generator("{task} sentence: ...")
 ```"""
