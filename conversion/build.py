@@ -63,6 +63,7 @@ def wemoe_config_options(options: MergeOptions) -> dict:
         "rank": options.rank if expert_format == "lowrank" else None,
         "init_lambda": options.router.init_lambda,
         "router_hidden_layers": options.router.hidden_layers,
+        "router_normalization": options.router.normalization,
         "router_top_k": options.router.top_k,
         "routing_granularity": options.router.granularity,
         "static_merge": options.static_merge.model_dump(),

@@ -58,6 +58,7 @@ StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec | AdaMergingSpec, Fiel
 
 class RouterSpec(Strict):
     hidden_layers: Literal[0, 1, 2] = 2
+    normalization: Literal["none", "softmax"] = "none"  # softmax: an option, not the paper's (WEMoEConfig says why)
     top_k: int | None = Field(None, ge=1)
     init_lambda: FiniteFloat = DEFAULT_LAMBDA
     granularity: Literal["sample", "token"] = "sample"

@@ -56,6 +56,13 @@ class WEMoEConfig(PreTrainedConfig):
         init_lambda (`float`, defaults to 0.3):
             Initial routing weight of every expert: the last router layer starts at weight 0 and bias
             `init_lambda`, so a fresh model is task arithmetic with scaling `init_lambda`.
+        router_normalization (`"none"` or `"softmax"`, defaults to `"none"`):
+            `"none"`: the router's outputs are the routing weights (the paper). `"softmax"` (an option, not the
+            paper's method): a softmax over the experts, so every weight-ensembled matrix is a convex combination
+            of the experts' own (`W0 + sum_i r_i tau_i = sum_i r_i theta_i`), uniform at the start (weight
+            averaging; `init_lambda` then has no effect) and one expert's exactly when the router is sure. Test-time
+            adaptation by entropy minimisation can then not sharpen predictions by inflating the task vectors'
+            total scale, which unnormalised routing weights allow.
         router_top_k (`int`, *optional*):
             Keep only the `router_top_k` largest routing weights of each sample (or token) and zero the others, so
             fewer experts are mixed per input. Unset: every expert is mixed.
@@ -111,6 +118,7 @@ class WEMoEConfig(PreTrainedConfig):
     num_experts: int | None = None
     router_mode: Literal["per_layer", "shared"] = "per_layer"
     router_hidden_layers: int = 2
+    router_normalization: Literal["none", "softmax"] = "none"
     router_top_k: int | None = None
     init_lambda: float | int = 0.3
     routing_granularity: Literal["sample", "token"] = "sample"
@@ -179,6 +187,8 @@ class WEMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"`router_top_k` must be between 1 and num_experts ({self.num_experts}), got {self.router_top_k}."
             )
+        if self.router_normalization not in ("none", "softmax"):
+            raise ValueError(f"`router_normalization` must be 'none' or 'softmax', got {self.router_normalization!r}.")
         if not math.isfinite(self.init_lambda):
             raise ValueError(f"`init_lambda` must be a finite number, got {self.init_lambda}.")
 

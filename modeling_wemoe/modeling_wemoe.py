@@ -422,16 +422,18 @@ class WEMoERouterLinear(nn.Linear):
 
 
 class WEMoERouter(nn.Module):
-    """Maps hidden states `(..., hidden_size)` to raw routing weights `(..., num_experts)` (no softmax).
+    """Maps hidden states `(..., hidden_size)` to routing weights `(..., num_experts)`: raw (the paper), or a softmax
+    over the experts with `normalization="softmax"`.
 
     Depth 2: Linear(d, d) -> ReLU -> Linear(d, num_experts); depth 1: Linear(d, num_experts); depth 0: one learned
-    vector for every input. The output starts at `init_lambda` for every expert (task arithmetic).
+    vector for every input. The raw output starts at `init_lambda` for every expert (task arithmetic).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, hidden_layers: int):
+    def __init__(self, hidden_size: int, num_experts: int, hidden_layers: int, normalization: str = "none"):
         super().__init__()
         self.hidden_layers = hidden_layers
         self.num_experts = num_experts
+        self.normalization = normalization
         if hidden_layers == 0:
             self.weight = nn.Parameter(torch.empty(num_experts))
         elif hidden_layers == 1:
@@ -441,6 +443,10 @@ class WEMoERouter(nn.Module):
             self.fc2 = WEMoERouterLinear(hidden_size, num_experts, is_output=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raw = self.raw_weights(hidden_states)
+        return raw.softmax(dim=-1) if self.normalization == "softmax" else raw
+
+    def raw_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.hidden_layers == 0:
             return self.weight.expand(*hidden_states.shape[:-1], self.num_experts)
         if self.hidden_layers == 1:
@@ -453,7 +459,7 @@ def build_router(config: WEMoEConfig, hidden_size: int, owner: str) -> WEMoERout
     or None when the router lives elsewhere."""
     if config.router_mode != owner:
         return None
-    return WEMoERouter(hidden_size, config.num_experts, config.router_hidden_layers)
+    return WEMoERouter(hidden_size, config.num_experts, config.router_hidden_layers, config.router_normalization)
 
 
 def compute_routing_weights(
