@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,14 +131,18 @@ def write_results(results: dict, tasks: list[str], directory: Path, stem: str) -
     return table
 
 
-def parse_benchmark_args(doc: str, default_cache: Path, argv: list[str] | None) -> argparse.Namespace:
-    """The benchmarks' shared command line (help text from the script's docstring), with logging, threads and the
-    cache set up: `--fresh` deletes the cache first."""
+def parse_benchmark_args(
+    doc: str, default_cache: Path, argv: list[str] | None, extra: Callable[[argparse.ArgumentParser], None] = None
+) -> argparse.Namespace:
+    """The benchmarks' shared command line (help text from the script's docstring; `extra` adds a script's own
+    options), with logging, threads and the cache set up: `--fresh` deletes the cache first."""
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0],
         epilog=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--cache", type=Path, default=default_cache, help="Stage cache (default: %(default)s).")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="Tables and plots.")
     parser.add_argument("--tiny", action="store_true", help="CI-sized: checks the pipeline, not the accuracy.")

@@ -1,0 +1,218 @@
+"""Diagnostics the accuracy benchmarks share, so that a gap between WEMoE and the individual fine-tunes can be
+explained from the output rather than guessed at:
+
+- the oracle-routing artifact: every router's output forced to 1.0 on the evaluated task's expert and 0 elsewhere
+  (the best any routing can do with these experts and this static part), scored like any artifact;
+- routing accuracy per layer: the share of a task's test samples whose largest routing weight is their own task's
+  expert (ties shared out, so that equal weights score chance, 1 / number of experts);
+- the mean routing weight per layer, expert and task (the paper's analysis), as a plot;
+- entropy and validation accuracy along adaptation, from the checkpoints `wemoe-tta` writes, as a plot.
+
+Family-agnostic: inputs come from the family's task streams (`Backbone.task_stream`), and routing weights are read
+where every WEMoE linear receives them.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conversion.adaptation import load_task_datasets, task_streams
+from conversion.artifact import load_artifact_model, write_artifact
+from conversion.backbones import backbone_for_config
+from conversion.evaluation import class_indices, class_names_of
+from conversion.streams import entropy_loss
+
+CARRIED_FILES = ("README.md", "merge_config.yaml")
+
+
+def modules_of_class(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn.Module]]:
+    """`(name, module)` of every module of a WEMoE class, matched by name: an artifact loaded with its own code
+    (`trust_remote_code`) has its own copies of the classes, which `isinstance` against this repository's misses."""
+    return [(name, module) for name, module in model.named_modules() if type(module).__name__ == class_name]
+
+
+@torch.no_grad()
+def route_to(model: torch.nn.Module, expert: int) -> None:
+    """Every router outputs 1.0 for `expert` and 0 for the others, whatever its input."""
+    routers = modules_of_class(model, "WEMoERouter")
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no WEMoE router to route.")
+    if any(router.normalization != "none" for _, router in routers if hasattr(router, "normalization")):
+        raise ValueError("Oracle routing forces raw router outputs; this model normalises them (softmax).")
+    for _, router in routers:
+        one_hot = torch.zeros(router.num_experts)
+        one_hot[expert] = 1.0
+        if router.hidden_layers == 0:
+            router.weight.copy_(one_hot)
+        else:
+            last = router.fc if router.hidden_layers == 1 else router.fc2
+            last.weight.zero_()
+            last.bias.copy_(one_hot)
+
+
+def oracle_artifacts(artifact: Path, output: Path) -> dict[str, Path]:
+    """Per task, a copy of the artifact whose routing is that task's expert alone (cached)."""
+    model = load_artifact_model(artifact)
+    backbone = backbone_for_config(model.config)
+    processor = backbone.load_processor(str(artifact), model.config)
+    extra_files = {name: (artifact / name).read_text() for name in CARRIED_FILES if (artifact / name).is_file()}
+    copies = {}
+    for index, task in enumerate(model.config.tasks):
+        copies[task] = output / task
+        if not copies[task].is_dir():
+            route_to(model, index)
+            copies[task].mkdir(parents=True)
+            write_artifact(model, copies[task], processor, extra_files=extra_files)
+    return copies
+
+
+def per_sample_routing(model: torch.nn.Module, run) -> list[torch.Tensor]:
+    """The per-sample routing weights `(batch, experts)` every WEMoE layer used during `run()`, one per layer in
+    order (read where the layer's first expert linear receives them; per-token routing, as in a T5 decoder, is
+    left out)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def recorder(layer: str):
+        def hook(module, args):
+            if args[1].dim() == 2 and layer not in captured:
+                captured[layer] = args[1].detach()
+
+        return hook
+
+    handles = []
+    for name, module in modules_of_class(model, "WEMoELinear"):
+        layer = name.rsplit(".", 2)[0]  # the block holding the expert linears
+        handles.append(module.register_forward_pre_hook(recorder(layer)))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not captured:
+        raise ValueError(f"{type(model).__name__} routed no sample as a whole (no per-sample WEMoE layer ran).")
+    return list(captured.values())
+
+
+def tie_shared_hits(routing: torch.Tensor, expert: int) -> torch.Tensor:
+    """1 where `expert` has the largest weight, 1/k where it ties with k-1 others, 0 elsewhere; per sample."""
+    largest = routing.max(dim=-1, keepdim=True).values
+    at_top = routing >= largest - 1e-6
+    return at_top[:, expert].float() / at_top.sum(dim=-1)
+
+
+@torch.no_grad()
+def routing_analysis(model_dir: Path, data: Mapping, samples: int = 128, batch_size: int = 32) -> dict:
+    """Per task: the mean routing weight per layer and expert, and the routing accuracy per layer, over up to
+    `samples` of its test inputs."""
+    model = load_artifact_model(model_dir)
+    backbone = backbone_for_config(model.config)
+    tasks = list(model.config.tasks)
+    processor = backbone.load_processor(str(model_dir), model.config)
+    datasets = load_task_datasets(data, tasks, backbone.input_kind)
+    streams = task_streams(backbone, datasets, processor, 1, model.config.task_labels)
+    analysis = {}
+    for task, stream in streams.items():
+        rows = list(range(min(samples, len(stream.dataset))))
+        per_layer = []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            inputs = stream.encode(stream.dataset[batch][stream.column], batch)
+            per_layer.append(per_sample_routing(model, lambda s=stream, inputs=inputs: s.logits(model, inputs)))
+        layers = [torch.cat([batch[i] for batch in per_layer]) for i in range(len(per_layer[0]))]
+        own = tasks.index(task)
+        analysis[task] = {
+            "mean_routing": [layer.mean(dim=0).tolist() for layer in layers],
+            "routing_accuracy": [float(tie_shared_hits(layer, own).mean()) for layer in layers],
+        }
+    return analysis
+
+
+@torch.no_grad()
+def stream_scores(model, streams: Mapping, datasets: Mapping, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per task: mean entropy of the adaptation objective's logits, and the accuracy of their argmax against the
+    labels (the task's classes; for a T5, the label word chosen at the first decoding step)."""
+    scores = {}
+    for task, stream in streams.items():
+        dataset, spec = datasets[task]
+        names = list(model.config.task_labels[task])
+        labels, _ = class_indices(task, dataset[spec.label_column], class_names_of(dataset, spec) or names)
+        entropies, correct, counted = [], 0, 0
+        for start in range(0, len(dataset), batch_size):
+            rows = list(range(start, min(start + batch_size, len(dataset))))
+            logits = stream.logits(model, stream.encode(dataset[rows][stream.column], rows))
+            entropies.append(float(entropy_loss(logits)) * len(rows))
+            kept = labels[rows] != -1
+            correct += int((logits.argmax(-1)[kept] == labels[rows][kept]).sum())
+            counted += int(kept.sum())
+        scores[task] = {"entropy": sum(entropies) / len(dataset), "accuracy": correct / max(counted, 1)}
+    return scores
+
+
+def adaptation_curve(artifact: Path, checkpoint_dir: Path, validation: Mapping) -> list[dict]:
+    """Validation entropy and accuracy of the unadapted artifact and at every checkpoint of its adaptation: each
+    checkpoint's routers loaded into the artifact."""
+    model = load_artifact_model(artifact)
+    backbone = backbone_for_config(model.config)
+    processor = backbone.load_processor(str(artifact), model.config)
+    datasets = load_task_datasets(validation, list(model.config.tasks), backbone.input_kind)
+    streams = task_streams(backbone, datasets, processor, 1, model.config.task_labels)
+    steps = sorted(int(path.name.removeprefix("step_")) for path in checkpoint_dir.glob("step_*"))
+    curve = []
+    for step in [0, *steps]:
+        if step:
+            model.load_state_dict(load_file(checkpoint_dir / f"step_{step}" / "model.safetensors"), strict=False)
+        scores = stream_scores(model, streams, datasets)
+        curve.append(
+            {
+                "step": step,
+                "entropy": sum(s["entropy"] for s in scores.values()) / len(scores),
+                "accuracy": sum(s["accuracy"] for s in scores.values()) / len(scores),
+                "per_task": scores,
+            }
+        )
+    return curve
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_routing(analysis: Mapping, experts: list[str], path: Path, title: str) -> None:
+    """The mean routing weight per layer (rows) and expert (columns), one panel per task."""
+    plt = pyplot()
+    tasks = list(analysis)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks), 3), sharey=True, squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        image = axis.imshow(torch.tensor(analysis[task]["mean_routing"]).numpy(), aspect="auto", cmap="viridis")
+        axis.set_title(f"{task} inputs", fontsize=8)
+        axis.set_xticks(range(len(experts)), experts, rotation=90, fontsize=6)
+        axis.set_xlabel("expert", fontsize=7)
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    axes[0][0].set_ylabel("layer")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_adaptation(curves: Mapping[str, list[dict]], path: Path) -> None:
+    """Validation entropy and accuracy along adaptation, one line per method."""
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    for method, curve in curves.items():
+        steps = [point["step"] for point in curve]
+        left.plot(steps, [point["entropy"] for point in curve], marker="o", label=method)
+        right.plot(steps, [100 * point["accuracy"] for point in curve], marker="o", label=method)
+    left.set(xlabel="adaptation step", ylabel="mean entropy (validation)")
+    right.set(xlabel="adaptation step", ylabel="accuracy % (validation)")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
