@@ -28,7 +28,7 @@ def write_recipe(recipe: dict, tmp_path) -> str:
 
 def console_script() -> list[str]:
     script = shutil.which("wemoe-convert")
-    return [script] if script else [sys.executable, "-m", "conversion.convert"]
+    return [script] if script else [sys.executable, "-m", "conversion.cli.convert"]
 
 
 def test_cli_artifact_loads_in_a_fresh_process_and_equals_merge_clip(

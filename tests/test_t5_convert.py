@@ -7,6 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
+from test_convert import console_script
 from test_t5 import PROMPTS, build_family
 from toy_t5 import toy_t5_tokenizer
 from transformers import AutoModelForSeq2SeqLM
@@ -80,7 +81,7 @@ def test_cli_converts_a_t5_recipe(t5_checkpoints, tmp_path):
 
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(t5_recipe(t5_checkpoints)))
     completed = subprocess.run(
-        ["wemoe-convert", str(tmp_path / "recipe.yaml"), str(tmp_path / "out")], capture_output=True, text=True
+        [*console_script(), str(tmp_path / "recipe.yaml"), str(tmp_path / "out")], capture_output=True, text=True
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
