@@ -287,13 +287,13 @@ def count_parameters(model_dir: Path, method: str, num_tasks: int) -> tuple[int,
     return report["trainable_parameters"], report["total_parameters"]
 
 
-def score_each_alone(checkpoints: dict[str, Path], tasks: TasksFile, cache: Path, kind: str) -> dict[str, float]:
+def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
+    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
+    test = test_data(tasks)["tasks"]
     scores = {}
-    for name in tasks.tasks:
-        one_task = write_yaml({"tasks": {name: test_data(tasks)["tasks"][name]}}, cache / f"data_{name}.yaml")
-        scores[name] = evaluate_dir(checkpoints[f"{kind}/{name}"], one_task, cache / "eval" / f"{kind}_{name}.json")[
-            name
-        ]
+    for name, directory in directories.items():
+        one_task = write_yaml({"tasks": {name: test[name]}}, cache / f"data_{name}.yaml")
+        scores[name] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{name}.json")[name]
     return {**scores, "average": sum(scores.values()) / len(scores)}
 
 
@@ -304,7 +304,10 @@ def test_data(tasks: TasksFile) -> dict:
 def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, seed: int) -> dict:
     data_yaml = write_yaml(test_data(tasks), cache / "data.yaml")
     results = {
-        method: {"scores": score_each_alone(checkpoints, tasks, cache, kind), "parameters": (0, None)}
+        method: {
+            "scores": score_each_alone({t: checkpoints[f"{kind}/{t}"] for t in tasks.tasks}, tasks, cache, kind),
+            "parameters": (0, None),
+        }
         for method, kind in (("individual fine-tunes", "full"), ("individual LoRA fine-tunes", "lora_merged"))
     }
     choice = choose_lambda(checkpoints, tasks, scale, cache / "eval" / "lambda_on_validation.json")
@@ -322,11 +325,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
 def oracle_row(cache: Path, tasks: TasksFile) -> dict:
     """The unadapted WEMoE artifact with every router forced to the evaluated task's expert."""
     copies = oracle_artifacts(cache / "models" / "wemoe", cache / "models" / "oracle")
-    scores = {}
-    for name, directory in copies.items():
-        one_task = write_yaml({"tasks": {name: test_data(tasks)["tasks"][name]}}, cache / f"data_{name}.yaml")
-        scores[name] = evaluate_dir(directory, one_task, cache / "eval" / f"oracle_{name}.json")[name]
-    return {"scores": {**scores, "average": sum(scores.values()) / len(scores)}, "parameters": (0, None)}
+    return {"scores": score_each_alone(copies, tasks, cache, "oracle"), "parameters": (0, None)}
 
 
 # ------------------------------------------------------------------------------------------------- diagnostics
