@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .configuration_wemoe import WEMoEConfig
+
+logger = logging.get_logger(__name__)
 
 
 def num_kept_entries(numel: int, keep: float) -> int:
@@ -510,6 +513,20 @@ def attention(
     return output.transpose(1, 2).contiguous(), None
 
 
+def returned_attentions(config: WEMoEConfig, output_attentions: bool | None, attentions: tuple) -> tuple | None:
+    """The attention probabilities a forward returns: only when asked (argument, else config), and only eager
+    attention computes them; as transformers' models do, another implementation says so and returns none."""
+    if not (output_attentions if output_attentions is not None else config.output_attentions):
+        return None
+    if config._attn_implementation != "eager":
+        logger.warning_once(
+            f"`{config._attn_implementation}` attention does not return attention weights (`output_attentions=True`); "
+            'load the model with `attn_implementation="eager"` to get them.'
+        )
+        return None
+    return attentions
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `keep` is set, the dtype's most negative value elsewhere (not -inf: a row with nothing to attend to
     stays finite)."""
@@ -611,6 +628,12 @@ class WEMoEPreTrainedModel(PreTrainedModel):
                 f"({self.backbone!r}); load it with AutoModel or that backbone's class."
             )
         self.register_buffer(TASK_RECORD, self.expected_task_record())
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source (its AttentionInterface); `attention` here reads
+        # `config._attn_implementation` at every call, so `set_attn_implementation` takes effect at once.
+        return True
 
     def expected_task_record(self) -> torch.Tensor:
         return encode_task_record(self.config.tasks, self.config.task_labels if self.labels_in_tensors else None)

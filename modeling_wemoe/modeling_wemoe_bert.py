@@ -33,6 +33,7 @@ from .modeling_wemoe import (
     compute_routing_weights,
     padding_mask,
     register_wemoe_model,
+    returned_attentions,
 )
 from .pipeline_wemoe_text_classification import WEMoETextClassificationPipeline
 
@@ -284,6 +285,8 @@ class WEMoESequenceClassifierOutput(SequenceClassifierOutput):
         The logits of `task`'s head, or every task's heads side by side (matching `config.id2label`).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The embeddings output and every layer's output, each `(batch_size, seq_len, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True` with eager attention):
+        Every layer's attention probabilities, each `(batch_size, num_heads, seq_len, seq_len)`.
     routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
         Per layer, the routing weights used: `(batch_size, num_experts)` per sample or
         `(batch_size, seq_len, num_experts)` per token.
@@ -361,6 +364,7 @@ class WEMoEForSequenceClassification(WEMoEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         task: str | None = None,
         labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routing_weights: bool = False,
         return_dict: bool | None = None,
@@ -401,6 +405,7 @@ class WEMoEForSequenceClassification(WEMoEPreTrainedModel):
             loss=loss,
             logits=logits,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=returned_attentions(self.config, output_attentions, encoded.attentions),
             routing_weights=encoded.routing_weights if output_routing_weights else None,
         )
         return output if return_dict else output.to_tuple()

@@ -26,6 +26,7 @@ from .modeling_wemoe import (
     build_router,
     compute_routing_weights,
     register_wemoe_model,
+    returned_attentions,
 )
 
 
@@ -225,6 +226,8 @@ class WEMoEImageClassifierOutput(ImageClassifierOutput):
         Scaled cosine similarities to the class embeddings of `task`, or of every task's classes.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The embeddings output and every layer's output, each `(batch_size, seq_len, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True` with eager attention):
+        Every layer's attention probabilities, each `(batch_size, num_heads, seq_len, seq_len)`.
     image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
         L2-normalised projected image embeddings.
     routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
@@ -269,6 +272,9 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
             init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
             init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
     def task_slice(self, task: str | None) -> slice:
         """Columns of the logits that belong to `task` (all columns for `None`)."""
         if task is None:
@@ -283,6 +289,7 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
         pixel_values: torch.Tensor,
         task: str | None = None,
         labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routing_weights: bool = False,
         interpolate_pos_encoding: bool = False,
@@ -329,6 +336,7 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
             loss=loss,
             logits=logits,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=returned_attentions(self.config, output_attentions, encoded.attentions),
             image_embeds=image_embeds,
             routing_weights=encoded.routing_weights if output_routing_weights else None,
         )

@@ -4,17 +4,21 @@ Parameter names match `T5ForConditionalGeneration`. The layer norm, the attentio
 and its KV cache follow transformers' `T5LayerNorm`, `T5Attention`, `T5LayerSelfAttention` and
 `T5LayerCrossAttention` (copied rather than imported: transformers 5.24 changed how those layers take the cache, and
 an artifact's code must keep working across such changes). Only the public `Cache` / `EncoderDecoderCache` API and
-`GenerationMixin` are used, whichever name (`cache` or the older `past_key_values`) `generate()` passes the cache by.
+`GenerationMixin` are used. transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: the model takes
+either, and returns it under the installed version's name, the one `generate()` reads.
 
 Shipped inside T5 artifacts, next to the shared `modeling_wemoe.py`, `configuration_wemoe.py` and `pipeline_wemoe.py`.
 """
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig
 from transformers import initialization as init
@@ -34,6 +38,7 @@ from .modeling_wemoe import (
     compute_routing_weights,
     padding_mask,
     register_wemoe_model,
+    returned_attentions,
 )
 from .pipeline_wemoe import WEMoEText2TextGenerationPipeline
 
@@ -396,6 +401,10 @@ class WEMoEEncoderOutput(BaseModelOutput):
     routing_weights: tuple[torch.FloatTensor, ...] | None = None
 
 
+# The name transformers gives the KV cache: `cache` from 5.24 (its ModelOutput maps `past_key_values` onto it).
+CACHE_NAME = "cache" if version.parse(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
 @dataclass
 class WEMoESeq2SeqLMOutput(ModelOutput):
     r"""
@@ -406,12 +415,11 @@ class WEMoESeq2SeqLMOutput(ModelOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, target_len, vocab_size)`):
         Next-token scores.
     cache (`EncoderDecoderCache`, *optional*, returned when `use_cache=True`):
-        The decoder's self-attention and cross-attention keys and values, to continue decoding from.
-    past_key_values (`EncoderDecoderCache`, *optional*):
-        The same cache, under the name it was passed by (transformers before 5.24 call it `past_key_values`); only
-        one of `cache` and `past_key_values` is set.
-    decoder_hidden_states, encoder_last_hidden_state, encoder_hidden_states:
-        As in `Seq2SeqLMOutput`.
+        The decoder's self-attention and cross-attention keys and values, to continue decoding from. Before
+        transformers 5.24 the field is `past_key_values`, the name that version's `generate()` reads.
+    decoder_hidden_states, decoder_attentions, cross_attentions, encoder_last_hidden_state, encoder_hidden_states,
+    encoder_attentions:
+        As in `Seq2SeqLMOutput` (attentions only with eager attention).
     encoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
         Per encoder layer, `(batch_size, num_experts)` per sample or `(batch_size, seq_len, num_experts)` per token.
     decoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
@@ -420,11 +428,16 @@ class WEMoESeq2SeqLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache: EncoderDecoderCache | None = None
-    past_key_values: EncoderDecoderCache | None = None
+    if CACHE_NAME == "cache":
+        cache: EncoderDecoderCache | None = None
+    else:
+        past_key_values: EncoderDecoderCache | None = None
     decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_routing_weights: tuple[torch.FloatTensor, ...] | None = None
     decoder_routing_weights: tuple[torch.FloatTensor, ...] | None = None
 
@@ -441,12 +454,16 @@ class WEMoET5EncoderEntry:
 
 
 def cache_argument(cache: EncoderDecoderCache | None, past_key_values: EncoderDecoderCache | None):
-    """The KV cache and the name it came by: `cache` (transformers 5.24 and later) or `past_key_values` (before)."""
+    """The KV cache, given by either name; the old one is deprecated where transformers has renamed it (5.24)."""
     if cache is not None and past_key_values is not None:
         raise ValueError("Give the KV cache as `cache` or as `past_key_values`, not both.")
-    if past_key_values is not None:
-        return past_key_values, "past_key_values"
-    return cache, "cache"
+    if past_key_values is None:
+        return cache
+    if CACHE_NAME == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24; use `cache` instead.", FutureWarning, stacklevel=3
+        )
+    return past_key_values
 
 
 @register_wemoe_model
@@ -513,6 +530,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = True,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> WEMoEEncoderOutput:
         """Run the encoder; its routing weights are always returned (they are small)."""
@@ -524,6 +542,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         return WEMoEEncoderOutput(
             last_hidden_state=encoded.last_hidden_state,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=returned_attentions(self.config, output_attentions, encoded.attentions),
             routing_weights=encoded.routing_weights,
         )
 
@@ -550,6 +569,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routing_weights: bool = False,
         return_dict: bool | None = None,
@@ -563,8 +583,8 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
             decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
                 Decoder inputs; derived from `labels` when only those are given.
             cache (`EncoderDecoderCache`, *optional*):
-                Keys and values of earlier decoding steps (`past_key_values` is accepted as the same, for
-                transformers before 5.24); the output returns it under the name it came by.
+                Keys and values of earlier decoding steps (`past_key_values` is accepted as the same: it is the
+                name before transformers 5.24); the output returns it under the installed version's name.
             labels (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
                 Target token ids (-100 is ignored); a cross-entropy loss is returned with them.
             output_routing_weights (`bool`, *optional*, defaults to `False`):
@@ -582,13 +602,15 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         >>> tokenizer.batch_decode(model.generate(**inputs), skip_special_tokens=True)
         ```
         """
-        cache, cache_name = cache_argument(cache, past_key_values)
+        cache = cache_argument(cache, past_key_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, output_hidden_states)
+            encoder_outputs = self.encode(
+                input_ids, attention_mask, inputs_embeds, output_hidden_states, output_attentions=output_attentions
+            )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = WEMoEEncoderOutput(last_hidden_state=encoder_outputs[0])
 
@@ -630,10 +652,13 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
         output = WEMoESeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            **{cache_name: cache},
+            **{CACHE_NAME: cache},
             decoder_hidden_states=decoded.hidden_states if output_hidden_states else None,
+            decoder_attentions=returned_attentions(self.config, output_attentions, decoded.attentions),
+            cross_attentions=returned_attentions(self.config, output_attentions, decoded.cross_attentions),
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
             encoder_routing_weights=encoder_routing_weights if output_routing_weights else None,
             decoder_routing_weights=decoded.routing_weights if output_routing_weights else None,
         )
