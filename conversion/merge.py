@@ -10,6 +10,8 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from modeling_wemoe import WEMoEConfig, WEMoEPreTrainedModel
 
 from .adamerging import train_layer_wise_merge
@@ -81,7 +83,7 @@ def merge(
         **options: `MergeOptions` fields: `variant` ("wemoe": a router per layer, dense task vectors; "e-wemoe": one
             shared router, task vectors pruned to `keep`), `keep`, `expert_format` ("dense", "sparse", "lowrank"),
             `rank`, `static_merge` (for the non-MLP tensors, e.g. `{"method": "ties", "density": 0.2}`) and
-            `router` (`hidden_layers`, `top_k`, `init_lambda`, `granularity`).
+            `router` (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `seed`).
 
     Returns:
         The family's WEMoE model in eval mode, only its routers trainable; before adaptation it equals task
@@ -105,7 +107,9 @@ def merge(
         task_labels=task_labels,
         **config_options,
     )
-    model = backbone.model_class(config)
+    with torch.random.fork_rng(devices=[]):  # seeded router initialisation, the caller's RNG untouched
+        torch.manual_seed(options.router.seed)
+        model = backbone.model_class(config)
     logger.info("Merging %d %s experts into a %s model (%s).", len(experts), backbone.display_name,
                 options.variant, ", ".join(experts))
     reconstruction_errors = fill_backbone(backbone.merge_target(model), base_tensors, expert_tensors, config)

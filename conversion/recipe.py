@@ -62,6 +62,7 @@ class RouterSpec(Strict):
     top_k: int | None = Field(None, ge=1)
     init_lambda: FiniteFloat = DEFAULT_LAMBDA
     granularity: Literal["sample", "token"] = "sample"
+    seed: int = 0  # of the routers' random initialisation: converting a recipe twice gives the same artifact
 
 
 class DatasetSource(Strict):

@@ -2,15 +2,19 @@
 
 Builds a tiny CLIP base and three task experts and saves them as ordinary checkpoints, converts them with a YAML
 recipe as `wemoe-convert` does, adapts the routers on drawn task images as `wemoe-tta` does, evaluates before and
-after as `wemoe-eval` does, and classifies a drawn image through `pipeline()` with `trust_remote_code`.
+after as `wemoe-eval` does, and classifies a drawn image through `pipeline()` with `trust_remote_code`. Everything
+stays in the workspace (the recipe, a `data.yaml`, the checkpoints and artifacts), and the demo prints the command
+lines that replay each step with the CLIs.
 """
 
 import argparse
 import logging
-import tempfile
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 from transformers import pipeline
 
@@ -28,10 +32,12 @@ DEMO_TASKS = {
     "stripes": ["horizontal stripes", "vertical stripes"],
 }
 IMAGES_PER_TASK = 24
+TTA = {"lr": 1e-3, "batch_size": 8}  # the demo's adaptation settings besides --tta-steps and --seed
+WORKSPACE_MARKER = ".wemoe-demo"  # a workspace the demo made, and may replace on the next run
 
 EPILOG = """examples:
-  wemoe-demo
-  wemoe-demo --variant e-wemoe --keep 0.1 --tta-steps 40 --output ./demo-artifact
+  wemoe-demo                                    # workspace ./wemoe-demo
+  wemoe-demo --variant e-wemoe --keep 0.1 --tta-steps 40 --workspace /tmp/demo
 """
 
 
@@ -76,6 +82,32 @@ def write_demo_data(workspace: Path, seed: int) -> dict:
     return {"tasks": tasks}
 
 
+def prepare_workspace(workspace: Path) -> None:
+    """An empty workspace; one left by an earlier demo run (it has the marker) is replaced, anything else kept."""
+    if workspace.exists():
+        if not (workspace / WORKSPACE_MARKER).is_file():
+            raise SystemExit(
+                f"wemoe-demo: error: {workspace} exists and was not made by wemoe-demo; pass another --workspace."
+            )
+        shutil.rmtree(workspace)
+    workspace.mkdir(parents=True)
+    (workspace / WORKSPACE_MARKER).touch()
+
+
+def replay_commands(workspace: Path, args: argparse.Namespace) -> list[str]:
+    """The CLI lines that redo the demo's conversion, adaptation and evaluations from its workspace."""
+    merged, adapted, data = workspace / "merged", workspace / "adapted", workspace / "data.yaml"
+    tta = {"--steps": args.tta_steps, "--lr": TTA["lr"], "--batch-size": TTA["batch_size"], "--seed": args.seed}
+    tta_options = [str(word) for option in tta.items() for word in option]
+    lines = [
+        ["wemoe-convert", workspace / "recipe.yaml", merged, "--overwrite"],
+        ["wemoe-tta", merged, data, "--output", adapted, *tta_options, "--overwrite"],
+        ["wemoe-eval", merged, data],
+        ["wemoe-eval", adapted, data],
+    ]
+    return [shlex.join(str(word) for word in line) for line in lines]
+
+
 def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
     """A tiny CLIP base (with tokenizer and image processor) and one expert per demo task, as checkpoint dirs."""
     base = build_toy_base(seed=seed)
@@ -104,17 +136,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tta-steps", type=int, default=20, help="Test-time adaptation steps (default: 20).")
     parser.add_argument(
-        "--output", type=Path, default=None, help="Where to write the adapted artifact (default: a temp dir)."
+        "--workspace",
+        type=Path,
+        default=Path("wemoe-demo"),
+        help="Directory for everything the demo writes; replaced if an earlier demo run made it (default: "
+        "./wemoe-demo).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the toy models and drawn data (default: 0).")
     return parser.parse_args(argv)
 
 
 def run_demo(args: argparse.Namespace) -> list[dict]:
-    workspace = Path(tempfile.mkdtemp(prefix="wemoe-demo-"))
+    workspace = args.workspace
+    prepare_workspace(workspace)
     checkpoints = save_toy_checkpoints(workspace, args.seed)
-    data = write_demo_data(workspace, args.seed)
-    print(f"Saved a tiny CLIP base, {len(DEMO_TASKS)} toy experts and drawn task images under {workspace}")
+    data = workspace / "data.yaml"
+    data.write_text(yaml.safe_dump(write_demo_data(workspace, args.seed), sort_keys=False))
+    print(
+        f"Saved a tiny CLIP base, {len(DEMO_TASKS)} toy experts, drawn task images and their "
+        f"{workspace / 'data.yaml'} under {workspace}"
+    )
 
     recipe = MergeRecipe.model_validate(
         {
@@ -128,17 +169,8 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     merged = convert(workspace / "recipe.yaml", workspace / "merged")
     print(f"Converted them with {workspace / 'recipe.yaml'} (as `wemoe-convert` does) into {merged}")
 
-    output = args.output or workspace / "adapted"
-    adapt_artifact(
-        merged,
-        data,
-        output,
-        steps=args.tta_steps,
-        lr=1e-3,
-        batch_size=8,
-        seed=args.seed,
-        overwrite=args.output is not None,
-    )
+    output = workspace / "adapted"
+    adapt_artifact(merged, data, output, steps=args.tta_steps, seed=args.seed, **TTA)
     print(f"Adapted the routers for {args.tta_steps} steps on unlabeled images (as `wemoe-tta` does) into {output}")
 
     before, after = evaluate(merged, data), evaluate(output, data)
@@ -157,6 +189,9 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     print("Classified a drawn circle:")
     for prediction in predictions:
         print(f"  {prediction['label']:<28} {prediction['score']:.3f}")
+    print("Replay each step with the command-line tools:")
+    for line in replay_commands(workspace, args):
+        print(f"  {line}")
     return predictions
 
 
