@@ -12,6 +12,9 @@ from .merge_methods import get_static_merge
 from .recipe import MergeRecipe
 
 VARIANT_NAMES = {"wemoe": "WEMoE", "e-wemoe": "E-WEMoE"}
+# The Hub's id for "a license not in its list": a merge is bound by its base's and every expert's licenses, which the
+# card cannot know unless the recipe states the result (`license`).
+DEFAULT_LICENSE = "other"
 
 
 def hub_id_or_none(name_or_path: str) -> str | None:
@@ -19,30 +22,49 @@ def hub_id_or_none(name_or_path: str) -> str | None:
     return None if Path(name_or_path).exists() else name_or_path
 
 
+def hub_lineage(recipe: MergeRecipe) -> list[str]:
+    """The base and every expert that are Hub ids, for `base_model`: the Hub's model tree then shows a merge of
+    them. Local paths mean nothing there; the card's body names them."""
+    sources = [recipe.base_model, *(task.model for task in recipe.tasks)]
+    return list(dict.fromkeys(source for source in map(hub_id_or_none, sources) if source is not None))
+
+
 def render_model_card(
-    model: WEMoEPreTrainedModel, recipe: MergeRecipe, backbone: Backbone, repo_id: str | None = None
+    model: WEMoEPreTrainedModel,
+    recipe: MergeRecipe,
+    backbone: Backbone,
+    repo_id: str | None = None,
 ) -> ModelCard:
     """One template for every family (`model_cards/wemoe.md`); the family's plug-in gives its summary, what its
-    labels are called, its pipeline tag and a usage snippet."""
+    labels are called, its pipeline tag and a usage snippet. The model is named `repo_id` when it is pushed, else by
+    the card's title."""
     config = model.config
     variant = VARIANT_NAMES[recipe.variant] + (f", keep {recipe.keep:g}" if recipe.variant == "e-wemoe" else "")
     router = (
         "router in every layer" if config.router_mode == "per_layer" else "single router shared by all layers"
     ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing)"
-    card_data = ModelCardData(
-        base_model=hub_id_or_none(recipe.base_model),
-        library_name="transformers",
-        pipeline_tag=backbone.pipeline_tag,
-        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, backbone.pipeline_tag],
-    )
     task_labels = config.task_labels or {}
     tasks = [
         {"name": task.name, "model": task.model, "labels": task_labels.get(task.name, [])} for task in recipe.tasks
     ]
+    title = f"{VARIANT_NAMES[recipe.variant]} {backbone.display_name}: {', '.join(task['name'] for task in tasks)}"
+    lineage = hub_lineage(recipe)
+    card_data = ModelCardData(
+        base_model=lineage or None,
+        base_model_relation="merge" if lineage else None,
+        license=recipe.license or DEFAULT_LICENSE,
+        model_name=repo_id or title,
+        library_name="transformers",
+        pipeline_tag=backbone.pipeline_tag,
+        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, backbone.pipeline_tag],
+    )
     return ModelCard.from_template(
         card_data,
         template_str=(files("model_cards") / "wemoe.md").read_text(),
-        title=f"{VARIANT_NAMES[recipe.variant]} {backbone.display_name}: {', '.join(task['name'] for task in tasks)}",
+        title=title,
+        base_source=recipe.base_model,
+        hub_ids=lineage,
+        recipe_license=recipe.license,
         summary=backbone.card_summary.format(n=len(tasks)),
         labels_name=backbone.labels_name,
         usage=backbone.card_usage(repo_id or "path/to/this/artifact", tasks[0]["name"]),
@@ -54,3 +76,4 @@ def render_model_card(
         report=model.parameter_report(),
         recipe_yaml=recipe.to_yaml(),
     )
+
