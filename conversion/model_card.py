@@ -1,9 +1,11 @@
-"""The artifact's README.md: YAML front matter for the Hub plus a human description, from `model_cards/`."""
+"""The artifact's README.md: YAML front matter for the Hub plus a human description, from `model_cards/`; and its
+model-index, which keeps every evaluated model's results under that model's name."""
 
 from importlib.resources import files
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from modeling_wemoe import WEMoEPreTrainedModel
 
@@ -77,3 +79,33 @@ def render_model_card(
         recipe_yaml=recipe.to_yaml(),
     )
 
+
+def model_index_of(card_path: Path) -> tuple[str | None, list[dict]]:
+    """The model name a card records, and its model-index entries as written, each under its own model's name
+    (`ModelCardData` would file every entry under the last one's name). Nothing for a missing card."""
+    metadata = (metadata_load(card_path) if card_path.is_file() else None) or {}
+    entries = metadata.get("model-index") or []
+    # Cards written by huggingface_hub alone name their model in the model-index only (its last entry).
+    return metadata.get("model_name") or (entries[-1].get("name") if entries else None), entries
+
+
+def set_model_index(card: ModelCard, model_name: str, entries: list[dict]) -> None:
+    """Name the card's model, and give the card these model-index entries as they are."""
+    card.data.model_name = model_name
+    card.data.eval_results = None
+    card.data["model-index"] = entries or None
+
+
+def add_eval_results(entries: list[dict], model_name: str, results: list[EvalResult]) -> list[dict]:
+    """`entries` with `results` added under `model_name`. A result replaces only this model's result for the same
+    task, dataset and metric; other models' entries (the unadapted model's, say) are kept. This model's entry comes
+    last, where `ModelCard.load` reads the model's name from."""
+
+    def key(result: EvalResult) -> tuple:
+        return result.unique_identifier, result.dataset_name, result.metric_type
+
+    new = {key(result) for result in results}
+    own = [entry for entry in entries if entry.get("name") == model_name]
+    kept = [result for result in (model_index_to_eval_results(own)[1] if own else []) if key(result) not in new]
+    others = [entry for entry in entries if entry.get("name") != model_name]
+    return [*others, *eval_results_to_model_index(model_name, [*kept, *results])]
