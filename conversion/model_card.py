@@ -1,8 +1,10 @@
 """The artifact's README.md: YAML front matter for the Hub plus a human description, from `model_cards/`; and its
 model-index, which keeps every evaluated model's results under that model's name."""
 
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
@@ -36,10 +38,11 @@ def render_model_card(
     recipe: MergeRecipe,
     backbone: Backbone,
     repo_id: str | None = None,
+    adaptation: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """One template for every family (`model_cards/wemoe.md`); the family's plug-in gives its summary, what its
-    labels are called, its pipeline tag and a usage snippet. The model is named `repo_id` when it is pushed, else by
-    the card's title."""
+    labels are called, its pipeline tag and a usage snippet. `adaptation` (a `wemoe-tta` run's record) makes it the
+    card of the adapted model. The model is named `repo_id` when it is pushed, else by the card's title."""
     config = model.config
     variant = VARIANT_NAMES[recipe.variant] + (f", keep {recipe.keep:g}" if recipe.variant == "e-wemoe" else "")
     router = (
@@ -50,6 +53,7 @@ def render_model_card(
         {"name": task.name, "model": task.model, "labels": task_labels.get(task.name, [])} for task in recipe.tasks
     ]
     title = f"{VARIANT_NAMES[recipe.variant]} {backbone.display_name}: {', '.join(task['name'] for task in tasks)}"
+    title += " (test-time adapted)" if adaptation else ""
     lineage = hub_lineage(recipe)
     card_data = ModelCardData(
         base_model=lineage or None,
@@ -58,7 +62,8 @@ def render_model_card(
         model_name=repo_id or title,
         library_name="transformers",
         pipeline_tag=backbone.pipeline_tag,
-        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, backbone.pipeline_tag],
+        tags=["wemoe", "model-merging", "merge", recipe.variant, recipe.architecture, backbone.pipeline_tag]
+        + (["test-time-adaptation"] if adaptation else []),
     )
     return ModelCard.from_template(
         card_data,
@@ -67,6 +72,7 @@ def render_model_card(
         base_source=recipe.base_model,
         hub_ids=lineage,
         recipe_license=recipe.license,
+        adaptation=adaptation,
         summary=backbone.card_summary.format(n=len(tasks)),
         labels_name=backbone.labels_name,
         usage=backbone.card_usage(repo_id or "path/to/this/artifact", tasks[0]["name"]),
