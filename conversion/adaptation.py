@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
@@ -26,15 +27,17 @@ from modeling_wemoe.modeling_wemoe import is_router_parameter
 from .artifact import load_artifact_model, write_artifact
 from .backbones import Backbone, backbone_for_config
 from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset
-from .outputs import OutputError, check_output_target, staged_output, write_file_atomically
+from .model_card import model_index_of, render_model_card, set_model_index
+from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
+from .recipe import MergeRecipe, load_validated
 from .streams import TaskStream, entropy_loss
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 STEP_FILE = "wemoe_tta_step.json"
-CARRIED_FILES = ("README.md", "merge_config.yaml")
-
+# The adapted model's card reports its entropy as the mean over this many last steps (one step's is noisy).
+FINAL_ENTROPY_STEPS = 10
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -94,6 +97,7 @@ def adapt(
     accelerator: Accelerator | None = None,
     trainable: Callable[[str], bool] = is_router_parameter,
     run_settings: Mapping | None = None,
+    entropy_log: list[float] | None = None,
 ):
     """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) by
     entropy minimisation.
@@ -101,7 +105,8 @@ def adapt(
     Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
     same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
-    `run_settings` (batch size, data, ...); resuming with other values is refused.
+    `run_settings` (batch size, data, ...); resuming with other values is refused. `entropy_log`, if given, receives
+    each step's mean entropy.
     """
     run = {"lr": lr, "seed": seed, **(run_settings or {})}
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
@@ -157,6 +162,8 @@ def adapt(
         # Each process saw its share of every batch: the mean over processes is the whole batch's entropy.
         step_entropy = accelerator.reduce(step_loss, reduction="mean").item()
         progress.set_postfix(entropy=f"{step_entropy:.4f}")
+        if entropy_log is not None:
+            entropy_log.append(step_entropy)
         if report_to:
             accelerator.log({"entropy": step_entropy}, step=step + 1)
         if checkpoint_dir is not None and (
@@ -238,11 +245,15 @@ def adapt_artifact(
     mixed_precision: str = "no",
     report_to: str | None = None,
     overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
-    complete artifact in `output` (atomically, under a lock: see `conversion.outputs`). Checkpoints go to
-    `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked without the weights is checked
-    before they are loaded: the settings, the output, the data (every image opened), a resume's settings."""
+    complete artifact in `output` (atomically, under a lock: see `conversion.outputs`), its card and
+    `merge_config.yaml` recording the run; then upload it to the Hub repo `push_to_hub` (created `private` if
+    asked). Checkpoints go to `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked
+    without the weights is checked before they are loaded: the settings, the output, the data (every image opened),
+    a resume's settings, the artifact's recipe."""
     check_training_settings(steps, lr, checkpointing_steps)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
@@ -257,6 +268,8 @@ def adapt_artifact(
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
+    recipe = source_recipe(model_dir)
+    entropies: list[float] = []
     with contextlib.ExitStack() as stack:
         staging = lock_output_on_main_process(stack, accelerator, output, overwrite, inputs)
         model = load_artifact_model(model_dir)
@@ -274,13 +287,75 @@ def adapt_artifact(
             report_to=report_to,
             accelerator=accelerator,
             run_settings=run_settings,
+            entropy_log=entropies,
         )
         if accelerator.is_main_process:
-            source = Path(model_dir)
-            carried = {name: (source / name).read_text() for name in CARRIED_FILES if (source / name).is_file()}
-            write_artifact(model, staging, processor, extra_files=carried)
+            record = adaptation_record(model_dir, datasets, steps, lr, batch_size, seed, entropies)
+            files = adapted_files(model_dir, recipe, record, model, backbone, push_to_hub)
+            write_artifact(model, staging, processor, extra_files=files)
     accelerator.wait_for_everyone()
+    if push_to_hub and accelerator.is_main_process:
+        push_folder(Path(output), push_to_hub, "Upload test-time adapted WEMoE model", private=private)
     return Path(output)
+
+
+def source_recipe(model_dir: str | os.PathLike) -> MergeRecipe | None:
+    """The recipe a local artifact was converted with (its `merge_config.yaml`, less an earlier adaptation's record),
+    which the adapted model's card is rendered from; read before any weight. None where there is none."""
+    path = Path(model_dir) / "merge_config.yaml"
+    recipe = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    recipe.pop("adaptation", None)  # an adapted artifact's: this run records its own
+    return load_validated(MergeRecipe, recipe, f"recipe {str(path)!r}") if recipe else None
+
+
+def adaptation_record(
+    model_dir: str | os.PathLike,
+    datasets: Mapping[str, tuple],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    entropies: list[float],
+) -> dict:
+    """What the adapted artifact says about its run: which model it adapted (the name its card gives it, under which
+    its results are filed), the settings, the data, and where the entropy ended."""
+    last = entropies[-FINAL_ENTROPY_STEPS:]
+    source = model_identity(model_dir)
+    return {
+        "adapted_from": model_index_of(Path(model_dir) / "README.md")[0] or source,
+        "source": source,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        # None when a resumed run had no step left to take.
+        "final_entropy": sum(last) / len(last) if last else None,
+        "final_entropy_steps": len(last),
+        "data": {task: spec.model_dump(mode="json", exclude_none=True) for task, (_, spec) in datasets.items()},
+    }
+
+
+def adapted_files(
+    model_dir: str | os.PathLike,
+    recipe: MergeRecipe | None,
+    record: dict,
+    model,
+    backbone: Backbone,
+    repo_id: str | None,
+) -> dict[str, str]:
+    """The adapted artifact's `merge_config.yaml` (the recipe, plus the run under `adaptation`) and `README.md` (the
+    card rendered for the adapted model, named `repo_id` if it is pushed, keeping the unadapted model's model-index
+    entries). An artifact without a recipe keeps its card, if any, as it was."""
+    card_path = Path(model_dir) / "README.md"
+    adaptation = yaml.safe_dump({"adaptation": record}, sort_keys=False)
+    files = {"merge_config.yaml": (recipe.to_yaml() if recipe else "") + adaptation}
+    if recipe is not None:
+        card = render_model_card(model, recipe, backbone, repo_id=repo_id, adaptation=record)
+        set_model_index(card, card.data.model_name, model_index_of(card_path)[1])
+        files["README.md"] = str(card)
+    elif card_path.is_file():
+        files["README.md"] = card_path.read_text()
+    return files
 
 
 def check_training_settings(steps: int, lr: float, checkpointing_steps: int | None) -> None:

@@ -5,12 +5,10 @@ The recipe is validated before anything is loaded; the artifact is staged beside
 place only when complete (`conversion.outputs`), so a failed conversion leaves nothing behind.
 """
 
-import logging
 import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi
 
 from .artifact import check_max_shard_size, write_artifact
 from .backbones import Backbone, get_backbone
@@ -18,10 +16,8 @@ from .checkpoints import load_tokenizer
 from .data import data_inputs, open_dataset
 from .merge import merge, merge_static
 from .model_card import render_model_card
-from .outputs import staged_output
+from .outputs import push_folder, staged_output
 from .recipe import DatasetSource, MergeOptions, MergeRecipe, check_recipe_sources, load_recipe, recipe_inputs
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -43,16 +39,6 @@ def dataset_classnames(spec: DatasetSource, task: str) -> list[str]:
             "give `classnames` instead."
         )
     return list(feature.names)
-
-
-def push_artifact(folder: Path, repo_id: str, private: bool) -> str:
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=folder, repo_id=repo_id, repo_type="model", commit_message="Upload WEMoE model"
-    )
-    logger.info("Pushed %s to %s", folder, repo_id)
-    return commit.commit_url
 
 
 def convert(
@@ -91,7 +77,7 @@ def convert(
     with staged_output(output_dir, overwrite=overwrite, inputs=inputs) as staging:
         build_artifact(recipe, staging, dtype, max_shard_size, push_to_hub)
     if push_to_hub:
-        push_artifact(Path(output_dir), push_to_hub, private)
+        push_folder(Path(output_dir), push_to_hub, "Upload WEMoE model", private=private)
     return Path(output_dir)
 
 

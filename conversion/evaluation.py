@@ -17,7 +17,8 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .backbones import backbone_for_config
 from .data import TaskData, load_data_config, load_task_dataset
-from .outputs import write_file_atomically
+from .model_card import add_eval_results, model_index_of, set_model_index
+from .outputs import push_folder, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +160,24 @@ def evaluate(
     return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens)
 
 
-def update_model_card(model_dir: Path, results: EvaluationResults, data_config, split: str | None) -> None:
-    """Write the scores into the artifact's README.md as model-index results (replaced atomically)."""
+def update_model_card(
+    model_dir: Path,
+    results: EvaluationResults,
+    data_config,
+    split: str | None,
+    *,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> None:
+    """Add the scores to the artifact's README.md (replaced atomically) as model-index results of the model the card
+    names, or of the Hub repo `push_to_hub`, which `model_dir` is then uploaded to. Results of other models (the
+    unadapted model's, in an adapted artifact's card) are kept; only this model's results for the same task, dataset
+    and metric are replaced."""
     card_path = model_dir / "README.md"
     card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
-    card.data.model_name = card.data.model_name or model_dir.name
-    card.data.eval_results = [
+    recorded_name, entries = model_index_of(card_path)
+    model_name = push_to_hub or recorded_name or model_dir.name  # the directory: for a card no command wrote
+    scores = [
         EvalResult(
             task_type=results.task_type,
             dataset_type=task if spec.path in PACKAGED_BUILDERS else spec.path,
@@ -176,4 +189,7 @@ def update_model_card(model_dir: Path, results: EvaluationResults, data_config, 
         )
         for task, spec in data_config.tasks.items()
     ]
+    set_model_index(card, model_name, add_eval_results(entries, model_name, scores))
     write_file_atomically(card_path, str(card).encode())
+    if push_to_hub:
+        push_folder(model_dir, push_to_hub, "Add evaluation results to the model card", private=private)

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub import HfApi
+
 logger = logging.getLogger(__name__)
 
 
@@ -228,4 +230,21 @@ def staged_output(
         lock.release()
 
 
-__all__ = ["OutputError", "OutputLockedError", "check_output_target", "staged_output", "write_file_atomically"]
+def push_folder(folder: Path, repo_id: str, commit_message: str, *, private: bool = False) -> str:
+    """Publish a finished output directory as the Hub model repo `repo_id` (created, `private` if asked, when it does
+    not exist) in one commit: what `--push-to-hub` does in every command. Returns the commit's URL."""
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    logger.info("Pushed %s to %s", folder, repo_id)
+    return commit.commit_url
+
+
+__all__ = [
+    "OutputError",
+    "OutputLockedError",
+    "check_output_target",
+    "push_folder",
+    "staged_output",
+    "write_file_atomically",
+]

@@ -163,11 +163,14 @@ class MergeOptions(Strict):
 class MergeRecipe(MergeOptions):
     """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section. `variant: static` builds a plain model
     of the base's class, merged by `static_merge` alone (a baseline to compare WEMoE with). `architecture` names a
-    registered backbone family (`conversion.backbones`)."""
+    registered backbone family (`conversion.backbones`). `license` is the Hub license id the model card declares
+    (`mit`, `apache-2.0`, ...): a merge is bound by the licenses of its base and of every expert, which only the
+    recipe's author can reconcile, so without it the card declares `other` and says so."""
 
     base_model: Annotated[str, Field(min_length=1)]
     architecture: str = "clip"
     tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    license: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("architecture")
     @classmethod

@@ -26,6 +26,7 @@ EPILOG = """example DATA.yaml:
 
 examples:
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
+  wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --update-model-card --push-to-hub my-org/clip-b32-ewemoe-8task-tta
   wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
   wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
   wemoe-eval ./flan-t5-base-sst2-lora glue.yaml          # one LoRA fine-tune, loaded over its base
@@ -50,7 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="With --update-model-card: record the results under this Hub repo's name, and upload MODEL_DIR to it.",
+    )
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.update_model_card:
+        parser.error("--push-to-hub publishes the updated model card; give --update-model-card too.")
+    return args
 
 
 def check_writable_outputs(args: argparse.Namespace) -> None:
@@ -84,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
             max_new_tokens=args.max_new_tokens,
         )
         if args.update_model_card:
-            update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
+            update_model_card(
+                Path(args.model_dir),
+                results,
+                load_data_config(args.data),
+                args.split,
+                push_to_hub=args.push_to_hub,
+                private=args.private,
+            )
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -24,6 +24,7 @@ EPILOG = """example DATA.yaml (labels are never read):
 examples:
   wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
+  wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   accelerate launch --num_processes 4 -m conversion.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
   ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m conversion.cli.tta ./model data.yaml --output ./a
 """
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the adapted artifact to this Hub repo.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     return parser.parse_args(argv)
 
 
