@@ -1,9 +1,19 @@
-"""Using an artifact as transformers users do: a printed model that says what it stores."""
+"""Using an artifact as transformers users do: processors loaded without the artifact's code, and a printed model
+that says what it stores."""
+
+import builtins
 
 import pytest
 from reference import randomize_routers
+from toy_bert import TASK_LABELS as BERT_TASK_LABELS
+from toy_bert import build_toy_bert_base, build_toy_bert_expert, toy_bert_tokenizer
+from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
-from conversion import merge_clip
+from conversion import default_image_processor, merge_clip, save_artifact
+from conversion.backbones.bert import merge_bert
+from conversion.backbones.t5 import merge_t5
 from modeling_wemoe import WEMoEConfig, WEMoELinear, WEMoERouter
 
 
@@ -12,6 +22,51 @@ def clip_model(base, experts, classnames, tokenizer):
     model = merge_clip(base, experts, classnames, tokenizer=tokenizer, variant="e-wemoe", keep=0.1)
     randomize_routers(model)
     return model
+
+
+@pytest.fixture(scope="module")
+def clip_artifact(clip_model, base, tmp_path_factory):
+    processor = default_image_processor(base.config.vision_config)
+    return save_artifact(clip_model, tmp_path_factory.mktemp("clip") / "artifact", processor)
+
+
+def bert_artifact(directory):
+    base = build_toy_bert_base(seed=0)
+    experts = {task: build_toy_bert_expert(base, task, seed=i + 1) for i, task in enumerate(BERT_TASK_LABELS)}
+    return save_artifact(merge_bert(base, experts), directory, toy_bert_tokenizer()), len(toy_bert_tokenizer())
+
+
+def t5_artifact(directory):
+    base = build_toy_t5_base(seed=0)
+    experts = {task: build_toy_t5_expert(base, seed=i + 1) for i, task in enumerate(("sst2", "topic"))}
+    return save_artifact(merge_t5(base, experts), directory, toy_t5_tokenizer()), len(toy_t5_tokenizer())
+
+
+@pytest.mark.parametrize("family", ["clip", "bert", "t5"])
+def test_auto_processor_loads_the_stock_class_without_trust_remote_code_or_a_prompt(
+    family, clip_artifact, tmp_path, monkeypatch
+):
+    if family == "clip":
+        artifact, vocabulary = clip_artifact, None
+    else:
+        artifact, vocabulary = {"bert": bert_artifact, "t5": t5_artifact}[family](tmp_path / "artifact")
+    prompts = []
+
+    def no_terminal(*args):
+        prompts.append(args)
+        raise EOFError  # what input() does with stdin closed
+
+    monkeypatch.setattr(builtins, "input", no_terminal)
+    processor = AutoProcessor.from_pretrained(artifact)
+    assert prompts == []
+    assert type(processor).__module__.startswith("transformers."), type(processor)
+    assert type(AutoProcessor.from_pretrained(artifact, trust_remote_code=True)) is type(processor)
+    if vocabulary is None:
+        assert isinstance(processor, BaseImageProcessor)
+    else:
+        assert isinstance(processor, PreTrainedTokenizerBase) and len(processor) == vocabulary
+        tokenizer = AutoTokenizer.from_pretrained(artifact, trust_remote_code=True)
+        assert type(tokenizer) is type(processor) and len(tokenizer) == vocabulary
 
 
 def small_config(**fields) -> WEMoEConfig:
