@@ -1,6 +1,7 @@
 """Writing a WEMoE artifact: config, weights, code files and processor (image processor or tokenizer), all or
 nothing."""
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -50,6 +51,27 @@ def check_max_shard_size(max_shard_size: str | int) -> int:
     return size
 
 
+# The file a lone tokenizer or image processor saves its settings in, and the field naming its class.
+PROCESSOR_CLASS_FIELDS = {
+    "tokenizer_config.json": "tokenizer_class",
+    "preprocessor_config.json": "image_processor_type",
+}
+
+
+def name_processor_class(directory: Path) -> None:
+    """Name the saved tokenizer's or image processor's stock class as `processor_class`. Without it, AutoProcessor
+    looks for the class in config.json, whose `auto_map` names the artifact's own code, and stops at transformers'
+    "Do you wish to run the custom code?" prompt unless given `trust_remote_code`; the preprocessing needs none."""
+    for file_name, class_field in PROCESSOR_CLASS_FIELDS.items():
+        path = directory / file_name
+        if not path.is_file():
+            continue
+        settings = json.loads(path.read_text())
+        if class_field in settings and "processor_class" not in settings:
+            settings["processor_class"] = settings[class_field]
+            path.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def write_artifact(
     model: PreTrainedModel,
     directory: Path,
@@ -62,6 +84,8 @@ def write_artifact(
     `extra_files` (file name -> text: model card, recipe)."""
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     processor.save_pretrained(directory)
+    if is_artifact(model.config):
+        name_processor_class(directory)
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
 

@@ -302,7 +302,8 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         return slab[:, : rows * row_width]
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.values.shape[0]}, shape={self.shape}, keep={self.keep:g} ({self.num_kept} entries)"
+        kept = f"{self.num_kept} of {self.numel} entries per expert"
+        return f"num_experts={self.values.shape[0]}, shape={self.shape}, keep={self.keep:g} ({kept})"
 
 
 class WEMoELowRankTaskVectors(WEMoETaskVectors):
@@ -404,7 +405,8 @@ class WEMoELinear(nn.Module):
         return output + (bias.unsqueeze(1) if routing_weights.dim() == 2 else bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        top_k = "" if self.top_k is None else f", top_k={self.top_k}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{top_k}"
 
 
 class WEMoERouterLinear(nn.Linear):
@@ -434,6 +436,7 @@ class WEMoERouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, hidden_layers: int, normalization: str = "none"):
         super().__init__()
+        self.hidden_size = hidden_size
         self.hidden_layers = hidden_layers
         self.num_experts = num_experts
         self.normalization = normalization
@@ -455,6 +458,12 @@ class WEMoERouter(nn.Module):
         if self.hidden_layers == 1:
             return self.fc(hidden_states)
         return self.fc2(F.relu(self.fc1(hidden_states)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, hidden_layers={self.hidden_layers}, "
+            f"normalization={self.normalization}"
+        )
 
 
 def build_router(config: WEMoEConfig, hidden_size: int, owner: str) -> WEMoERouter | None:

@@ -9,8 +9,8 @@ tokens. Embeddings, attention and the post-LayerNorm residual blocks follow tran
 imported, so that an artifact does not break when transformers changes BERT's internals). Absolute position
 embeddings only.
 
-Shipped inside BERT artifacts, next to the shared `modeling_wemoe.py`, `configuration_wemoe.py` and
-`pipeline_wemoe_text_classification.py`.
+Shipped inside BERT artifacts, next to the shared `modeling_wemoe.py` and `configuration_wemoe.py` and the
+`text-classification` pipeline (`pipeline_wemoe_text_classification.py`, `pipeline_wemoe_classification.py`).
 """
 
 from dataclasses import dataclass

@@ -4,7 +4,8 @@ The vision tower keeps `CLIPVisionModel`'s parameter names; its MLPs are WEMoE b
 transformers' `CLIPVisionEmbeddings` and `CLIPAttention` (copied rather than imported, so that an artifact does not
 break when transformers changes CLIP's internals).
 
-Shipped inside CLIP artifacts, next to the shared `modeling_wemoe.py` and `configuration_wemoe.py`.
+Shipped inside CLIP artifacts, next to the shared `modeling_wemoe.py` and `configuration_wemoe.py` and the
+`image-classification` pipeline (`pipeline_wemoe_image_classification.py`, `pipeline_wemoe_classification.py`).
 """
 
 import math
@@ -28,6 +29,7 @@ from .modeling_wemoe import (
     register_wemoe_model,
     returned_attentions,
 )
+from .pipeline_wemoe_image_classification import WEMoEImageClassificationPipeline
 
 
 class WEMoECLIPVisionEmbeddings(nn.Module):
@@ -250,6 +252,14 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
     backbone = "clip"
     labels_in_tensors = True  # the classifier's rows are the tasks' classes, in order
     main_input_name = "pixel_values"
+    # transformers' own image-classification pipeline cannot pass `task` and ranks all tasks' classes together.
+    artifact_pipelines = {
+        "image-classification": {
+            "impl": f"pipeline_wemoe_image_classification.{WEMoEImageClassificationPipeline.__name__}",
+            "pt": ["AutoModelForImageClassification"],
+            "type": "image",
+        }
+    }
     _no_split_modules = ["WEMoECLIPEncoderLayer", "WEMoECLIPVisionEmbeddings"]
 
     def __init__(self, config: WEMoEConfig):

@@ -40,7 +40,9 @@ FRESH_PROCESS_SCRIPT = BLOCK_REPOSITORY_PACKAGES + textwrap.dedent(
             "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         }
     classifier = pipeline("image-classification", model=artifact, trust_remote_code=True)
-    results["pipeline"] = classifier(Image.new("RGB", (48, 40), "red"), top_k=2)
+    image = Image.new("RGB", (48, 40), "red")
+    results["pipeline"] = classifier(image, task="shapes", top_k=2)
+    results["pipeline_every_task"] = classifier(image)
     json.dump(results, open(out_path, "w"))
     """
 )

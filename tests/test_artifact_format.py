@@ -111,9 +111,12 @@ def test_update_code_pushes_one_commit_with_the_code_and_config_to_the_hub(tmp_p
         "configuration_wemoe.py",
         "modeling_wemoe.py",
         "modeling_wemoe_clip.py",
+        "pipeline_wemoe_classification.py",
+        "pipeline_wemoe_image_classification.py",
     }
     assert calls[0]["delete_patterns"] == ["pipeline_wemoe.py"]  # 0.1.0 shipped it with CLIP artifacts too
     assert not (artifact / "pipeline_wemoe.py").exists()
+    assert "image-classification" in json.loads((artifact / "config.json").read_text())["custom_pipelines"]
 
 
 def test_update_code_refuses_a_directory_that_is_not_a_wemoe_artifact(tmp_path, capsys):

@@ -311,7 +311,7 @@ model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 logits = model(pixel_values, task="{task}").logits  # that task's classes only
 
 classify = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
-classify("image.jpg")
+classify("image.jpg", task="{task}")  # that task's classes; without task, every task's best class
 ```"""
 
 
