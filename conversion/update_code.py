@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # Every code file a release has shipped in artifacts: files of this kind that the current code does not need are
 # removed, so that nothing stale is left to import.
-CODE_FILE_PATTERNS = ("configuration_wemoe.py", "modeling_wemoe*.py", "pipeline_wemoe.py")
+CODE_FILE_PATTERNS = ("configuration_wemoe.py", "modeling_wemoe*.py", "pipeline_wemoe*.py")
 
 
 

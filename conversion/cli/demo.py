@@ -185,10 +185,14 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
         f"{report['trainable_parameters']:,} trainable (routers) of {report['total_parameters']:,} parameters, "
         f"{report['task_vector_entries']:,} stored task-vector entries"
     )
-    predictions = classifier(draw("shapes", "circle", np.random.default_rng(args.seed)), top_k=3)
-    print("Classified a drawn circle:")
+    circle = draw("shapes", "circle", np.random.default_rng(args.seed))
+    predictions = classifier(circle, task="shapes")
+    print("Classified a drawn circle as a `shapes` image (scores over that task's classes):")
     for prediction in predictions:
         print(f"  {prediction['label']:<28} {prediction['score']:.3f}")
+    print("and with no task given, each task's best class:")
+    for prediction in classifier(circle):
+        print(f"  {prediction['task'] + ':':<10} {prediction['label']:<17} {prediction['score']:.3f}")
     print("Replay each step with the command-line tools:")
     for line in replay_commands(workspace, args):
         print(f"  {line}")
