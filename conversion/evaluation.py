@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard
@@ -26,13 +27,42 @@ PACKAGED_BUILDERS = {"parquet", "imagefolder", "csv", "json", "arrow", "webdatas
 
 
 class EvaluationResults(dict):
-    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task."""
+    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task, `num_samples`
+    how many samples each score counts."""
 
-    def __init__(self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str):
+    def __init__(
+        self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str, num_samples: Mapping[str, int]
+    ):
         super().__init__(scores)
         self["average"] = sum(scores.values()) / len(scores)
         self.metrics = dict(metrics)
         self.task_type = task_type
+        self.num_samples = dict(num_samples)
+
+    def average_metric(self) -> str:
+        """The tasks' metric when they share one; `"mean"` of unlike scores (e.g. accuracy and Spearman) otherwise."""
+        metrics = set(self.metrics.values())
+        return metrics.pop() if len(metrics) == 1 else "mean"
+
+    def to_json(self) -> dict[str, dict]:
+        """Per task and for the average: `{metric, score, num_samples}`, scores in their metric's own unit (fractions
+        for accuracy and exact match, a correlation in [-1, 1] for Spearman)."""
+        entries = {
+            task: {"metric": self.metrics[task], "score": self[task], "num_samples": self.num_samples[task]}
+            for task in self.metrics
+        }
+        entries["average"] = {
+            "metric": self.average_metric(),
+            "score": self["average"],
+            "num_samples": sum(self.num_samples.values()),
+        }
+        return entries
+
+
+def scores_from_json(results: Mapping[str, Any]) -> dict[str, float]:
+    """Score per task (and `"average"`) of a `wemoe-eval --output` file, in the `{metric, score, num_samples}` layout
+    or in the plain `task: score` one of earlier releases (cached results stay readable)."""
+    return {task: entry["score"] if isinstance(entry, Mapping) else entry for task, entry in results.items()}
 
 
 def class_names_of(dataset, spec: TaskData) -> list[str] | None:
@@ -81,10 +111,10 @@ def classification_accuracy(
     logits_of: Callable[[list, list[int]], torch.Tensor],
     batch_size: int,
     input_kind: str,
-) -> float:
-    """Accuracy of a classifier on one task: `logits_of(values, rows)` gives the logits over the task's classes for
-    a batch of the input column's values (`input_kind`: which column). Unlabelled samples (-1) are left out; broken
-    (NaN) logits are an error."""
+) -> tuple[float, int]:
+    """Accuracy of a classifier on one task, and the number of samples it counts: `logits_of(values, rows)` gives the
+    logits over the task's classes for a batch of the input column's values (`input_kind`: which column). Unlabelled
+    samples (-1) are left out; broken (NaN) logits are an error."""
     check_label_names(task, class_names_of(dataset, spec), class_names)
     labels, unlabelled = class_indices(task, dataset[spec.label_column], class_names)
     if unlabelled == len(dataset):
@@ -105,7 +135,7 @@ def classification_accuracy(
     labelled = labels != -1
     accuracy = int((torch.cat(predictions)[labelled] == labels[labelled]).sum()) / int(labelled.sum())
     logger.info("%s: accuracy %.4f on %d samples", task, accuracy, int(labelled.sum()))
-    return accuracy
+    return accuracy, int(labelled.sum())
 
 
 def task_model_dirs(model_dir: str | os.PathLike) -> dict[str, Path]:

@@ -296,7 +296,7 @@ class BertBackbone(Backbone):
         if missing:
             raise ValueError(f"{str(model_dir)!r} has no model for task(s) {missing}; it has {sorted(per_task)}.")
         loaded = {}
-        scores = {}
+        scores, num_samples = {}, {}
         for task, dataset in datasets.items():
             spec = data_config.tasks[task]
             directory = str(per_task[task]) if per_task else model_dir
@@ -313,8 +313,10 @@ class BertBackbone(Backbone):
                 return model(**inputs, **extra).logits
 
             class_names = self.class_names(model, task, dataset, spec)
-            scores[task] = classification_accuracy(task, dataset, spec, class_names, logits_of, batch_size, "text")
-        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
+            scores[task], num_samples[task] = classification_accuracy(
+                task, dataset, spec, class_names, logits_of, batch_size, "text"
+            )
+        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag, num_samples)
 
     def class_names(self, model, task: str, dataset, spec) -> list[str]:
         if is_artifact(model.config):

@@ -280,13 +280,12 @@ class CLIPBackbone(Backbone):
                 pixel_values_of(values, rows, image_processor, task).to(device), task=task
             ).logits
 
-        scores = {
-            task: classification_accuracy(
+        scores, num_samples = {}, {}
+        for task, dataset in datasets.items():
+            scores[task], num_samples[task] = classification_accuracy(
                 task, dataset, data_config.tasks[task], class_names[task], logits_of(task), batch_size, "image"
             )
-            for task, dataset in datasets.items()
-        }
-        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
+        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag, num_samples)
 
     def classifier_for(self, model_dir: str, datasets: Mapping, data_config):
         """The model to score and each task's class names: a WEMoE artifact as it is, or a plain CLIPModel with

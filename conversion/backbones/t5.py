@@ -259,7 +259,8 @@ def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: in
             metrics[task] = "exact_match"
             scores[task] = sum(a == t for a, t in zip(answers, targets, strict=True)) / len(dataset)
         logger.info("%s: %s %.4f on %d samples", task, metrics[task], scores[task], len(dataset))
-    return EvaluationResults(scores, metrics, "text2text-generation")
+    num_samples = {task: len(dataset) for task, dataset in datasets.items()}
+    return EvaluationResults(scores, metrics, "text2text-generation", num_samples)
 
 
 def merge_t5(

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..data import load_data_config
-from ..evaluation import evaluate, update_model_card
+from ..evaluation import EvaluationResults, evaluate, update_model_card
 
 EPILOG = """example DATA.yaml:
   tasks:
@@ -48,7 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-new-tokens", type=int, default=16, help="Text-to-text models: answer length limit (default: 16)."
     )
-    parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="Write the results as JSON here: per task and for the average, {metric, score, num_samples}, scores as "
+        "fractions (accuracy, exact match) or correlations (Spearman).",
+    )
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
     return parser.parse_args(argv)
 
@@ -71,6 +77,29 @@ def check_writable_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--update-model-card: {str(model_dir)!r} is not writable.")
 
 
+# How a metric reads in the table: its name, and whether its score is a fraction shown in %.
+METRIC_DISPLAY = {
+    "accuracy": ("accuracy", True),
+    "exact_match": ("exact match", True),
+    "spearmanr": ("spearman", False),
+}
+
+
+def results_table(results: EvaluationResults) -> str:
+    """One row per task and the average: metric, score in the metric's own unit (accuracy and exact match in %,
+    Spearman as a correlation in [-1, 1]; an average over unlike metrics as the plain mean), and samples counted."""
+    lines = [f"{'task':<24} {'metric':<12} {'score':>8} {'samples':>8}"]
+    metrics = {**results.metrics, "average": results.average_metric()}
+    samples = {**results.num_samples, "average": sum(results.num_samples.values())}
+    for task, score in results.items():
+        name, percent = METRIC_DISPLAY.get(metrics[task], (metrics[task], False))
+        cell = f"{100 * score:.2f}%" if percent else f"{score:+.4f}"
+        lines.append(f"{task:<24} {name:<12} {cell:>8} {samples[task]:>8}")
+    if "spearmanr" in metrics.values():
+        lines.append("spearman: Spearman's rank correlation of the answers with the targets, in [-1, 1].")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -88,10 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    for task, accuracy in results.items():
-        print(f"{task:<24} {100 * accuracy:6.2f}")
+    print(results_table(results))
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+        args.output.write_text(json.dumps(results.to_json(), indent=2))
 
 
 if __name__ == "__main__":
