@@ -110,7 +110,10 @@ def adapt(
         parameter.requires_grad_(trainable(name))
     model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)  # places the model on the process's device
+    logger.info(
+        "Process %d of %d adapts on %s", accelerator.process_index, accelerator.num_processes, accelerator.device
+    )
     accelerator.register_save_state_pre_hook(keep_only(trainable))
     if report_to:
         accelerator.init_trackers("wemoe-tta", config={"steps": steps, "lr": lr, "seed": seed, "tasks": list(tasks)})
@@ -238,11 +241,14 @@ def adapt_artifact(
     mixed_precision: str = "no",
     report_to: str | None = None,
     overwrite: bool = False,
+    cpu: bool = False,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `conversion.outputs`). Checkpoints go to
     `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked without the weights is checked
-    before they are loaded: the settings, the output, the data (every image opened), a resume's settings."""
+    before they are loaded: the settings, the output, the data (every image opened), a resume's settings. The model
+    runs on the device accelerate gives each process (a GPU where there is one), or on the CPU with `cpu` (as
+    `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`)."""
     check_training_settings(steps, lr, checkpointing_steps)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
@@ -251,7 +257,7 @@ def adapt_artifact(
     if config.model_type != "wemoe":
         raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
     backbone = backbone_for_config(config)
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to, cpu=cpu)
     check_batch_size(batch_size, accelerator.num_processes)
     datasets = load_task_datasets(data, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}

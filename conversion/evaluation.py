@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig
@@ -167,6 +168,31 @@ def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
         return AutoConfig.from_pretrained(base, trust_remote_code=True)
 
 
+def resolve_device(device: str | None = None) -> torch.device:
+    """The device to evaluate on: `device` when given, checked before anything loads (a typo or a GPU this machine
+    lacks fails at once, not after minutes of loading), else CUDA, then Apple's MPS, then the CPU, whichever this
+    machine has first, as accelerate picks for training (and the CPU under `ACCELERATE_USE_CPU=true`, as there)."""
+    if device is None:
+        if parse_flag_from_env("ACCELERATE_USE_CPU"):
+            return torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}).") from None
+    if resolved.type == "meta":
+        raise ValueError("--device meta holds no weights; give a device that computes (cpu, cuda, mps, ...).")
+    missing = {
+        "cuda": not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count(),
+        "mps": not torch.backends.mps.is_available(),
+    }.get(resolved.type, False)
+    if missing:
+        raise ValueError(f"--device {device!r}: this machine has no such {resolved.type} device; try --device cpu.")
+    return resolved
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     data,
@@ -174,19 +200,22 @@ def evaluate(
     split: str | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    device: str | None = None,
 ) -> EvaluationResults:
     """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
     accuracy for classifiers; exact match (or Spearman for float labels) for text-to-text models, which generate up
-    to `max_new_tokens` tokens per answer."""
+    to `max_new_tokens` tokens per answer. The model runs on `device` (default: `resolve_device`'s choice)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
+    device = resolve_device(device)
+    logger.info("Evaluating %s on %s", model_dir, device)
     data_config = load_data_config(data)
     backbone = backbone_for_config(model_config(model_dir))
     datasets = {
         task: load_task_dataset(task, spec, split=split, need_labels=True, input_kind=backbone.input_kind)
         for task, spec in data_config.tasks.items()
     }
-    return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens)
+    return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens, device=device)
 
 
 def update_model_card(model_dir: Path, results: EvaluationResults, data_config, split: str | None) -> None:

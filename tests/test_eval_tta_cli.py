@@ -4,6 +4,7 @@ as a bare CLIPVisionModel scored over its base, and how many TTA checkpoints sta
 import json
 
 import pytest
+import torch
 import yaml
 
 from conversion.cli.evaluate import main as wemoe_eval
@@ -57,3 +58,97 @@ def test_results_json_of_either_layout_reads_as_scores():
     old = {"shapes": 0.5, "average": 0.5}
     new = {"shapes": {"metric": "accuracy", "score": 0.5, "num_samples": 4}, "average": {"score": 0.5}}
     assert scores_from_json(old) == scores_from_json(new) == old
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend the machine has (or lacks) CUDA and MPS devices, with ACCELERATE_USE_CPU unset."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+
+    def pretend(cuda: int = 0, mps: bool = False) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    return pretend
+
+
+def test_the_default_device_is_cuda_then_mps_then_cpu(machine, monkeypatch):
+    from conversion.evaluation import resolve_device
+
+    machine(cuda=1, mps=True)
+    assert resolve_device() == torch.device("cuda")
+    machine(cuda=0, mps=True)
+    assert resolve_device() == torch.device("mps")
+    machine(cuda=0, mps=False)
+    assert resolve_device() == torch.device("cpu")
+    machine(cuda=1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate's own switch to the CPU
+    assert resolve_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", r"--device 'gpu' is not a torch device"),
+        ("cuda:1", r"--device 'cuda:1': this machine has no such cuda device"),
+        ("mps", r"--device 'mps': this machine has no such mps device"),
+        ("meta", r"--device meta holds no weights"),
+    ],
+)
+def test_a_device_the_machine_lacks_is_refused_before_loading(machine, device, message):
+    from conversion.evaluation import resolve_device
+
+    machine(cuda=1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)
+
+
+@pytest.fixture
+def model_moves(monkeypatch) -> list[torch.device]:
+    """Where models are sent by `Module.to`, which then keeps them on the CPU (this machine's only device)."""
+    moves, to = [], torch.nn.Module.to
+
+    def record(module, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if isinstance(device, (str, torch.device)):
+            moves.append(torch.device(device))
+            return to(module, "cpu")
+        return to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", record)
+    return moves
+
+
+def test_eval_puts_the_model_on_the_chosen_device_and_says_which(
+    artifact, task_data, tmp_path, machine, model_moves, caplog
+):
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+    machine(cuda=1)
+    with caplog.at_level("INFO", logger="conversion.evaluation"):
+        wemoe_eval([str(artifact), data_yaml])
+    assert model_moves == [torch.device("cuda")]
+    assert f"Evaluating {artifact} on cuda" in caplog.text
+
+    model_moves.clear()
+    with caplog.at_level("INFO", logger="conversion.evaluation"):
+        wemoe_eval([str(artifact), data_yaml, "--device", "cpu"])  # honoured even where a GPU is present
+    assert model_moves == [torch.device("cpu")]
+    assert f"Evaluating {artifact} on cpu" in caplog.text
+
+
+def test_tta_runs_on_the_cpu_with_cpu_and_says_so(artifact, task_data, tmp_path, caplog, monkeypatch):
+    from conversion import adaptation
+    from conversion.cli.tta import main as wemoe_tta
+
+    accelerators, accelerator_class = [], adaptation.Accelerator
+    monkeypatch.setattr(
+        adaptation, "Accelerator", lambda **kwargs: accelerators.append(kwargs) or accelerator_class(**kwargs)
+    )
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+    arguments = ["--steps", "1", "--batch-size", "4", "--cpu"]
+    with caplog.at_level("INFO", logger="conversion.adaptation"):
+        wemoe_tta([str(artifact), data_yaml, "--output", str(tmp_path / "adapted"), *arguments])
+    assert [kwargs["cpu"] for kwargs in accelerators] == [True]  # accelerate's own switch, as `launch --cpu` sets
+    assert "Process 0 of 1 adapts on cpu" in caplog.text

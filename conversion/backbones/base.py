@@ -180,9 +180,16 @@ class Backbone:
         raise NotImplementedError
 
     def evaluate(
-        self, model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int
+        self,
+        model_dir: str,
+        datasets: Mapping,
+        data_config,
+        batch_size: int,
+        max_new_tokens: int,
+        *,
+        device: torch.device,
     ) -> "EvaluationResults":
-        """Scores per task of a WEMoE artifact or a plain model of this family on labeled data."""
+        """Scores per task of a WEMoE artifact or a plain model of this family on labeled data, run on `device`."""
         raise NotImplementedError
 
     def card_usage(self, repo_id: str, task: str) -> str:

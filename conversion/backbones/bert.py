@@ -288,7 +288,7 @@ class BertBackbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextClassificationStream:
         return TextClassificationStream(dataset, spec, processor, batch_size, task)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
+    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device) -> EvaluationResults:
         """Accuracy of a WEMoE artifact, a plain fine-tuned classifier, or a directory of per-task classifiers (the
         static baselines)."""
         per_task = task_model_dirs(model_dir)
@@ -301,7 +301,7 @@ class BertBackbone(Backbone):
             spec = data_config.tasks[task]
             directory = str(per_task[task]) if per_task else model_dir
             if directory not in loaded:
-                model = load_artifact_model(directory, AutoModelForSequenceClassification)
+                model = load_artifact_model(directory, AutoModelForSequenceClassification).to(device)
                 tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=is_artifact(model.config))
                 loaded[directory] = model, tokenizer
             model, tokenizer = loaded[directory]

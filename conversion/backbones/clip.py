@@ -269,9 +269,9 @@ class CLIPBackbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> ImageTaskStream:
         return ImageTaskStream(dataset, spec, processor, batch_size, task)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
+    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device) -> EvaluationResults:
         """Accuracy of a WEMoE artifact, or of a plain `CLIPModel` zero-shot with the datasets' class names."""
-        model, class_names = self.classifier_for(model_dir, datasets, data_config)
+        model, class_names = self.classifier_for(model_dir, datasets, data_config, device)
         image_processor = self.load_processor(model_dir)
         device = next(model.parameters()).device
 
@@ -287,10 +287,10 @@ class CLIPBackbone(Backbone):
             )
         return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag, num_samples)
 
-    def classifier_for(self, model_dir: str, datasets: Mapping, data_config):
-        """The model to score and each task's class names: a WEMoE artifact as it is, or a plain CLIPModel with
-        zero-shot heads from the datasets' ClassLabel names."""
-        model = load_artifact_model(model_dir)
+    def classifier_for(self, model_dir: str, datasets: Mapping, data_config, device: torch.device):
+        """The model to score, on `device`, and each task's class names: a WEMoE artifact as it is, or a plain
+        CLIPModel with zero-shot heads from the datasets' ClassLabel names."""
+        model = load_artifact_model(model_dir).to(device)
         if not isinstance(model, CLIPModel):
             check_tasks_known(list(datasets), list(model.config.tasks))
             return model, model.config.task_labels

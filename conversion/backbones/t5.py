@@ -173,8 +173,8 @@ class T5Backbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextTaskStream:
         return TextTaskStream(dataset, spec, processor, batch_size, task, labels)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
-        return evaluate_text(model_dir, datasets, data_config, batch_size, max_new_tokens)
+    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device) -> EvaluationResults:
+        return evaluate_text(model_dir, datasets, data_config, batch_size, max_new_tokens, device)
 
     def card_usage(self, repo_id: str, task: str) -> str:
         return f"""```python
@@ -239,8 +239,10 @@ def text_targets(dataset, spec: TaskData) -> list[str]:
     return [names[label] for label in labels] if names is not None else [str(label).strip() for label in labels]
 
 
-def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int):
-    model = load_artifact_model(model_dir, AutoModelForSeq2SeqLM)
+def evaluate_text(
+    model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int, device: torch.device
+):
+    model = load_artifact_model(model_dir, AutoModelForSeq2SeqLM).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
     model_tasks = getattr(model.config, "tasks", None)
     if model_tasks is not None:

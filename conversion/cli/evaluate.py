@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fractions (accuracy, exact match) or correlations (Spearman).",
     )
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Where the model runs: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu).",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             split=args.split,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            device=args.device,
         )
         if args.update_model_card:
             update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)

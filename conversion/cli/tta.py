@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="Run on the CPU even where a GPU is present (as `accelerate launch --cpu`; default: the device "
+        "accelerate gives each process, a GPU when there is one).",
+    )
     return parser.parse_args(argv)
 
 
