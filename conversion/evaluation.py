@@ -201,21 +201,32 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     device: str | None = None,
+    base: str | None = None,
 ) -> EvaluationResults:
     """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
     accuracy for classifiers; exact match (or Spearman for float labels) for text-to-text models, which generate up
-    to `max_new_tokens` tokens per answer. The model runs on `device` (default: `resolve_device`'s choice)."""
+    to `max_new_tokens` tokens per answer. The model runs on `device` (default: `resolve_device`'s choice). A
+    checkpoint that holds only part of a model (a fine-tuned CLIP vision tower saved alone) is scored inside `base`,
+    the model it was fine-tuned from (default: the one its config names)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
     device = resolve_device(device)
     logger.info("Evaluating %s on %s", model_dir, device)
     data_config = load_data_config(data)
-    backbone = backbone_for_config(model_config(model_dir))
+    config = model_config(model_dir)
+    backbone = backbone_for_config(config)
+    if base is not None and config.model_type not in backbone.partial_model_types:
+        raise ValueError(
+            f"--base completes a checkpoint that holds only part of a model (a CLIPVisionModel); {str(model_dir)!r} is "
+            f"a whole {config.model_type!r} model, scored as it is."
+        )
     datasets = {
         task: load_task_dataset(task, spec, split=split, need_labels=True, input_kind=backbone.input_kind)
         for task, spec in data_config.tasks.items()
     }
-    return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens, device=device)
+    return backbone.evaluate(
+        str(model_dir), datasets, data_config, batch_size, max_new_tokens, device=device, base=base
+    )
 
 
 def update_model_card(model_dir: Path, results: EvaluationResults, data_config, split: str | None) -> None:

@@ -152,3 +152,83 @@ def test_tta_runs_on_the_cpu_with_cpu_and_says_so(artifact, task_data, tmp_path,
         wemoe_tta([str(artifact), data_yaml, "--output", str(tmp_path / "adapted"), *arguments])
     assert [kwargs["cpu"] for kwargs in accelerators] == [True]  # accelerate's own switch, as `launch --cpu` sets
     assert "Process 0 of 1 adapts on cpu" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The demo's checkpoints: a base CLIPModel (tokenizer, image processor) and experts saved as CLIPVisionModel."""
+    from conversion.cli.demo import save_toy_checkpoints, write_demo_data
+
+    workspace = tmp_path_factory.mktemp("demo")
+    paths = save_toy_checkpoints(workspace, seed=0)
+    shapes = write_demo_data(workspace, seed=0)["tasks"]["shapes"]
+    return {**paths, "data": write_yaml({"tasks": {"shapes": shapes}}, workspace / "shapes.yaml")}
+
+
+def test_a_bare_vision_tower_without_a_base_is_refused_saying_what_to_pass(demo_checkpoints, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        wemoe_eval([demo_checkpoints["shapes"], demo_checkpoints["data"]])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "is a CLIPVisionModel (config.json" in error and "names no base model" in error
+    assert "Pass --base with the CLIP model it was fine-tuned from" in error
+
+
+def whole_clip(demo_checkpoints, directory):
+    """The shapes fine-tune as a whole CLIPModel (the base's text tower and processors, the expert's vision tower)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
+
+    whole = CLIPModel.from_pretrained(demo_checkpoints["base"])
+    whole.vision_model.load_state_dict(CLIPVisionModel.from_pretrained(demo_checkpoints["shapes"]).state_dict())
+    whole.save_pretrained(directory)
+    for part in (AutoTokenizer, AutoImageProcessor):
+        part.from_pretrained(demo_checkpoints["base"]).save_pretrained(directory)
+    return whole
+
+
+@torch.no_grad()
+def test_a_bare_vision_tower_is_scored_zero_shot_in_its_base(demo_checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conversion.backbones import get_backbone
+    from conversion.backbones.clip import ZeroShotCLIP
+    from conversion.data import load_data_config, load_task_dataset
+
+    whole = whole_clip(demo_checkpoints, tmp_path / "whole")
+    base, data = demo_checkpoints["base"], demo_checkpoints["data"]
+    wemoe_eval([demo_checkpoints["shapes"], data, "--base", base, "--output", str(tmp_path / "tower.json")])
+    wemoe_eval([str(tmp_path / "whole"), data, "--output", str(tmp_path / "whole.json")])
+    tower, expected = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("tower", "whole"))
+    assert tower == expected and tower["shapes"]["num_samples"] == 24
+
+    # Not equal by chance: the classifier gives the whole model's logits.
+    data_config = load_data_config(data)
+    datasets = {"shapes": load_task_dataset("shapes", data_config.tasks["shapes"], need_labels=True)}
+    model, names, _ = get_backbone("clip").classifier_for(
+        demo_checkpoints["shapes"], datasets, data_config, torch.device("cpu"), base
+    )
+    reference = ZeroShotCLIP(whole, AutoTokenizer.from_pretrained(base), names)
+    pixel_values = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(pixel_values, "shapes").logits, reference(pixel_values, "shapes").logits)
+
+
+def test_a_vision_tower_whose_config_names_its_base_needs_no_flag(demo_checkpoints, tmp_path, caplog):
+    """transformers 4 saved `_name_or_path` in config.json: the public fine-tunes name their base that way."""
+    import shutil
+
+    tower = tmp_path / "shapes"
+    shutil.copytree(demo_checkpoints["shapes"], tower)
+    config = json.loads((tower / "config.json").read_text())
+    (tower / "config.json").write_text(json.dumps({**config, "_name_or_path": demo_checkpoints["base"]}))
+    with caplog.at_level("INFO", logger="conversion"):
+        wemoe_eval([str(tower), demo_checkpoints["data"], "--output", str(tmp_path / "tower.json")])
+    assert f"in the base {demo_checkpoints['base']} (named by its config.json)" in caplog.text
+    wemoe_eval([demo_checkpoints["shapes"], demo_checkpoints["data"], "--base", demo_checkpoints["base"],
+                "--output", str(tmp_path / "flag.json")])  # fmt: skip
+    assert json.loads((tmp_path / "tower.json").read_text()) == json.loads((tmp_path / "flag.json").read_text())
+
+
+def test_base_is_refused_for_a_whole_model(artifact, task_data, demo_checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        wemoe_eval([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--base", demo_checkpoints["base"]])
+    assert "is a whole 'wemoe' model, scored as it is" in capsys.readouterr().err

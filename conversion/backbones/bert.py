@@ -288,7 +288,9 @@ class BertBackbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextClassificationStream:
         return TextClassificationStream(dataset, spec, processor, batch_size, task)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device) -> EvaluationResults:
+    def evaluate(
+        self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None
+    ) -> EvaluationResults:
         """Accuracy of a WEMoE artifact, a plain fine-tuned classifier, or a directory of per-task classifiers (the
         static baselines)."""
         per_task = task_model_dirs(model_dir)

@@ -173,7 +173,9 @@ class T5Backbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextTaskStream:
         return TextTaskStream(dataset, spec, processor, batch_size, task, labels)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device) -> EvaluationResults:
+    def evaluate(
+        self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None
+    ) -> EvaluationResults:
         return evaluate_text(model_dir, datasets, data_config, batch_size, max_new_tokens, device)
 
     def card_usage(self, repo_id: str, task: str) -> str:

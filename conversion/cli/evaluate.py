@@ -27,6 +27,7 @@ EPILOG = """example DATA.yaml:
 examples:
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
   wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
+  wemoe-eval tanganke/clip-vit-base-patch32_eurosat data.yaml --base openai/clip-vit-base-patch32  # one fine-tune
   wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
   wemoe-eval ./flan-t5-base-sst2-lora glue.yaml          # one LoRA fine-tune, loaded over its base
 """
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model_dir", help="A WEMoE artifact, a plain CLIPModel (zero-shot) or T5 directory, or a T5's PEFT adapter."
+        "model_dir",
+        help="A WEMoE artifact, a plain CLIPModel (zero-shot; a CLIPVisionModel with --base), BERT or T5 directory, or "
+        "a T5's PEFT adapter.",
     )
     parser.add_argument("data", type=Path, help="DATA.yaml with a label column per task.")
     parser.add_argument("--split", default=None, help="Override every task's split (e.g. test).")
@@ -56,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fractions (accuracy, exact match) or correlations (Spearman).",
     )
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="For a fine-tune saved as a bare CLIPVisionModel (no text tower): the CLIP model it was fine-tuned from, "
+        "whose text tower and tokenizer build the zero-shot heads (default: the one its config.json names, if any).",
+    )
     parser.add_argument(
         "--device",
         default=None,
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             device=args.device,
+            base=args.base,
         )
         if args.update_model_card:
             update_model_card(Path(args.model_dir), results, load_data_config(args.data), args.split)
