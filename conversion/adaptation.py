@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def resumable_checkpoint(checkpoint_dir: str | os.PathLike | None, run: Mapping)
     return checkpoint
 
 
+def remove_old_checkpoints(saved: list[Path], keep: int | None) -> None:
+    """Delete all but the newest `keep` of `saved` (a run's checkpoints, oldest first; None keeps all), as transformers'
+    `save_total_limit` does. The step file goes first, so a checkpoint deleted halfway never looks complete."""
+    while keep is not None and len(saved) > keep:
+        old = saved.pop(0)
+        (old / STEP_FILE).unlink()
+        shutil.rmtree(old)
+
+
 def keep_only(trainable: Callable[[str], bool]):
     """An accelerate save-state hook: checkpoints hold the trained parameters (plus optimizer and RNG), not the frozen
     model."""
@@ -92,6 +102,7 @@ def adapt(
     mixed_precision: str = "no",
     report_to: str | None = None,
     accelerator: Accelerator | None = None,
+    keep_checkpoints: int | None = None,
     trainable: Callable[[str], bool] = is_router_parameter,
     run_settings: Mapping | None = None,
 ):
@@ -101,7 +112,9 @@ def adapt(
     Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
     same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
-    `run_settings` (batch size, data, ...); resuming with other values is refused.
+    `run_settings` (batch size, data, ...); resuming with other values is refused. With `keep_checkpoints`, only that
+    many of the newest checkpoints stay on disk (the one resumed from included): older ones are deleted as new ones
+    are complete.
     """
     run = {"lr": lr, "seed": seed, **(run_settings or {})}
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
@@ -119,9 +132,10 @@ def adapt(
         accelerator.init_trackers("wemoe-tta", config={"steps": steps, "lr": lr, "seed": seed, "tasks": list(tasks)})
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start_step = 0
+    start_step, saved = 0, []
     if resume:
         checkpoint = resumable_checkpoint(checkpoint_dir, run)
+        saved.append(checkpoint)
         accelerator.load_state(str(checkpoint), strict=False)
         start_step = json.loads((checkpoint / STEP_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, start_step)
@@ -132,6 +146,8 @@ def adapt(
         if accelerator.is_main_process:
             # Written last and by a rename: a checkpoint with this file is complete, even if the run is killed here.
             write_file_atomically(target / STEP_FILE, json.dumps({"step": step, "run": run}).encode())
+            saved.append(target)
+            remove_old_checkpoints(saved, keep_checkpoints)
         accelerator.wait_for_everyone()
 
     progress = tqdm(
@@ -242,14 +258,15 @@ def adapt_artifact(
     report_to: str | None = None,
     overwrite: bool = False,
     cpu: bool = False,
+    keep_checkpoints: int | None = None,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `conversion.outputs`). Checkpoints go to
     `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked without the weights is checked
     before they are loaded: the settings, the output, the data (every image opened), a resume's settings. The model
     runs on the device accelerate gives each process (a GPU where there is one), or on the CPU with `cpu` (as
-    `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`)."""
-    check_training_settings(steps, lr, checkpointing_steps)
+    `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`). `keep_checkpoints`: see `adapt`."""
+    check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
     check_output_target(Path(output), overwrite, [path for path in inputs if Path(path).exists()])
@@ -280,6 +297,7 @@ def adapt_artifact(
             report_to=report_to,
             accelerator=accelerator,
             run_settings=run_settings,
+            keep_checkpoints=keep_checkpoints,
         )
         if accelerator.is_main_process:
             source = Path(model_dir)
@@ -289,13 +307,19 @@ def adapt_artifact(
     return Path(output)
 
 
-def check_training_settings(steps: int, lr: float, checkpointing_steps: int | None) -> None:
+def check_training_settings(
+    steps: int, lr: float, checkpointing_steps: int | None, keep_checkpoints: int | None = None
+) -> None:
     if steps < 1:
         raise ValueError(f"--steps must be a positive number of optimizer steps, got {steps}.")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a positive number, got {lr}.")
     if checkpointing_steps is not None and checkpointing_steps < 1:
         raise ValueError(f"--checkpointing-steps must be a positive number of steps, got {checkpointing_steps}.")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise ValueError(
+            f"--keep-checkpoints must keep at least the newest checkpoint (1, for --resume), got {keep_checkpoints}."
+        )
 
 
 def model_identity(model_dir: str | os.PathLike) -> str:

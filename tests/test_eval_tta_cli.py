@@ -5,15 +5,10 @@ import json
 
 import pytest
 import torch
-import yaml
+from test_tta import all_tensors, write_yaml
 
 from conversion.cli.evaluate import main as wemoe_eval
 from conversion.evaluation import EvaluationResults
-
-
-def write_yaml(content: dict, path) -> str:
-    path.write_text(yaml.safe_dump(content))
-    return str(path)
 
 
 def test_eval_prints_a_table_with_metric_and_samples_and_writes_them_as_json(artifact, task_data, tmp_path, capsys):
@@ -232,3 +227,36 @@ def test_base_is_refused_for_a_whole_model(artifact, task_data, demo_checkpoints
     with pytest.raises(SystemExit):
         wemoe_eval([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--base", demo_checkpoints["base"]])
     assert "is a whole 'wemoe' model, scored as it is" in capsys.readouterr().err
+
+
+def test_tta_keeps_the_newest_checkpoints_and_resumes_from_them(artifact, task_data, tmp_path):
+    from conversion.cli.tta import main as wemoe_tta
+
+    data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
+
+    def run(output, steps: int, keep: int, *extra) -> list[str]:
+        checkpoints = tmp_path / f"{output}.checkpoints"
+        wemoe_tta([str(artifact), data_yaml, "--output", str(tmp_path / output), "--steps", str(steps),
+                   "--batch-size", "4", "--lr", "1e-3", "--checkpointing-steps", "5", "--checkpoint-dir",
+                   str(checkpoints), "--keep-checkpoints", str(keep), *extra])  # fmt: skip
+        return sorted(path.name for path in checkpoints.iterdir())
+
+    assert run("straight", 20, keep=2) == ["step_15", "step_20"]
+    # A run stopped after step 10 with one checkpoint kept, then resumed from it into another output.
+    assert run("interrupted", 10, keep=1) == ["step_10"]
+    (tmp_path / "resumed.checkpoints").mkdir()
+    (tmp_path / "interrupted.checkpoints" / "step_10").rename(tmp_path / "resumed.checkpoints" / "step_10")
+    assert run("resumed", 20, 1, "--resume") == ["step_20"]
+    expected, resumed = all_tensors(tmp_path / "straight"), all_tensors(tmp_path / "resumed")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+
+
+def test_keep_checkpoints_below_one_is_refused(artifact, task_data, tmp_path, capsys):
+    from conversion.cli.tta import main as wemoe_tta
+
+    with pytest.raises(SystemExit):
+        wemoe_tta([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--output", str(tmp_path / "out"),
+                   "--keep-checkpoints", "0"])  # fmt: skip
+    assert "--keep-checkpoints must keep at least the newest checkpoint" in capsys.readouterr().err
