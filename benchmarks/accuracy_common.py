@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 from conversion.cli.convert import main as wemoe_convert
 from conversion.cli.evaluate import main as wemoe_eval
 from conversion.cli.tta import main as wemoe_tta
+from conversion.evaluation import scores_from_json
 from conversion.outputs import staged_output
 
 
@@ -75,11 +76,11 @@ def write_yaml(content: dict, path: Path) -> Path:
 
 
 def evaluate_dir(model_dir: Path, data_yaml: Path, output: Path, extra_args: tuple[str, ...] = ()) -> dict[str, float]:
-    """`wemoe-eval` scores of a model directory, cached as JSON."""
+    """`wemoe-eval` scores of a model directory, cached as JSON (files cached by earlier releases read too)."""
     if not output.is_file():
         output.parent.mkdir(parents=True, exist_ok=True)
         wemoe_eval([str(model_dir), str(data_yaml), "--output", str(output), *extra_args])
-    return json.loads(output.read_text())
+    return scores_from_json(json.loads(output.read_text()))
 
 
 def method_slug(method: str) -> str:

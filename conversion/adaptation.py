@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def resumable_checkpoint(checkpoint_dir: str | os.PathLike | None, run: Mapping)
     return checkpoint
 
 
+def remove_old_checkpoints(saved: list[Path], keep: int | None) -> None:
+    """Delete all but the newest `keep` of `saved` (a run's checkpoints, oldest first; None keeps all), as transformers'
+    `save_total_limit` does. The step file goes first, so a checkpoint deleted halfway never looks complete."""
+    while keep is not None and len(saved) > keep:
+        old = saved.pop(0)
+        (old / STEP_FILE).unlink()
+        shutil.rmtree(old)
+
+
 def keep_only(trainable: Callable[[str], bool]):
     """An accelerate save-state hook: checkpoints hold the trained parameters (plus optimizer and RNG), not the frozen
     model."""
@@ -95,6 +105,7 @@ def adapt(
     mixed_precision: str = "no",
     report_to: str | None = None,
     accelerator: Accelerator | None = None,
+    keep_checkpoints: int | None = None,
     trainable: Callable[[str], bool] = is_router_parameter,
     run_settings: Mapping | None = None,
     entropy_log: list[float] | None = None,
@@ -106,7 +117,8 @@ def adapt(
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
     same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
     `run_settings` (batch size, data, ...); resuming with other values is refused. `entropy_log`, if given, receives
-    each step's mean entropy.
+    each step's mean entropy. With `keep_checkpoints`, only that many of the newest checkpoints stay on disk (the one
+    resumed from included): older ones are deleted as new ones are complete.
     """
     run = {"lr": lr, "seed": seed, **(run_settings or {})}
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
@@ -115,15 +127,19 @@ def adapt(
         parameter.requires_grad_(trainable(name))
     model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)  # places the model on the process's device
+    logger.info(
+        "Process %d of %d adapts on %s", accelerator.process_index, accelerator.num_processes, accelerator.device
+    )
     accelerator.register_save_state_pre_hook(keep_only(trainable))
     if report_to:
         accelerator.init_trackers("wemoe-tta", config={"steps": steps, "lr": lr, "seed": seed, "tasks": list(tasks)})
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start_step = 0
+    start_step, saved = 0, []
     if resume:
         checkpoint = resumable_checkpoint(checkpoint_dir, run)
+        saved.append(checkpoint)
         accelerator.load_state(str(checkpoint), strict=False)
         start_step = json.loads((checkpoint / STEP_FILE).read_text())["step"]
         logger.info("Resumed from %s at step %d", checkpoint, start_step)
@@ -134,6 +150,8 @@ def adapt(
         if accelerator.is_main_process:
             # Written last and by a rename: a checkpoint with this file is complete, even if the run is killed here.
             write_file_atomically(target / STEP_FILE, json.dumps({"step": step, "run": run}).encode())
+            saved.append(target)
+            remove_old_checkpoints(saved, keep_checkpoints)
         accelerator.wait_for_everyone()
 
     progress = tqdm(
@@ -247,14 +265,18 @@ def adapt_artifact(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     private: bool = False,
+    cpu: bool = False,
+    keep_checkpoints: int | None = None,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `conversion.outputs`), its card and
     `merge_config.yaml` recording the run; then upload it to the Hub repo `push_to_hub` (created `private` if
     asked). Checkpoints go to `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked
     without the weights is checked before they are loaded: the settings, the output, the data (every image opened),
-    a resume's settings, the artifact's recipe."""
-    check_training_settings(steps, lr, checkpointing_steps)
+    a resume's settings, the artifact's recipe. The model runs on the device accelerate gives each process (a GPU
+    where there is one), or on the CPU with `cpu` (as `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`).
+    `keep_checkpoints`: see `adapt`."""
+    check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
     check_output_target(Path(output), overwrite, [path for path in inputs if Path(path).exists()])
@@ -262,7 +284,7 @@ def adapt_artifact(
     if config.model_type != "wemoe":
         raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
     backbone = backbone_for_config(config)
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to)
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to, cpu=cpu)
     check_batch_size(batch_size, accelerator.num_processes)
     datasets = load_task_datasets(data, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
@@ -288,6 +310,7 @@ def adapt_artifact(
             accelerator=accelerator,
             run_settings=run_settings,
             entropy_log=entropies,
+            keep_checkpoints=keep_checkpoints,
         )
         if accelerator.is_main_process:
             record = adaptation_record(model_dir, datasets, steps, lr, batch_size, seed, entropies)
@@ -358,13 +381,19 @@ def adapted_files(
     return files
 
 
-def check_training_settings(steps: int, lr: float, checkpointing_steps: int | None) -> None:
+def check_training_settings(
+    steps: int, lr: float, checkpointing_steps: int | None, keep_checkpoints: int | None = None
+) -> None:
     if steps < 1:
         raise ValueError(f"--steps must be a positive number of optimizer steps, got {steps}.")
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a positive number, got {lr}.")
     if checkpointing_steps is not None and checkpointing_steps < 1:
         raise ValueError(f"--checkpointing-steps must be a positive number of steps, got {checkpointing_steps}.")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise ValueError(
+            f"--keep-checkpoints must keep at least the newest checkpoint (1, for --resume), got {keep_checkpoints}."
+        )
 
 
 def model_identity(model_dir: str | os.PathLike) -> str:

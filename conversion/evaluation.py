@@ -9,8 +9,10 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig
@@ -27,13 +29,42 @@ PACKAGED_BUILDERS = {"parquet", "imagefolder", "csv", "json", "arrow", "webdatas
 
 
 class EvaluationResults(dict):
-    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task."""
+    """Score per task and `"average"`; `metrics` names each task's metric, `task_type` the Hub task, `num_samples`
+    how many samples each score counts."""
 
-    def __init__(self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str):
+    def __init__(
+        self, scores: Mapping[str, float], metrics: Mapping[str, str], task_type: str, num_samples: Mapping[str, int]
+    ):
         super().__init__(scores)
         self["average"] = sum(scores.values()) / len(scores)
         self.metrics = dict(metrics)
         self.task_type = task_type
+        self.num_samples = dict(num_samples)
+
+    def average_metric(self) -> str:
+        """The tasks' metric when they share one; `"mean"` of unlike scores (e.g. accuracy and Spearman) otherwise."""
+        metrics = set(self.metrics.values())
+        return metrics.pop() if len(metrics) == 1 else "mean"
+
+    def to_json(self) -> dict[str, dict]:
+        """Per task and for the average: `{metric, score, num_samples}`, scores in their metric's own unit (fractions
+        for accuracy and exact match, a correlation in [-1, 1] for Spearman)."""
+        entries = {
+            task: {"metric": self.metrics[task], "score": self[task], "num_samples": self.num_samples[task]}
+            for task in self.metrics
+        }
+        entries["average"] = {
+            "metric": self.average_metric(),
+            "score": self["average"],
+            "num_samples": sum(self.num_samples.values()),
+        }
+        return entries
+
+
+def scores_from_json(results: Mapping[str, Any]) -> dict[str, float]:
+    """Score per task (and `"average"`) of a `wemoe-eval --output` file, in the `{metric, score, num_samples}` layout
+    or in the plain `task: score` one of earlier releases (cached results stay readable)."""
+    return {task: entry["score"] if isinstance(entry, Mapping) else entry for task, entry in results.items()}
 
 
 def class_names_of(dataset, spec: TaskData) -> list[str] | None:
@@ -82,10 +113,10 @@ def classification_accuracy(
     logits_of: Callable[[list, list[int]], torch.Tensor],
     batch_size: int,
     input_kind: str,
-) -> float:
-    """Accuracy of a classifier on one task: `logits_of(values, rows)` gives the logits over the task's classes for
-    a batch of the input column's values (`input_kind`: which column). Unlabelled samples (-1) are left out; broken
-    (NaN) logits are an error."""
+) -> tuple[float, int]:
+    """Accuracy of a classifier on one task, and the number of samples it counts: `logits_of(values, rows)` gives the
+    logits over the task's classes for a batch of the input column's values (`input_kind`: which column). Unlabelled
+    samples (-1) are left out; broken (NaN) logits are an error."""
     check_label_names(task, class_names_of(dataset, spec), class_names)
     labels, unlabelled = class_indices(task, dataset[spec.label_column], class_names)
     if unlabelled == len(dataset):
@@ -106,7 +137,7 @@ def classification_accuracy(
     labelled = labels != -1
     accuracy = int((torch.cat(predictions)[labelled] == labels[labelled]).sum()) / int(labelled.sum())
     logger.info("%s: accuracy %.4f on %d samples", task, accuracy, int(labelled.sum()))
-    return accuracy
+    return accuracy, int(labelled.sum())
 
 
 def task_model_dirs(model_dir: str | os.PathLike) -> dict[str, Path]:
@@ -138,6 +169,31 @@ def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
         return AutoConfig.from_pretrained(base, trust_remote_code=True)
 
 
+def resolve_device(device: str | None = None) -> torch.device:
+    """The device to evaluate on: `device` when given, checked before anything loads (a typo or a GPU this machine
+    lacks fails at once, not after minutes of loading), else CUDA, then Apple's MPS, then the CPU, whichever this
+    machine has first, as accelerate picks for training (and the CPU under `ACCELERATE_USE_CPU=true`, as there)."""
+    if device is None:
+        if parse_flag_from_env("ACCELERATE_USE_CPU"):
+            return torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device ({error}).") from None
+    if resolved.type == "meta":
+        raise ValueError("--device meta holds no weights; give a device that computes (cpu, cuda, mps, ...).")
+    missing = {
+        "cuda": not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count(),
+        "mps": not torch.backends.mps.is_available(),
+    }.get(resolved.type, False)
+    if missing:
+        raise ValueError(f"--device {device!r}: this machine has no such {resolved.type} device; try --device cpu.")
+    return resolved
+
+
 def evaluate(
     model_dir: str | os.PathLike,
     data,
@@ -145,19 +201,33 @@ def evaluate(
     split: str | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    device: str | None = None,
+    base: str | None = None,
 ) -> EvaluationResults:
     """Scores per task and their average (`"average"`) on labeled data (a DATA.yaml path, dict or `DataConfig`):
     accuracy for classifiers; exact match (or Spearman for float labels) for text-to-text models, which generate up
-    to `max_new_tokens` tokens per answer."""
+    to `max_new_tokens` tokens per answer. The model runs on `device` (default: `resolve_device`'s choice). A
+    checkpoint that holds only part of a model (a fine-tuned CLIP vision tower saved alone) is scored inside `base`,
+    the model it was fine-tuned from (default: the one its config names)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
+    device = resolve_device(device)
+    logger.info("Evaluating %s on %s", model_dir, device)
     data_config = load_data_config(data)
-    backbone = backbone_for_config(model_config(model_dir))
+    config = model_config(model_dir)
+    backbone = backbone_for_config(config)
+    if base is not None and config.model_type not in backbone.partial_model_types:
+        raise ValueError(
+            f"--base completes a checkpoint that holds only part of a model (a CLIPVisionModel); {str(model_dir)!r} is "
+            f"a whole {config.model_type!r} model, scored as it is."
+        )
     datasets = {
         task: load_task_dataset(task, spec, split=split, need_labels=True, input_kind=backbone.input_kind)
         for task, spec in data_config.tasks.items()
     }
-    return backbone.evaluate(str(model_dir), datasets, data_config, batch_size, max_new_tokens)
+    return backbone.evaluate(
+        str(model_dir), datasets, data_config, batch_size, max_new_tokens, device=device, base=base
+    )
 
 
 def update_model_card(

@@ -257,7 +257,7 @@ def test_convert_adapt_and_evaluate_through_the_clis(saved_family, tmp_path, cap
               "--batch-size", "4", "--lr", "1e-2"])
     eval_main([str(tmp_path / "adapted"), str(data_yaml), "--output", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {*TASKS, "average"} and all(0 <= score <= 1 for score in results.values())
+    assert set(results) == {*TASKS, "average"} and all(0 <= entry["score"] <= 1 for entry in results.values())
     card = (artifact / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card and "| topic | sports, science, food |" in card
 

@@ -32,8 +32,9 @@ def test_cli_accuracy_equals_a_hand_written_loop(artifact, task_data, tmp_path, 
     main([str(artifact), str(data_yaml), "--batch-size", "7", "--output", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
     for task, spec in task_data["tasks"].items():
-        assert results[task] == pytest.approx(hand_written_accuracy(artifact, spec["data_files"], task), abs=1e-12)
-    assert results["average"] == pytest.approx(sum(results[t] for t in task_data["tasks"]) / 3)
+        expected = hand_written_accuracy(artifact, spec["data_files"], task)
+        assert results[task]["score"] == pytest.approx(expected, abs=1e-12)
+    assert results["average"]["score"] == pytest.approx(sum(results[t]["score"] for t in task_data["tasks"]) / 3)
     assert "average" in capsys.readouterr().out
 
 

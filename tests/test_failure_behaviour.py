@@ -232,11 +232,11 @@ def test_unlabelled_samples_are_left_out_and_out_of_range_labels_refused(artifac
     eval_main([str(artifact), one_task_data(tmp_path, labelled), "--output", str(tmp_path / "all.json")])
     eval_main([str(artifact), one_task_data(tmp_path, labelled + [-1, -1]), "--output", str(tmp_path / "some.json")])
     scores = [json.loads((tmp_path / name).read_text())["shapes"] for name in ("all.json", "some.json")]
-    assert scores[0] == scores[1]
+    assert scores[0] == scores[1] and scores[1]["num_samples"] == len(labelled)
     fails_with(capsys, lambda: eval_main([str(artifact), one_task_data(tmp_path, [0, 1, 3])]), "labels [3] are outside")
     names = one_task_data(tmp_path, ["circle", "square", "triangle"], Value("string"))
     eval_main([str(artifact), names, "--output", str(tmp_path / "names.json")])
-    assert 0 <= json.loads((tmp_path / "names.json").read_text())["shapes"] <= 1
+    assert 0 <= json.loads((tmp_path / "names.json").read_text())["shapes"]["score"] <= 1
 
 
 # Tracebacks instead of errors -----------------------------------------------------------------------------------

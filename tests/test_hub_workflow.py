@@ -134,7 +134,7 @@ def test_publish_convert_adapt_evaluate(hub_models, hub, classnames, task_data, 
     assert index["my-org/wemoe"] == unadapted_index[0]["results"]
     scores = json.loads(results.read_text())
     assert {r["dataset"]["name"]: r["metrics"][0]["value"] for r in index["my-org/wemoe-tta"]} == {
-        task: scores[task] for task in classnames
+        task: scores[task]["score"] for task in classnames
     }
 
 

@@ -123,6 +123,7 @@ def test_evaluation_scores_exact_match_and_spearman(t5_artifact, text_data, tmp_
 
     assert results["topic"] == pytest.approx(6 / 8)
     assert results.metrics == {"sst2": "exact_match", "topic": "exact_match", "nli": "spearmanr"}
+    assert results.num_samples["topic"] == 8
     assert 0 <= results["sst2"] <= 1 and -1 <= results["nli"] <= 1
     update_model_card(t5_artifact, results, load_data_config(data), None)
     card = ModelCard.load(t5_artifact / "README.md")

@@ -29,6 +29,8 @@ class Backbone:
         display_name: the family's name in messages and model card titles (`"CLIP"`).
         plain_model_types: `model_type`s of this family's ordinary checkpoints (base models, fine-tunes), so that
             `wemoe-eval` knows which family scores a plain model directory.
+        partial_model_types: those of `plain_model_types` that hold only part of what scoring needs, so that
+            `wemoe-eval` scores them inside a base model (`--base`): a bare CLIP vision tower has no text tower.
         model_class: the WEMoE model class (from `modeling_wemoe`).
         expert_linears: the linear layers that are weight-ensembled experts, by module path within a layer.
         input_kind: what a task's data column holds, `"image"` or `"text"`.
@@ -45,6 +47,7 @@ class Backbone:
     architecture: str
     display_name: str
     plain_model_types: tuple[str, ...] = ()
+    partial_model_types: tuple[str, ...] = ()
     model_class: type
     expert_linears: tuple[str, ...] = ()
     input_kind: str
@@ -180,9 +183,18 @@ class Backbone:
         raise NotImplementedError
 
     def evaluate(
-        self, model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int
+        self,
+        model_dir: str,
+        datasets: Mapping,
+        data_config,
+        batch_size: int,
+        max_new_tokens: int,
+        *,
+        device: torch.device,
+        base: str | None = None,
     ) -> "EvaluationResults":
-        """Scores per task of a WEMoE artifact or a plain model of this family on labeled data."""
+        """Scores per task of a WEMoE artifact or a plain model of this family on labeled data, run on `device`; a
+        model of `partial_model_types` is scored inside `base`."""
         raise NotImplementedError
 
     def card_usage(self, repo_id: str, task: str) -> str:

@@ -288,7 +288,9 @@ class BertBackbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextClassificationStream:
         return TextClassificationStream(dataset, spec, processor, batch_size, task)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
+    def evaluate(
+        self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None
+    ) -> EvaluationResults:
         """Accuracy of a WEMoE artifact, a plain fine-tuned classifier, or a directory of per-task classifiers (the
         static baselines)."""
         per_task = task_model_dirs(model_dir)
@@ -296,12 +298,12 @@ class BertBackbone(Backbone):
         if missing:
             raise ValueError(f"{str(model_dir)!r} has no model for task(s) {missing}; it has {sorted(per_task)}.")
         loaded = {}
-        scores = {}
+        scores, num_samples = {}, {}
         for task, dataset in datasets.items():
             spec = data_config.tasks[task]
             directory = str(per_task[task]) if per_task else model_dir
             if directory not in loaded:
-                model = load_artifact_model(directory, AutoModelForSequenceClassification)
+                model = load_artifact_model(directory, AutoModelForSequenceClassification).to(device)
                 tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=is_artifact(model.config))
                 loaded[directory] = model, tokenizer
             model, tokenizer = loaded[directory]
@@ -313,8 +315,10 @@ class BertBackbone(Backbone):
                 return model(**inputs, **extra).logits
 
             class_names = self.class_names(model, task, dataset, spec)
-            scores[task] = classification_accuracy(task, dataset, spec, class_names, logits_of, batch_size, "text")
-        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
+            scores[task], num_samples[task] = classification_accuracy(
+                task, dataset, spec, class_names, logits_of, batch_size, "text"
+            )
+        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag, num_samples)
 
     def class_names(self, model, task: str, dataset, spec) -> list[str]:
         if is_artifact(model.config):

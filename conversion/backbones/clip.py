@@ -30,7 +30,7 @@ from transformers.utils import is_torchvision_available
 from modeling_wemoe import WEMoEForImageClassification
 
 from ..artifact import load_artifact_model, write_artifact
-from ..checkpoints import ModelSource, load_base_model
+from ..checkpoints import ModelSource, check_same_architecture, load_base_model
 from ..data import check_tasks_known, pixel_values_of
 from ..evaluation import EvaluationResults, class_names_of, classification_accuracy
 from ..streams import TaskStream
@@ -178,7 +178,8 @@ def vision_tower_key(checkpoint_key: str) -> str | None:
 class CLIPBackbone(Backbone):
     architecture = "clip"
     display_name = "CLIP"
-    plain_model_types = ("clip",)
+    plain_model_types = ("clip", "clip_vision_model")
+    partial_model_types = ("clip_vision_model",)
     model_class = WEMoEForImageClassification
     expert_linears = ("mlp.fc1", "mlp.fc2")
     input_kind = "image"
@@ -269,10 +270,12 @@ class CLIPBackbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> ImageTaskStream:
         return ImageTaskStream(dataset, spec, processor, batch_size, task)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
-        """Accuracy of a WEMoE artifact, or of a plain `CLIPModel` zero-shot with the datasets' class names."""
-        model, class_names = self.classifier_for(model_dir, datasets, data_config)
-        image_processor = self.load_processor(model_dir)
+    def evaluate(
+        self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None
+    ) -> EvaluationResults:
+        """Accuracy of a WEMoE artifact, or of a plain `CLIPModel` zero-shot with the datasets' class names (a fine-tune
+        saved as a bare `CLIPVisionModel` in its `base`, whose text tower builds the heads)."""
+        model, class_names, image_processor = self.classifier_for(model_dir, datasets, data_config, device, base)
         device = next(model.parameters()).device
 
         def logits_of(task: str):
@@ -280,28 +283,65 @@ class CLIPBackbone(Backbone):
                 pixel_values_of(values, rows, image_processor, task).to(device), task=task
             ).logits
 
-        scores = {
-            task: classification_accuracy(
+        scores, num_samples = {}, {}
+        for task, dataset in datasets.items():
+            scores[task], num_samples[task] = classification_accuracy(
                 task, dataset, data_config.tasks[task], class_names[task], logits_of(task), batch_size, "image"
             )
-            for task, dataset in datasets.items()
-        }
-        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag)
+        return EvaluationResults(scores, dict.fromkeys(scores, "accuracy"), self.pipeline_tag, num_samples)
 
-    def classifier_for(self, model_dir: str, datasets: Mapping, data_config):
-        """The model to score and each task's class names: a WEMoE artifact as it is, or a plain CLIPModel with
-        zero-shot heads from the datasets' ClassLabel names."""
+    def classifier_for(
+        self, model_dir: str, datasets: Mapping, data_config, device: torch.device, base: str | None = None
+    ) -> tuple[torch.nn.Module, dict[str, list[str]], BaseImageProcessor]:
+        """The model to score, on `device`, each task's class names and the image processor: a WEMoE artifact as it
+        is, or a plain CLIPModel (a bare vision tower in its `base`) with zero-shot heads from the datasets' ClassLabel
+        names."""
         model = load_artifact_model(model_dir)
-        if not isinstance(model, CLIPModel):
+        if not isinstance(model, (CLIPModel, CLIPVisionModel)):
             check_tasks_known(list(datasets), list(model.config.tasks))
-            return model, model.config.task_labels
+            return model.to(device), model.config.task_labels, self.load_processor(model_dir)
         class_names = {}
         for task, dataset in datasets.items():
             names = class_names_of(dataset, data_config.tasks[task])
             if names is None:
                 raise ValueError(f"Task {task!r}: a plain CLIP model needs a ClassLabel label column for class names.")
             class_names[task] = names
-        return ZeroShotCLIP(model, AutoTokenizer.from_pretrained(model_dir), class_names), class_names
+        if isinstance(model, CLIPVisionModel):
+            model, text_source, image_processor = self.tower_in_base(model, model_dir, base)
+        else:
+            text_source, image_processor = model_dir, self.load_processor(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(text_source)
+        return ZeroShotCLIP(model.to(device), tokenizer, class_names), class_names, image_processor
+
+    def tower_in_base(
+        self, tower: CLIPVisionModel, model_dir: str, base: str | None
+    ) -> tuple[CLIPModel, str, BaseImageProcessor]:
+        """A fine-tuned vision tower saved alone (no text tower, no tokenizer), put in the CLIPModel it was fine-tuned
+        from: `base`, else the base its config.json names (`_name_or_path`, which transformers 4 saved). Returns the
+        model, the base (whose tokenizer reads the prompts) and the image processor (the tower's own, else the
+        base's)."""
+        named_by = "--base"
+        if base is None:
+            base, named_by = PreTrainedConfig.get_config_dict(model_dir)[0].get("_name_or_path"), "its config.json"
+        if not base:
+            raise ValueError(
+                f"{model_dir!r} is a CLIPVisionModel (config.json: model_type 'clip_vision_model'): a vision tower "
+                "without the text tower and tokenizer that build zero-shot heads, and its config.json names no base "
+                "model (_name_or_path). Pass --base with the CLIP model it was fine-tuned from, e.g. "
+                "--base openai/clip-vit-base-patch32."
+            )
+        logger.info("Scoring the vision tower %s in the base %s (named by %s)", model_dir, base, named_by)
+        try:
+            clip = self.load_base(base)
+        except ValueError as error:
+            raise ValueError(f"{model_dir!r} is scored in the base model that {named_by} names: {error}") from None
+        check_same_architecture(clip.config.vision_config, tower.config, model_dir, self)
+        clip.vision_model.load_state_dict(tower.state_dict())
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        except OSError:
+            image_processor = self.load_processor(base)
+        return clip, base, image_processor
 
     def card_usage(self, repo_id: str, task: str) -> str:
         return f"""```python

@@ -173,8 +173,10 @@ class T5Backbone(Backbone):
     def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextTaskStream:
         return TextTaskStream(dataset, spec, processor, batch_size, task, labels)
 
-    def evaluate(self, model_dir, datasets, data_config, batch_size, max_new_tokens) -> EvaluationResults:
-        return evaluate_text(model_dir, datasets, data_config, batch_size, max_new_tokens)
+    def evaluate(
+        self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None
+    ) -> EvaluationResults:
+        return evaluate_text(model_dir, datasets, data_config, batch_size, max_new_tokens, device)
 
     def card_usage(self, repo_id: str, task: str) -> str:
         return f"""```python
@@ -239,8 +241,10 @@ def text_targets(dataset, spec: TaskData) -> list[str]:
     return [names[label] for label in labels] if names is not None else [str(label).strip() for label in labels]
 
 
-def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int):
-    model = load_artifact_model(model_dir, AutoModelForSeq2SeqLM)
+def evaluate_text(
+    model_dir: str, datasets: Mapping, data_config, batch_size: int, max_new_tokens: int, device: torch.device
+):
+    model = load_artifact_model(model_dir, AutoModelForSeq2SeqLM).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # a tokenizer may name no class
     model_tasks = getattr(model.config, "tasks", None)
     if model_tasks is not None:
@@ -259,7 +263,8 @@ def evaluate_text(model_dir: str, datasets: Mapping, data_config, batch_size: in
             metrics[task] = "exact_match"
             scores[task] = sum(a == t for a, t in zip(answers, targets, strict=True)) / len(dataset)
         logger.info("%s: %s %.4f on %d samples", task, metrics[task], scores[task], len(dataset))
-    return EvaluationResults(scores, metrics, "text2text-generation")
+    num_samples = {task: len(dataset) for task, dataset in datasets.items()}
+    return EvaluationResults(scores, metrics, "text2text-generation", num_samples)
 
 
 def merge_t5(

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..data import load_data_config
-from ..evaluation import evaluate, update_model_card
+from ..evaluation import EvaluationResults, evaluate, update_model_card
 
 EPILOG = """example DATA.yaml:
   tasks:
@@ -28,6 +28,7 @@ examples:
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --output results.json --update-model-card
   wemoe-eval ./clip-b32-ewemoe-8task-tta data.yaml --update-model-card --push-to-hub my-org/clip-b32-ewemoe-8task-tta
   wemoe-eval openai/clip-vit-base-patch32 data.yaml      # zero-shot baseline of a plain CLIPModel
+  wemoe-eval tanganke/clip-vit-base-patch32_eurosat data.yaml --base openai/clip-vit-base-patch32  # one fine-tune
   wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
   wemoe-eval ./flan-t5-base-sst2-lora glue.yaml          # one LoRA fine-tune, loaded over its base
 """
@@ -41,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model_dir", help="A WEMoE artifact, a plain CLIPModel (zero-shot) or T5 directory, or a T5's PEFT adapter."
+        "model_dir",
+        help="A WEMoE artifact, a plain CLIPModel (zero-shot; a CLIPVisionModel with --base), BERT or T5 directory, or "
+        "a T5's PEFT adapter.",
     )
     parser.add_argument("data", type=Path, help="DATA.yaml with a label column per task.")
     parser.add_argument("--split", default=None, help="Override every task's split (e.g. test).")
@@ -49,7 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-new-tokens", type=int, default=16, help="Text-to-text models: answer length limit (default: 16)."
     )
-    parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="Write the results as JSON here: per task and for the average, {metric, score, num_samples}, scores as "
+        "fractions (accuracy, exact match) or correlations (Spearman).",
+    )
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
     parser.add_argument(
         "--push-to-hub",
@@ -57,6 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="With --update-model-card: record the results under this Hub repo's name, and upload MODEL_DIR to it.",
     )
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="For a fine-tune saved as a bare CLIPVisionModel (no text tower): the CLIP model it was fine-tuned from, "
+        "whose text tower and tokenizer build the zero-shot heads (default: the one its config.json names, if any).",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Where the model runs: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu).",
+    )
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.update_model_card:
         parser.error("--push-to-hub publishes the updated model card; give --update-model-card too.")
@@ -81,6 +101,29 @@ def check_writable_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--update-model-card: {str(model_dir)!r} is not writable.")
 
 
+# How a metric reads in the table: its name, and whether its score is a fraction shown in %.
+METRIC_DISPLAY = {
+    "accuracy": ("accuracy", True),
+    "exact_match": ("exact match", True),
+    "spearmanr": ("spearman", False),
+}
+
+
+def results_table(results: EvaluationResults) -> str:
+    """One row per task and the average: metric, score in the metric's own unit (accuracy and exact match in %,
+    Spearman as a correlation in [-1, 1]; an average over unlike metrics as the plain mean), and samples counted."""
+    lines = [f"{'task':<24} {'metric':<12} {'score':>8} {'samples':>8}"]
+    metrics = {**results.metrics, "average": results.average_metric()}
+    samples = {**results.num_samples, "average": sum(results.num_samples.values())}
+    for task, score in results.items():
+        name, percent = METRIC_DISPLAY.get(metrics[task], (metrics[task], False))
+        cell = f"{100 * score:.2f}%" if percent else f"{score:+.4f}"
+        lines.append(f"{task:<24} {name:<12} {cell:>8} {samples[task]:>8}")
+    if "spearmanr" in metrics.values():
+        lines.append("spearman: Spearman's rank correlation of the answers with the targets, in [-1, 1].")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -92,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             split=args.split,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            base=args.base,
         )
         if args.update_model_card:
             update_model_card(
@@ -105,10 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    for task, accuracy in results.items():
-        print(f"{task:<24} {100 * accuracy:6.2f}")
+    print(results_table(results))
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+        args.output.write_text(json.dumps(results.to_json(), indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ examples:
   wemoe-tta ./clip-b32-ewemoe-8task data.yaml --output ./clip-b32-ewemoe-8task-tta
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
+  wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
   accelerate launch --num_processes 4 -m conversion.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
   ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m conversion.cli.tta ./model data.yaml --output ./a
 """
@@ -48,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
     )
     parser.add_argument("--checkpoint-dir", default=None, help="Where checkpoints go (default: OUTPUT.checkpoints).")
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Keep only the N newest checkpoints, deleting older ones as new ones are written, as transformers' "
+        "save_total_limit (default: keep all). The newest is what --resume continues from.",
+    )
     parser.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint.")
     parser.add_argument(
         "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="Autocast (default: no)."
@@ -58,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the adapted artifact to this Hub repo.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="Run on the CPU even where a GPU is present (as `accelerate launch --cpu`; default: the device "
+        "accelerate gives each process, a GPU when there is one).",
+    )
     return parser.parse_args(argv)
 
 
