@@ -25,7 +25,7 @@ class Strict(BaseModel):
 
 
 class TaskArithmeticSpec(Strict):
-    """theta_0 + scaling * sum_i tau_i."""
+    """Task arithmetic: theta_0 + scaling * sum_i tau_i."""
 
     method: Literal["task_arithmetic"]
     scaling: FiniteFloat = DEFAULT_LAMBDA
@@ -41,7 +41,7 @@ class TiesSpec(Strict):
 
 
 class MagnitudePruneSpec(Strict):
-    """Task arithmetic on task vectors trimmed to their `density` largest-magnitude entries (TIES without the sign
+    """Task arithmetic on task vectors trimmed to their `density` largest-magnitude entries (TIES without sign
     election)."""
 
     method: Literal["magnitude_prune"]
@@ -50,8 +50,8 @@ class MagnitudePruneSpec(Strict):
 
 
 class DareLinearSpec(Strict):
-    """DARE: drop task-vector entries at random, keeping `density` of them rescaled by 1/density, then task
-    arithmetic; seeded per tensor from `seed`, so a recipe always merges to the same model."""
+    """DARE: task arithmetic after dropping task-vector entries at random (seeded: a recipe always merges alike) and
+    rescaling the kept `density` by 1/density. Each tensor draws from its own seed, derived from `seed`."""
 
     method: Literal["dare_linear"]
     scaling: FiniteFloat = DEFAULT_LAMBDA
@@ -60,8 +60,8 @@ class DareLinearSpec(Strict):
 
 
 class DareTiesSpec(Strict):
-    """DARE's random drop and rescale, then TIES's sign election and disjoint mean; seeded per tensor from `seed`, so
-    a recipe always merges to the same model."""
+    """DARE-TIES: DARE's random drop and rescale (seeded: a recipe always merges alike), then TIES's sign election
+    and mean of the agreeing entries. Each tensor draws from its own seed, derived from `seed`."""
 
     method: Literal["dare_ties"]
     scaling: FiniteFloat = DEFAULT_LAMBDA
@@ -71,8 +71,8 @@ class DareTiesSpec(Strict):
 
 
 class AdaMergingSpec(Strict):
-    """Layer-wise AdaMerging: a coefficient per tensor and task, trained by entropy minimisation on the unlabeled
-    task data that `data` (a DATA.yaml, as for `wemoe-tta`) names; only with `variant: static`."""
+    """Layer-wise AdaMerging: a coefficient per tensor and task, trained by entropy minimisation on unlabeled task
+    data. `data` names it (a DATA.yaml, as for `wemoe-tta`); only with `variant: static`."""
 
     method: Literal["adamerging"]
     data: Annotated[str, Field(min_length=1)]

@@ -1,4 +1,5 @@
-"""`wemoe-convert --dry-run`: the checks a conversion makes, from metadata alone, and the plan it prints."""
+"""`wemoe-convert`'s options around a conversion: `--dry-run` (the same checks from metadata alone, and a plan) and
+`--list-methods`."""
 
 import copy
 import json
@@ -17,6 +18,10 @@ from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 from conversion import convert
 from conversion.cli.convert import main
 from conversion.convert import plan_conversion
+from conversion.merge_methods import STATIC_MERGE_METHODS
+from conversion.recipe import STATIC_MERGE_SPECS
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 def stored_tensor_bytes(directory: Path) -> int:
@@ -206,3 +211,22 @@ def test_dry_run_of_hub_ids_downloads_no_weights(saved_checkpoints, classnames, 
     }
     assert plan.artifact_bytes == plan_conversion(local).artifact_bytes
     assert plan.experts["shapes"][:2] == ("org/shapes", "full fine-tune (1 safetensors file)")
+
+
+# --list-methods -------------------------------------------------------------------------------------------------
+
+
+def test_list_methods_shows_every_method_with_its_parameters_and_the_readme_lists_them(capsys):
+    main(["--list-methods"])
+    listed = capsys.readouterr().out
+    readme = README.read_text()
+    for spec in STATIC_MERGE_SPECS:
+        name = spec.model_fields["method"].annotation.__args__[0]
+        assert re.search(rf"^  {name}: \S.*\.", listed, re.MULTILINE), name
+        assert f"`{name}`" in readme, name
+        for field in spec.model_fields.keys() - {"method"}:
+            assert re.search(rf"^  {name}: .*\n(      .*\n)*      {field} \(", listed, re.MULTILINE), (name, field)
+    assert "      density (float, > 0, < 1, default 0.5)" in listed  # bounds and defaults from the schema
+    assert "(https://arxiv.org/abs/2311.03099)" in listed
+    assert set(STATIC_MERGE_METHODS) < {spec.model_fields["method"].annotation.__args__[0] for spec in
+                                         STATIC_MERGE_SPECS}

@@ -9,9 +9,13 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from ..convert import DTYPES, convert, plan_conversion
-from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE
+from ..merge_methods import STATIC_MERGE_METHODS
+from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, STATIC_MERGE_SPECS
 
 EPILOG = (
     "example recipe (clip-8task.yaml):\n"
@@ -25,6 +29,7 @@ examples:
   wemoe-convert flan-t5-glue.yaml ./flan-t5-base-wemoe-glue
   wemoe-convert baseline.yaml ./clip-adamerging   # variant: static, static_merge: {method: adamerging, data: ...}
   wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
+  wemoe-convert --list-methods               # the static_merge methods and their parameters
 """
 )
 
@@ -49,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Check the recipe and every checkpoint from configs and tensor headers only (no weights are loaded or "
         "downloaded), print what would be built with its size and peak memory estimates, and write nothing.",
     )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="List the static_merge methods with their parameters, and exit."
+    )
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the finished artifact to this Hub repo.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Storage dtype (default: float32).")
@@ -56,15 +64,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log what is loaded and merged.")
     args = parser.parse_intermixed_args(argv)  # optional positionals may follow flags: `--dry-run RECIPE -q OUT`
-    if args.config is None:
+    if not args.list_methods and args.config is None:
         parser.error("the following arguments are required: config")
-    if not args.dry_run and args.output_dir is None:
+    if not (args.list_methods or args.dry_run) and args.output_dir is None:
         parser.error("the following arguments are required: output_dir (optional only with --dry-run)")
     return args
 
 
+def parameter_text(name: str, field: FieldInfo) -> str:
+    """One recipe field as `name (type, bounds, default)`, read from the recipe's own schema."""
+    if get_origin(field.annotation) is Literal:
+        kind = " | ".join(str(choice) for choice in get_args(field.annotation))
+    else:
+        kind = getattr(field.annotation, "__name__", str(field.annotation))
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [
+        f"{symbol} {getattr(constraint, bound)}"
+        for constraint in field.metadata
+        for bound, symbol in symbols.items()
+        if getattr(constraint, bound, None) is not None
+    ]
+    default = "required" if field.is_required() else f"default {field.default}"
+    return f"{name} ({', '.join([kind, *bounds, default])})"
+
+
+def list_methods() -> str:
+    """Every `static_merge` method of the recipe schema: name, one line on what it does, its parameters."""
+    lines = ["static_merge methods (recipe: `static_merge: {method: NAME, PARAMETER: VALUE, ...}`):"]
+    for spec in STATIC_MERGE_SPECS:
+        name = get_args(spec.model_fields["method"].annotation)[0]
+        summary = " ".join(spec.__doc__.split()).split(". ")[0].removesuffix(".") + "."
+        reference = f" ({STATIC_MERGE_METHODS[name].reference})" if name in STATIC_MERGE_METHODS else ""
+        parameters = [parameter_text(field, info) for field, info in spec.model_fields.items() if field != "method"]
+        lines += [f"  {name}: {summary}{reference}", *(f"      {text}" for text in parameters)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.list_methods:
+        print(list_methods())
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("conversion").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
     options = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
