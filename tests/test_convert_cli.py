@@ -1,5 +1,5 @@
-"""`wemoe-convert`'s options around a conversion: `--dry-run` (the same checks from metadata alone, and a plan) and
-`--list-methods`."""
+"""`wemoe-convert`'s options around a conversion: `--dry-run` (the same checks from metadata alone, and a plan),
+`--list-methods`, and the wording of its errors."""
 
 import copy
 import json
@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 from peft import LoraConfig, get_peft_model
 from test_bert import lora_bert_expert
 from test_checkpoints import lora_expert
@@ -230,3 +231,29 @@ def test_list_methods_shows_every_method_with_its_parameters_and_the_readme_list
     assert "(https://arxiv.org/abs/2311.03099)" in listed
     assert set(STATIC_MERGE_METHODS) < {spec.model_fields["method"].annotation.__args__[0] for spec in
                                          STATIC_MERGE_SPECS}
+
+
+# Errors name the flag ---------------------------------------------------------------------------------------------
+
+
+def test_an_existing_output_is_named_by_the_flag_on_the_command_line_and_by_the_argument_in_python(
+    recipe, tmp_path, capsys
+):
+    (tmp_path / "artifact").mkdir()
+    error = fails_with(capsys, [write_recipe(recipe, tmp_path), str(tmp_path / "artifact")])
+    assert "already exists; pass --overwrite to replace it." in error and "overwrite=True" not in error
+    with pytest.raises(ValueError, match=r"already exists; pass overwrite=True to replace it\.$") as error_info:
+        convert(recipe, tmp_path / "artifact")
+    assert "--overwrite" not in str(error_info.value)
+
+
+def test_wemoe_tta_names_its_flag_too(tmp_path, capsys):
+    from conversion.cli.tta import main as tta_main
+
+    (tmp_path / "adapted").mkdir()
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"tasks": {"a": {"path": "parquet", "data_files": "a.parquet"}}}))
+    with pytest.raises(SystemExit):
+        tta_main([str(tmp_path / "model"), str(data), "--output", str(tmp_path / "adapted")])
+    error = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it." in error and "overwrite=True" not in error

@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from ..convert import DTYPES, convert, plan_conversion
 from ..merge_methods import STATIC_MERGE_METHODS
 from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, STATIC_MERGE_SPECS
+from . import error_message
 
 EPILOG = (
     "example recipe (clip-8task.yaml):\n"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.config, args.output_dir, push_to_hub=args.push_to_hub, private=args.private, **options
             )
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
-        print(f"wemoe-convert: error: {error}", file=sys.stderr)
+        print(f"wemoe-convert: error: {error_message(error)}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.dry_run:
         print(f"{plan}\nDry run: only configs and tensor headers were read, and nothing was written.")

@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..adaptation import adapt_artifact
+from . import error_message
 
 EPILOG = """example DATA.yaml (labels are never read):
   tasks:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
         output = adapt_artifact(args.model_dir, args.data, args.output, **options)
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
-        print(f"wemoe-tta: error: {error}", file=sys.stderr)
+        print(f"wemoe-tta: error: {error_message(error)}", file=sys.stderr)
         raise SystemExit(1) from None
     if PartialState().is_main_process:
         print(f"Wrote {output}")
