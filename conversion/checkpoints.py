@@ -438,9 +438,12 @@ def open_expert(
     directory = resolve_checkpoint_dir(source, owner)
     what = f"{layout.display_name} backbone"
     if (directory / PEFT_ADAPTER_CONFIG).is_file():
-        return LoraExpertTensors(directory, base, owner, layout.key_of, what), None
-    tensors = CheckpointTensors(directory, owner, layout.key_of, what)
-    return tensors, read_backbone_config(directory, owner, layout)
+        tensors, config = LoraExpertTensors(directory, base, owner, layout.key_of, what), None
+    else:
+        tensors = CheckpointTensors(directory, owner, layout.key_of, what)
+        config = read_backbone_config(directory, owner, layout)
+    logger.debug("%s: %s in %s, %d %s tensors", owner, tensors.describe(), directory, len(tensors), what)
+    return tensors, config
 
 
 def check_same_architecture(

@@ -1,8 +1,9 @@
 """`wemoe-convert`'s options around a conversion: `--dry-run` (the same checks from metadata alone, and a plan),
-`--list-methods`, and the wording of its errors."""
+`--list-methods`, the wording of its errors, its verbosity flags, and every command's `--help` description."""
 
 import copy
 import json
+import logging
 import re
 import struct
 from pathlib import Path
@@ -257,3 +258,43 @@ def test_wemoe_tta_names_its_flag_too(tmp_path, capsys):
         tta_main([str(tmp_path / "model"), str(data), "--output", str(tmp_path / "adapted")])
     error = capsys.readouterr().err
     assert "already exists; pass --overwrite to replace it." in error and "overwrite=True" not in error
+
+
+# Verbosity --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def restore_log_levels():
+    """The commands set logger levels for the process: put them back after each test."""
+    loggers = [logging.getLogger(), logging.getLogger("conversion")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("flags", "debug", "info"), [([], False, True), (["-v"], True, True), (["-q"], False, False)]
+)
+def test_verbosity_flags_change_what_is_logged(recipe, tmp_path, caplog, flags, debug, info):
+    caplog.set_level(logging.NOTSET)  # capture whatever the command lets through
+    main([*flags, write_recipe(recipe, tmp_path), str(tmp_path / "artifact")])
+    records = [record for record in caplog.records if record.name.startswith("conversion")]
+    assert any(r.levelno == logging.DEBUG and "full fine-tune" in r.getMessage() for r in records) == debug
+    assert any(r.levelno == logging.INFO and "Merging 3 CLIP experts" in r.getMessage() for r in records) == info
+
+
+# --help -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["convert", "tta", "evaluate", "demo", "update_code"])
+def test_every_command_describes_itself_in_a_full_sentence(command, capsys):
+    module = __import__(f"conversion.cli.{command}", fromlist=["parse_args"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    description = help_text.split("\n\n")[1]
+    assert re.fullmatch(r"[A-Z][^`]*\.", " ".join(description.split())), description
+    if command != "update_code":  # it keeps its own -v (files written and removed)
+        assert "-q, --quiet" in help_text and "-v, --verbose" in help_text
+

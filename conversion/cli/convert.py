@@ -5,7 +5,6 @@ The recipe is validated before anything is loaded, and the artifact is staged an
 """
 
 import argparse
-import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic.fields import FieldInfo
 from ..convert import DTYPES, convert, plan_conversion
 from ..merge_methods import STATIC_MERGE_METHODS
 from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, STATIC_MERGE_SPECS
-from . import error_message
+from . import add_verbosity_flags, configure_logging, error_message
 
 EPILOG = (
     "example recipe (clip-8task.yaml):\n"
@@ -38,7 +37,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-convert",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-convert`: "),
+        description="Convert a base model and its fine-tuned checkpoints (full fine-tunes or LoRA adapters) into one "
+        "WEMoE artifact, ready to load with transformers or push to the Hub.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Storage dtype (default: float32).")
     parser.add_argument("--max-shard-size", default="5GB", help="Safetensors shard size (default: 5GB).")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log what is loaded and merged.")
+    add_verbosity_flags(parser)
     args = parser.parse_intermixed_args(argv)  # optional positionals may follow flags: `--dry-run RECIPE -q OUT`
     if not args.list_methods and args.config is None:
         parser.error("the following arguments are required: config")
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.list_methods:
         print(list_methods())
         return
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("conversion").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
+    configure_logging(args.verbosity)
     options = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
     try:
         if args.dry_run:

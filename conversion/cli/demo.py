@@ -6,7 +6,6 @@ after as `wemoe-eval` does, and classifies a drawn image through `pipeline()` wi
 """
 
 import argparse
-import logging
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..convert import convert
 from ..evaluation import evaluate
 from ..recipe import MergeRecipe
 from ..toy import build_toy_base, build_toy_expert, toy_tokenizer
+from . import add_verbosity_flags, configure_logging
 
 DEMO_TASKS = {
     "shapes": ["circle", "square", "triangle"],
@@ -92,7 +92,8 @@ def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-demo",
-        description=__doc__.splitlines()[0] + " Weights are random: the numbers show the plumbing, not skill.",
+        description="Run the whole product path (convert, adapt, evaluate, reload with trust_remote_code) on a tiny "
+        "embedded default, with no Hub access. Weights are random: the numbers show the plumbing, not skill.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output", type=Path, default=None, help="Where to write the adapted artifact (default: a temp dir)."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the toy models and drawn data (default: 0).")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -161,8 +163,9 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_demo(parse_args(argv))
+    args = parse_args(argv)
+    configure_logging(args.verbosity)
+    run_demo(args)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ family: a CLIPModel zero-shot (class names from each dataset's ClassLabel), a T5
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from ..data import load_data_config
 from ..evaluation import evaluate, update_model_card
+from . import add_verbosity_flags, configure_logging
 
 EPILOG = """example DATA.yaml:
   tasks:
@@ -35,7 +35,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-eval",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-eval`: "),
+        description="Score a model on labeled task data, task by task, and optionally write the scores into its "
+        "model card's model-index.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,7 @@ def check_writable_outputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    configure_logging(args.verbosity)
     try:
         check_writable_outputs(args)
         results = evaluate(

@@ -5,14 +5,13 @@ processes; `conversion.adaptation` holds the library it runs.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from accelerate import PartialState
 
 from ..adaptation import adapt_artifact
-from . import error_message
+from . import add_verbosity_flags, configure_logging, error_message
 
 EPILOG = """example DATA.yaml (labels are never read):
   tasks:
@@ -33,7 +32,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-tta",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-tta`: "),
+        description="Adapt a WEMoE artifact's routers at test time on unlabeled task data (entropy minimisation, as "
+        "in the paper), on one process or many with accelerate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,12 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-to", default=None, help="An accelerate tracker (tensorboard, wandb, ...) for the loss."
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(vars(args).pop("verbosity"))  # popped: the other arguments are adapt_artifact's options
     try:
         options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
         output = adapt_artifact(args.model_dir, args.data, args.output, **options)
