@@ -23,7 +23,7 @@ EPILOG = (
     + "\nexample T5 recipe (flan-t5-glue.yaml):\n"
     + textwrap.indent(EXAMPLE_T5_RECIPE, "  ")
     + """
-examples:
+examples (ready recipes in the repository's examples/ folder):
   wemoe-convert --dry-run clip-8task.yaml   # check everything from configs and headers; print the plan
   wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
   wemoe-convert flan-t5-glue.yaml ./flan-t5-base-wemoe-glue
