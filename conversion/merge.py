@@ -1,6 +1,7 @@
 """The merge, once for every family: open the base and the experts, check them against each other, build the
 family's WEMoE model from a config, fill it tensor by tensor, and let the family finish it (heads, projections).
-The static baselines (task arithmetic, TIES, layer-wise AdaMerging) follow the same path into a plain model.
+The static baselines (task arithmetic, TIES, DARE, ..., layer-wise AdaMerging) follow the same path into a plain
+model.
 
 What differs between families comes from their plug-in (`conversion.backbones`); how to merge comes from
 `MergeOptions`, validated like a recipe (every default declared there once).
@@ -164,9 +165,10 @@ def merge_static(
     templates: Mapping[str, Sequence[str]] | None = None,
 ):
     """The static baseline WEMoE is compared with: the base with its merged part replaced by a static merge of the
-    experts' (`static_merge`, validated as a recipe's: task arithmetic, TIES, or layer-wise AdaMerging, whose
-    coefficients train on the unlabeled task data `data` names, prepared by `processor`). A plain model of the
-    base's class; for families whose tasks keep their own heads, one per task (task name -> model)."""
+    experts' (`static_merge`, validated as a recipe's: a data-free method such as task arithmetic, TIES or DARE, or
+    layer-wise AdaMerging, whose coefficients train on the unlabeled task data `data` names, prepared by
+    `processor`). A plain model of the base's class; for families whose tasks keep their own heads, one per task
+    (task name -> model)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     static_merge = merge_options({"variant": "static", "static_merge": static_merge}).static_merge.model_dump()
     inputs = open_inputs(backbone, base, experts, classnames, templates)
