@@ -31,7 +31,7 @@ from .checkpoints import (
     check_same_architecture,
     open_expert,
 )
-from .merge_methods import get_static_merge, low_rank_factors, magnitude_keep_mask
+from .merge_methods import low_rank_factors, magnitude_keep_mask, static_merger
 from .recipe import MergeOptions
 
 logger = logging.getLogger(__name__)
@@ -112,11 +112,11 @@ def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, Tensor
 
 @torch.no_grad()
 def static_merge_tensors(base: TensorSource, experts: dict[str, TensorSource], static_merge: Mapping) -> dict:
-    """Every tensor of the base merged by a data-free static method (task arithmetic, TIES), keyed as in `base`."""
-    method = get_static_merge(static_merge["method"])
-    options = {key: value for key, value in static_merge.items() if key != "method"}
+    """Every tensor of the base merged by a data-free static method (task arithmetic, TIES, ...), keyed as in
+    `base`."""
+    merge_tensor = static_merger(static_merge)
     return {
-        key: method.merge(base[key].float(), stacked_task_vectors(key, base, experts), **options).to(base[key].dtype)
+        key: merge_tensor(key, base[key].float(), stacked_task_vectors(key, base, experts)).to(base[key].dtype)
         for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor")
     }
 
@@ -131,8 +131,7 @@ def fill_backbone(
     """Write every backbone tensor of `target` (keys as in `base`): weight-ensembled linears get theta_0 and their
     stacked task vectors, every other tensor the static merge of `config.static_merge`. Returns, for low-rank
     experts, each compressed tensor's relative reconstruction error per expert."""
-    method = get_static_merge(config.static_merge["method"])
-    merge_options = {key: value for key, value in config.static_merge.items() if key != "method"}
+    merge_tensor = static_merger(config.static_merge)
     linears = {name: module for name, module in target.named_modules() if isinstance(module, WEMoELinear)}
     ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
 
@@ -146,7 +145,7 @@ def fill_backbone(
                 reconstruction_errors[key] = error.tolist()
             merged_state[key] = base[key]
         else:
-            merged_state[key] = method.merge(base[key].float(), task_vectors, **merge_options)
+            merged_state[key] = merge_tensor(key, base[key].float(), task_vectors)
 
     result = target.load_state_dict(merged_state, strict=False)
     # A tied parameter (T5's lm_head reusing `shared`) is written through the key it is tied to.

@@ -7,6 +7,9 @@ says how its checkpoints are laid out; nothing here knows a family. Checkpoint d
 tensor at a time (safetensors through `safe_open`, `.bin` memory-mapped), so a merge holds one tensor per expert at a
 time rather than every expert model. Every problem is reported with the task, the file or tensor, and what was
 expected.
+
+Under `metadata_only()` (`wemoe-convert --dry-run`) the same code opens checkpoints without reading any weights:
+configs and safetensors headers only, a Hub repo's headers read remotely, the base model built on the meta device.
 """
 
 import json
@@ -15,11 +18,13 @@ import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
@@ -34,7 +39,58 @@ logger = logging.getLogger(__name__)
 ModelSource = PreTrainedModel | str | os.PathLike
 
 PEFT_ADAPTER_CONFIG = "adapter_config.json"
-CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+METADATA_PATTERNS = ["*.json", "*.txt"]  # configs, shard indexes, tokenizer files
+CHECKPOINT_PATTERNS = [*METADATA_PATTERNS, "*.safetensors"]
+
+# None when checkpoints are read in full. Under `metadata_only()`: the tensor shapes of Hub safetensors files, read
+# from their remote headers, by the path each file would have in its (JSON-only) local snapshot.
+_remote_headers: ContextVar[dict[Path, dict[str, torch.Size]] | None] = ContextVar("remote_headers", default=None)
+
+
+@contextmanager
+def metadata_only() -> Iterator[None]:
+    """Open checkpoints for their metadata only: configs and tensor shapes, never tensor data. Tensor sources know
+    their shapes but hold no tensors, adapters' tensors are meta tensors, and `load_base_model` builds the base on the
+    meta device; a Hub repo's JSON files are downloaded and its safetensors headers read remotely."""
+    token = _remote_headers.set({})
+    try:
+        yield
+    finally:
+        _remote_headers.reset(token)
+
+
+def reading_metadata_only() -> bool:
+    return _remote_headers.get() is not None
+
+
+def is_weight_file(path: Path) -> bool:
+    """Whether a weight file is there: on disk, or on the Hub for a snapshot opened under `metadata_only()`."""
+    return path.is_file() or path in (_remote_headers.get() or {})
+
+
+def safetensors_shapes(path: Path) -> dict[str, torch.Size]:
+    """The tensor shapes a safetensors file holds, from its header alone."""
+    remote = _remote_headers.get() or {}
+    if path in remote:
+        return remote[path]
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def hub_metadata_snapshot(repo_id: str) -> Path:
+    """A Hub repo opened without its weights: its configs and tokenizer files downloaded, its safetensors headers
+    read remotely (for `safetensors_shapes`). A repo with `.bin` weights only has them downloaded: a pickle has no
+    header to read."""
+    directory = Path(snapshot_download(repo_id, allow_patterns=METADATA_PATTERNS))
+    weight_files = snapshot_download(repo_id, allow_patterns=["*.safetensors"], dry_run=True)
+    if not weight_files:
+        return Path(snapshot_download(repo_id, allow_patterns=[*METADATA_PATTERNS, "*.bin"]))
+    api = HfApi()
+    for file in weight_files:
+        header = api.parse_safetensors_file_metadata(repo_id, file.filename, revision=file.commit_hash)
+        shapes = {name: torch.Size(info.shape) for name, info in header.tensors.items()}
+        _remote_headers.get()[directory / file.filename] = shapes
+    return directory
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
@@ -42,6 +98,12 @@ class TensorSource(Mapping[str, torch.Tensor]):
 
     owner: str
     shapes: dict[str, torch.Size]
+    # Tensor entries held in memory for the whole merge, beyond the one tensor of each expert read at a time.
+    held_numel: int = 0
+
+    def describe(self) -> str:
+        """What the tensors come from, for a conversion plan (`wemoe-convert --dry-run`)."""
+        return "a model in memory"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -93,11 +155,15 @@ class CheckpointTensors(TensorSource):
         if not self.shapes:
             raise ValueError(f"{owner}: no {what} tensors found in {str(directory)!r}.")
 
+    def describe(self) -> str:
+        files = {file for file, _ in self._location.values()}
+        kinds = sorted({"safetensors" if file.suffix == ".safetensors" else ".bin" for file in files})
+        return f"full fine-tune ({len(files)} {'/'.join(kinds)} file{'s' if len(files) > 1 else ''})"
+
     def _read_header(self, file: Path) -> dict[str, torch.Size]:
         try:
             if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt") as handle:
-                    return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+                return safetensors_shapes(file)
             state_dict = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
             # An unsafe pickle (arbitrary code) is refused by `weights_only` as an UnpicklingError.
@@ -126,7 +192,7 @@ def checkpoint_files(directory: Path, owner: str) -> list[Path]:
         ("model.safetensors", "model.safetensors.index.json"),
         ("pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
-        if (directory / single).is_file():
+        if is_weight_file(directory / single):
             return [directory / single]
         if (directory / index).is_file():
             weight_map = json.loads((directory / index).read_text())["weight_map"]
@@ -151,7 +217,6 @@ class LoraExpertTensors(TensorSource):
         what: str,
     ):
         from peft import PeftConfig, PeftType
-        from peft.utils import load_peft_weights
 
         self.owner = owner
         self.directory = Path(directory)
@@ -175,7 +240,14 @@ class LoraExpertTensors(TensorSource):
         self.config = config
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._replaced: dict[str, torch.Tensor] = {}
-        self._read_adapter(load_peft_weights(str(directory)), directory)
+        self._read_adapter(adapter_weights(self.directory), directory)
+        factors = [tensor for pair in self._deltas.values() for tensor in pair[:2]]
+        self.held_numel = sum(tensor.numel() for tensor in [*factors, *self._replaced.values()])
+
+    def describe(self) -> str:
+        ranks = "/".join(str(rank) for rank in sorted({lora_a.shape[0] for _, lora_a, _ in self._deltas.values()}))
+        trained = f", {len(self._replaced)} tensors trained fully" if self._replaced else ""
+        return f"PEFT LoRA adapter (rank {ranks} on {len(self._deltas)} weights{trained})"
 
     def _read_adapter(self, weights: dict[str, torch.Tensor], directory) -> None:
         from peft.utils.other import get_pattern_key
@@ -242,13 +314,28 @@ class LoraExpertTensors(TensorSource):
         return pretrained + scale * (lora_b.float() @ lora_a.float()).to(pretrained.dtype)
 
 
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """A PEFT adapter's saved tensors; under `metadata_only()`, meta tensors of their shapes."""
+    from peft.utils import load_peft_weights
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    if not reading_metadata_only():
+        return load_peft_weights(str(directory))
+    if is_weight_file(directory / SAFETENSORS_WEIGHTS_NAME):
+        shapes = safetensors_shapes(directory / SAFETENSORS_WEIGHTS_NAME)
+        return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    return torch.load(directory / WEIGHTS_NAME, map_location="meta", weights_only=True)
+
+
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, owner: str) -> Path:
     """A local directory as is; anything else as a Hub repo id, downloaded (weights as safetensors when the repo has
-    them, else `.bin`)."""
+    them, else `.bin`; under `metadata_only()`, without them where their headers can be read remotely)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     try:
+        if reading_metadata_only():
+            return hub_metadata_snapshot(str(name_or_path))
         directory = Path(snapshot_download(str(name_or_path), allow_patterns=CHECKPOINT_PATTERNS))
         if not any(directory.glob("*.safetensors")) and not (directory / PEFT_ADAPTER_CONFIG).exists():
             directory = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.bin"]))
@@ -273,7 +360,8 @@ def read_backbone_config(directory: Path, owner: str, layout: CheckpointLayout) 
 
 
 def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], what: str) -> PreTrainedModel:
-    """The base model as `model_class`, in memory, a local dir or a Hub id; `what` describes it in errors."""
+    """The base model as `model_class`, in memory, a local dir or a Hub id; `what` describes it in errors. Under
+    `metadata_only()`, built on the meta device from its config (`meta_base_model`)."""
     if isinstance(source, model_class):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -281,6 +369,8 @@ def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], wha
             f"The base model must be a {model_class.__name__} ({what}), a local directory or a Hub id, "
             f"got {type(source).__name__}."
         )
+    if reading_metadata_only():
+        return meta_base_model(resolve_checkpoint_dir(source, "base_model"), model_class, what)
     try:
         model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
     except OSError as error:  # missing path, unknown or unreachable Hub id, no weights
@@ -289,6 +379,28 @@ def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], wha
     missing = sorted(loading_info.get("missing_keys", ()))
     if missing:
         raise ValueError(f"The base model checkpoint {str(source)!r} is missing tensors {missing}.")
+    return model.eval()
+
+
+def meta_base_model(directory: Path, model_class: type[PreTrainedModel], what: str) -> PreTrainedModel:
+    """The base model as `from_pretrained` would build it, on the meta device, from its config and its weights'
+    headers: an output embedding that the checkpoint saves apart from the input embedding (Flan-T5's `lm_head`) is
+    untied, as transformers does for a separately saved one."""
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"base_model: {str(directory)!r} has no config.json.")
+    config = AutoConfig.from_pretrained(directory)
+    if not isinstance(config, model_class.config_class):
+        raise ValueError(
+            f"base_model {str(directory)!r} is a {config.model_type!r} checkpoint; expected a "
+            f"{model_class.__name__} ({what})."
+        )
+    with torch.device("meta"):
+        model = model_class(config)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        name = next(name for name, module in model.named_modules() if module is output)
+        if f"{name}.weight" in CheckpointTensors(directory, "base_model", lambda key: key, "model").shapes:
+            output.weight = torch.nn.Parameter(torch.empty_like(output.weight))
     return model.eval()
 
 
@@ -326,9 +438,12 @@ def open_expert(
     directory = resolve_checkpoint_dir(source, owner)
     what = f"{layout.display_name} backbone"
     if (directory / PEFT_ADAPTER_CONFIG).is_file():
-        return LoraExpertTensors(directory, base, owner, layout.key_of, what), None
-    tensors = CheckpointTensors(directory, owner, layout.key_of, what)
-    return tensors, read_backbone_config(directory, owner, layout)
+        tensors, config = LoraExpertTensors(directory, base, owner, layout.key_of, what), None
+    else:
+        tensors = CheckpointTensors(directory, owner, layout.key_of, what)
+        config = read_backbone_config(directory, owner, layout)
+    logger.debug("%s: %s in %s, %d %s tensors", owner, tensors.describe(), directory, len(tensors), what)
+    return tensors, config
 
 
 def check_same_architecture(

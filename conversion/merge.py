@@ -1,6 +1,7 @@
 """The merge, once for every family: open the base and the experts, check them against each other, build the
 family's WEMoE model from a config, fill it tensor by tensor, and let the family finish it (heads, projections).
-The static baselines (task arithmetic, TIES, layer-wise AdaMerging) follow the same path into a plain model.
+The static baselines (task arithmetic, TIES, DARE, ..., layer-wise AdaMerging) follow the same path into a plain
+model.
 
 What differs between families comes from their plug-in (`conversion.backbones`); how to merge comes from
 `MergeOptions`, validated like a recipe (every default declared there once).
@@ -9,8 +10,10 @@ What differs between families comes from their plug-in (`conversion.backbones`);
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from modeling_wemoe import WEMoEConfig, WEMoEPreTrainedModel
 
@@ -25,7 +28,7 @@ from .build import (
     static_merge_tensors,
     wemoe_config_options,
 )
-from .checkpoints import InMemoryTensors, ModelSource, load_tokenizer
+from .checkpoints import InMemoryTensors, ModelSource, TensorSource, load_tokenizer
 from .recipe import MergeOptions, load_validated
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,49 @@ def base_tokenizer(backbone: Backbone, base: ModelSource, tokenizer):
             "with it)."
         )
     return load_tokenizer(base)
+
+
+@dataclass
+class MergeInputs:
+    """The base and the experts, opened and checked against each other: what every merge starts from, and what a
+    dry run (`conversion.convert.plan_conversion`) reports on."""
+
+    base_model: PreTrainedModel
+    base_tensors: TensorSource
+    expert_tensors: dict[str, TensorSource]
+    expert_configs: dict[str, PreTrainedConfig | None]
+    task_labels: dict[str, list[str]] | None
+
+
+def open_inputs(
+    backbone: Backbone,
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]] | None,
+    templates: Mapping[str, Sequence[str]] | None,
+) -> MergeInputs:
+    """Open the base and the experts and make every check that needs no tensor data (architectures, tensor names
+    and shapes, labels); under `conversion.checkpoints.metadata_only()` nothing but metadata is read."""
+    check_experts_given(experts)
+    check_templates(backbone, experts, templates)
+    base_model = backbone.load_base(base)
+    base_tensors = InMemoryTensors(backbone.base_tensors(base_model), "The base model")
+    expert_tensors, expert_configs = open_experts(
+        base_tensors, backbone.config_of(base_model.config), experts, backbone
+    )
+    task_labels = backbone.task_labels(classnames, experts, expert_configs)
+    return MergeInputs(base_model, base_tensors, expert_tensors, expert_configs, task_labels)
+
+
+def wemoe_config(backbone: Backbone, inputs: MergeInputs, config_options: Mapping) -> WEMoEConfig:
+    """The artifact's config: the base's architecture, the tasks and their labels, and the merge options (as
+    `wemoe_config_options` gives them)."""
+    return WEMoEConfig(
+        **backbone.wemoe_config_fields(inputs.base_model),
+        tasks=list(inputs.expert_tensors),
+        task_labels=inputs.task_labels,
+        **config_options,
+    )
 
 
 def merge(
@@ -92,29 +138,19 @@ def merge(
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)
     config_options = wemoe_config_options(options)
-    check_experts_given(experts)
-    check_templates(backbone, experts, templates)
-    base_model = backbone.load_base(base)
+    inputs = open_inputs(backbone, base, experts, classnames, templates)
     tokenizer = base_tokenizer(backbone, base, tokenizer)
-    base_tensors = InMemoryTensors(backbone.base_tensors(base_model), "The base model")
-    expert_tensors, expert_configs = open_experts(
-        base_tensors, backbone.config_of(base_model.config), experts, backbone
-    )
-    task_labels = backbone.task_labels(classnames, experts, expert_configs)
-    config = WEMoEConfig(
-        **backbone.wemoe_config_fields(base_model),
-        tasks=list(experts),
-        task_labels=task_labels,
-        **config_options,
-    )
+    config = wemoe_config(backbone, inputs, config_options)
     with torch.random.fork_rng(devices=[]):  # seeded router initialisation, the caller's RNG untouched
         torch.manual_seed(options.router.seed)
         model = backbone.model_class(config)
     logger.info("Merging %d %s experts into a %s model (%s).", len(experts), backbone.display_name,
                 options.variant, ", ".join(experts))
-    reconstruction_errors = fill_backbone(backbone.merge_target(model), base_tensors, expert_tensors, config)
+    reconstruction_errors = fill_backbone(backbone.merge_target(model), inputs.base_tensors, inputs.expert_tensors,
+                                          config)
     log_reconstruction_errors(reconstruction_errors, config.rank)
-    backbone.finish(model, base_model, experts, expert_tensors, task_labels, tokenizer=tokenizer, templates=templates)
+    backbone.finish(model, inputs.base_model, experts, inputs.expert_tensors, inputs.task_labels, tokenizer=tokenizer,
+                    templates=templates)
     model.freeze_all_but_routers()
     return model.eval()
 
@@ -132,19 +168,13 @@ def merge_static(
     templates: Mapping[str, Sequence[str]] | None = None,
 ):
     """The static baseline WEMoE is compared with: the base with its merged part replaced by a static merge of the
-    experts' (`static_merge`, validated as a recipe's: task arithmetic, TIES, or layer-wise AdaMerging, whose
-    coefficients train on the unlabeled task data `data` names, prepared by `processor`). A plain model of the
-    base's class; for families whose tasks keep their own heads, one per task (task name -> model)."""
+    experts' (`static_merge`, validated as a recipe's: a data-free method such as task arithmetic, TIES or DARE, or
+    layer-wise AdaMerging, whose coefficients train on the unlabeled task data `data` names, prepared by
+    `processor`). A plain model of the base's class; for families whose tasks keep their own heads, one per task
+    (task name -> model)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     static_merge = merge_options({"variant": "static", "static_merge": static_merge}).static_merge.model_dump()
-    check_experts_given(experts)
-    check_templates(backbone, experts, templates)
-    base_model = backbone.load_base(base)
-    base_tensors = InMemoryTensors(backbone.base_tensors(base_model), "The base model")
-    expert_tensors, expert_configs = open_experts(
-        base_tensors, backbone.config_of(base_model.config), experts, backbone
-    )
-    task_labels = backbone.task_labels(classnames, experts, expert_configs)
+    inputs = open_inputs(backbone, base, experts, classnames, templates)
     logger.info("Merging %d %s experts by %s (%s).", len(experts), backbone.display_name, static_merge["method"],
                 ", ".join(experts))
     if static_merge["method"] == "adamerging":
@@ -152,14 +182,17 @@ def merge_static(
             raise ValueError("static_merge adamerging needs `data` (unlabeled task inputs) and the `processor`.")
         tokenizer = base_tokenizer(backbone, base, tokenizer)
         classifier, prefix = backbone.adamerging_classifier(
-            base_model, task_labels, experts, expert_tensors, tokenizer=tokenizer, templates=templates
+            inputs.base_model, inputs.task_labels, experts, inputs.expert_tensors, tokenizer=tokenizer,
+            templates=templates
         )
         datasets = load_task_datasets(data, list(experts), backbone.input_kind)
-        streams = task_streams(backbone, datasets, processor, static_merge["batch_size"], task_labels)
-        merged = train_layer_wise_merge(classifier, prefix, base_tensors, expert_tensors, streams, static_merge)
+        streams = task_streams(backbone, datasets, processor, static_merge["batch_size"], inputs.task_labels)
+        merged = train_layer_wise_merge(
+            classifier, prefix, inputs.base_tensors, inputs.expert_tensors, streams, static_merge
+        )
     else:
-        merged = static_merge_tensors(base_tensors, expert_tensors, static_merge)
-    return backbone.static_model(base_model, merged, experts, expert_tensors, task_labels)
+        merged = static_merge_tensors(inputs.base_tensors, inputs.expert_tensors, static_merge)
+    return backbone.static_model(inputs.base_model, merged, experts, inputs.expert_tensors, inputs.task_labels)
 
 
 __all__ = ["merge", "merge_options", "merge_static"]

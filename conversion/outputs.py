@@ -38,6 +38,18 @@ class OutputError(ValueError):
     """An output directory that cannot be written as asked; the message names it and says why."""
 
 
+class OutputExistsError(OutputError):
+    """An existing output that was not to be replaced. The message says how to allow it in the caller's terms:
+    `overwrite=True` from Python; a command line names its flag with `message("--overwrite")`."""
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = str(target)
+        super().__init__(self.message("overwrite=True"))
+
+    def message(self, option: str) -> str:
+        return f"Output directory {self.target!r} already exists; pass {option} to replace it."
+
+
 class OutputLockedError(OutputError):
     """Another run holds the lock on this output's name."""
 
@@ -52,9 +64,7 @@ def check_output_target(target: Path, overwrite: bool, inputs: Iterable[str | os
     if real.exists() and not real.is_dir():
         raise OutputError(f"Output {str(target)!r} exists and is not a directory; give the path of a directory.")
     if real.exists() and not overwrite:
-        raise OutputError(
-            f"Output directory {str(target)!r} already exists; pass --overwrite (overwrite=True) to replace it."
-        )
+        raise OutputExistsError(target)
     if real == real.parent:
         raise OutputError(f"Output {str(target)!r} is the file system's root.")
     cwd = resolved(os.getcwd())
@@ -242,6 +252,7 @@ def push_folder(folder: Path, repo_id: str, commit_message: str, *, private: boo
 
 __all__ = [
     "OutputError",
+    "OutputExistsError",
     "OutputLockedError",
     "check_output_target",
     "push_folder",

@@ -5,7 +5,7 @@ Unknown keys, missing fields and wrong types are errors that name the key (`task
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -25,7 +25,7 @@ class Strict(BaseModel):
 
 
 class TaskArithmeticSpec(Strict):
-    """theta_0 + scaling * sum_i tau_i."""
+    """Task arithmetic: theta_0 + scaling * sum_i tau_i."""
 
     method: Literal["task_arithmetic"]
     scaling: FiniteFloat = DEFAULT_LAMBDA
@@ -40,9 +40,39 @@ class TiesSpec(Strict):
     majority_sign: Literal["total", "frequency"] = "total"
 
 
+class MagnitudePruneSpec(Strict):
+    """Task arithmetic on task vectors trimmed to their `density` largest-magnitude entries (TIES without sign
+    election)."""
+
+    method: Literal["magnitude_prune"]
+    scaling: FiniteFloat = DEFAULT_LAMBDA
+    density: float = Field(0.2, gt=0, lt=1)  # 1 keeps every entry: that is task_arithmetic
+
+
+class DareLinearSpec(Strict):
+    """DARE: task arithmetic after dropping task-vector entries at random (seeded: a recipe always merges alike) and
+    rescaling the kept `density` by 1/density. Each tensor draws from its own seed, derived from `seed`."""
+
+    method: Literal["dare_linear"]
+    scaling: FiniteFloat = DEFAULT_LAMBDA
+    density: float = Field(0.5, gt=0, lt=1)
+    seed: int = 0
+
+
+class DareTiesSpec(Strict):
+    """DARE-TIES: DARE's random drop and rescale (seeded: a recipe always merges alike), then TIES's sign election
+    and mean of the agreeing entries. Each tensor draws from its own seed, derived from `seed`."""
+
+    method: Literal["dare_ties"]
+    scaling: FiniteFloat = DEFAULT_LAMBDA
+    density: float = Field(0.5, gt=0, lt=1)
+    majority_sign: Literal["total", "frequency"] = "total"
+    seed: int = 0
+
+
 class AdaMergingSpec(Strict):
-    """Layer-wise AdaMerging: a coefficient per tensor and task, trained by entropy minimisation on the unlabeled
-    task data that `data` (a DATA.yaml, as for `wemoe-tta`) names; only with `variant: static`."""
+    """Layer-wise AdaMerging: a coefficient per tensor and task, trained by entropy minimisation on unlabeled task
+    data. `data` names it (a DATA.yaml, as for `wemoe-tta`); only with `variant: static`."""
 
     method: Literal["adamerging"]
     data: Annotated[str, Field(min_length=1)]
@@ -53,7 +83,13 @@ class AdaMergingSpec(Strict):
     seed: int = 0
 
 
-StaticMergeSpec = Annotated[TaskArithmeticSpec | TiesSpec | AdaMergingSpec, Field(discriminator="method")]
+StaticMergeSpec = Annotated[
+    TaskArithmeticSpec | TiesSpec | MagnitudePruneSpec | DareLinearSpec | DareTiesSpec | AdaMergingSpec,
+    Field(discriminator="method"),
+]
+# Every `static_merge` method, in the order `wemoe-convert --list-methods` shows them. Each data-free one is the
+# registered tensor function of the same name (`conversion.merge_methods`), which takes these fields as arguments.
+STATIC_MERGE_SPECS: tuple[type[Strict], ...] = get_args(get_args(StaticMergeSpec)[0])
 
 
 class RouterSpec(Strict):
@@ -155,7 +191,7 @@ class MergeOptions(Strict):
         if self.static_merge.method == "adamerging" and self.variant != "static":
             raise ValueError(
                 "static_merge: adamerging merges a whole model from data; use it with variant: static (a WEMoE "
-                "variant merges its non-MLP tensors with task_arithmetic or ties)"
+                "variant merges its non-MLP tensors with a data-free method: task_arithmetic, ties, ...)"
             )
         return self
 

@@ -68,7 +68,7 @@ def test_save_refuses_to_overwrite_unless_asked(base, experts, classnames, token
     model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
     processor = default_image_processor(base.config.vision_config)
     (tmp_path / "artifact").mkdir()
-    with pytest.raises(ValueError, match=r"already exists; pass --overwrite \(overwrite=True\) to replace it"):
+    with pytest.raises(ValueError, match=r"already exists; pass overwrite=True to replace it"):
         save_artifact(model, tmp_path / "artifact", processor)
     save_artifact(model, tmp_path / "artifact", processor, overwrite=True)
     assert (tmp_path / "artifact" / "model.safetensors").exists()

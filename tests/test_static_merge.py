@@ -14,7 +14,7 @@ from conversion.backbones import get_backbone
 from conversion.backbones.clip import ZeroShotCLIP
 from conversion.checkpoints import InMemoryTensors
 from conversion.evaluation import evaluate
-from conversion.merge_methods import ties_merging
+from conversion.merge_methods import dare_ties, tensor_seed, ties_merging
 from conversion.recipe import RecipeError, load_recipe
 from conversion.streams import entropy_loss
 
@@ -46,10 +46,14 @@ def test_static_merges_write_the_merged_vision_tower(recipe, base, experts, tmp_
     ta = vision_tensors(convert(static_recipe(recipe, {"method": "task_arithmetic", "scaling": 0.5}), tmp_path / "ta"))
     ties_options = {"scaling": 0.7, "density": 0.3, "majority_sign": "total"}
     ties = vision_tensors(convert(static_recipe(recipe, {"method": "ties", **ties_options}), tmp_path / "ties"))
+    dare_options = {"scaling": 0.6, "density": 0.4, "majority_sign": "frequency", "seed": 5}
+    dare = vision_tensors(convert(static_recipe(recipe, {"method": "dare_ties", **dare_options}), tmp_path / "dare"))
     for key, theta0 in pretrained.items():
         task_vectors = torch.stack([tensors[key] - theta0 for tensors in expert_tensors.values()])
         torch.testing.assert_close(ta[key], theta0 + 0.5 * task_vectors.sum(0), atol=1e-6, rtol=0)
         torch.testing.assert_close(ties[key], ties_merging(theta0, task_vectors, **ties_options), atol=1e-6, rtol=0)
+        expected = dare_ties(theta0, task_vectors, **dare_options | {"seed": tensor_seed(5, key)})
+        torch.testing.assert_close(dare[key], expected, atol=1e-6, rtol=0)
     # The text tower is the base's: it builds the zero-shot heads.
     text = CLIPModel.from_pretrained(tmp_path / "ta").text_model.state_dict()
     for key, tensor in base.text_model.state_dict().items():

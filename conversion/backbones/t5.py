@@ -53,7 +53,8 @@ UNUSED_KEYS = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.
 
 
 def lm_head_is_tied(model: PreTrainedModel) -> bool:
-    return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    # The same parameter, not equal data pointers: a base on the meta device (a dry run) has none.
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def label_token_ids(tokenizer, task: str, label_words: list[str]) -> list[int]:

@@ -5,13 +5,17 @@ The recipe is validated before anything is loaded, and the artifact is staged an
 """
 
 import argparse
-import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from ..convert import DTYPES, convert
-from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE
+from pydantic.fields import FieldInfo
+
+from ..convert import DTYPES, convert, plan_conversion
+from ..merge_methods import STATIC_MERGE_METHODS
+from ..recipe import EXAMPLE_RECIPE, EXAMPLE_T5_RECIPE, STATIC_MERGE_SPECS
+from . import add_verbosity_flags, configure_logging, error_message
 
 EPILOG = (
     "example recipe (clip-8task.yaml):\n"
@@ -19,11 +23,13 @@ EPILOG = (
     + "\nexample T5 recipe (flan-t5-glue.yaml):\n"
     + textwrap.indent(EXAMPLE_T5_RECIPE, "  ")
     + """
-examples:
+examples (ready recipes in the repository's examples/ folder):
+  wemoe-convert --dry-run clip-8task.yaml   # check everything from configs and headers; print the plan
   wemoe-convert clip-8task.yaml ./clip-b32-ewemoe-8task
   wemoe-convert flan-t5-glue.yaml ./flan-t5-base-wemoe-glue
   wemoe-convert baseline.yaml ./clip-adamerging   # variant: static, static_merge: {method: adamerging, data: ...}
   wemoe-convert clip-8task.yaml ./out --dtype bfloat16 --push-to-hub my-org/clip-b32-ewemoe-8task --private
+  wemoe-convert --list-methods               # the static_merge methods and their parameters
 """
 )
 
@@ -31,39 +37,91 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-convert",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-convert`: "),
+        description="Convert a base model and its fine-tuned checkpoints (full fine-tunes or LoRA adapters) into one "
+        "WEMoE artifact, ready to load with transformers or push to the Hub.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", type=Path, help="YAML recipe: base model, variant, router, tasks with their models.")
-    parser.add_argument("output_dir", type=Path, help="Directory to write the artifact to (must not exist).")
+    parser.add_argument(
+        "config", type=Path, nargs="?", help="YAML recipe: base model, variant, router, tasks with their models."
+    )
+    parser.add_argument(
+        "output_dir", type=Path, nargs="?", help="Directory to write the artifact to (must not exist; not written "
+        "with --dry-run, only checked if given)."
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Check the recipe and every checkpoint from configs and tensor headers only (no weights are loaded or "
+        "downloaded), print what would be built with its size and peak memory estimates, and write nothing.",
+    )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="List the static_merge methods with their parameters, and exit."
+    )
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="Upload the finished artifact to this Hub repo.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Storage dtype (default: float32).")
     parser.add_argument("--max-shard-size", default="5GB", help="Safetensors shard size (default: 5GB).")
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log what is loaded and merged.")
-    return parser.parse_args(argv)
+    add_verbosity_flags(parser)
+    args = parser.parse_intermixed_args(argv)  # optional positionals may follow flags: `--dry-run RECIPE -q OUT`
+    if not args.list_methods and args.config is None:
+        parser.error("the following arguments are required: config")
+    if not (args.list_methods or args.dry_run) and args.output_dir is None:
+        parser.error("the following arguments are required: output_dir (optional only with --dry-run)")
+    return args
+
+
+def parameter_text(name: str, field: FieldInfo) -> str:
+    """One recipe field as `name (type, bounds, default)`, read from the recipe's own schema."""
+    if get_origin(field.annotation) is Literal:
+        kind = " | ".join(str(choice) for choice in get_args(field.annotation))
+    else:
+        kind = getattr(field.annotation, "__name__", str(field.annotation))
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [
+        f"{symbol} {getattr(constraint, bound)}"
+        for constraint in field.metadata
+        for bound, symbol in symbols.items()
+        if getattr(constraint, bound, None) is not None
+    ]
+    default = "required" if field.is_required() else f"default {field.default}"
+    return f"{name} ({', '.join([kind, *bounds, default])})"
+
+
+def list_methods() -> str:
+    """Every `static_merge` method of the recipe schema: name, one line on what it does, its parameters."""
+    lines = ["static_merge methods (recipe: `static_merge: {method: NAME, PARAMETER: VALUE, ...}`):"]
+    for spec in STATIC_MERGE_SPECS:
+        name = get_args(spec.model_fields["method"].annotation)[0]
+        summary = " ".join(spec.__doc__.split()).split(". ")[0].removesuffix(".") + "."
+        reference = f" ({STATIC_MERGE_METHODS[name].reference})" if name in STATIC_MERGE_METHODS else ""
+        parameters = [parameter_text(field, info) for field, info in spec.model_fields.items() if field != "method"]
+        lines += [f"  {name}: {summary}{reference}", *(f"      {text}" for text in parameters)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("conversion").setLevel(logging.INFO)  # what was merged, and low-rank errors per layer
+    if args.list_methods:
+        print(list_methods())
+        return
+    configure_logging(args.verbosity)
+    options = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
     try:
-        output = convert(
-            args.config,
-            args.output_dir,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            overwrite=args.overwrite,
-        )
+        if args.dry_run:
+            plan = plan_conversion(args.config, args.output_dir, **options)
+        else:
+            output = convert(
+                args.config, args.output_dir, push_to_hub=args.push_to_hub, private=args.private, **options
+            )
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
-        print(f"wemoe-convert: error: {error}", file=sys.stderr)
+        print(f"wemoe-convert: error: {error_message(error)}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"Wrote {output}")
+    if args.dry_run:
+        print(f"{plan}\nDry run: only configs and tensor headers were read, and nothing was written.")
+    else:
+        print(f"Wrote {output}")
 
 
 if __name__ == "__main__":

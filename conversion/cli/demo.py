@@ -8,7 +8,6 @@ lines that replay each step with the CLIs.
 """
 
 import argparse
-import logging
 import shlex
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..convert import convert
 from ..evaluation import evaluate
 from ..recipe import MergeRecipe
 from ..toy import build_toy_base, build_toy_expert, toy_tokenizer
+from . import add_verbosity_flags, configure_logging
 
 DEMO_TASKS = {
     "shapes": ["circle", "square", "triangle"],
@@ -124,7 +124,8 @@ def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-demo",
-        description=__doc__.splitlines()[0] + " Weights are random: the numbers show the plumbing, not skill.",
+        description="Run the whole product path (convert, adapt, evaluate, reload with trust_remote_code) on a tiny "
+        "embedded default, with no Hub access. Weights are random: the numbers show the plumbing, not skill.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -143,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "./wemoe-demo).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the toy models and drawn data (default: 0).")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -200,8 +202,9 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_demo(parse_args(argv))
+    args = parse_args(argv)
+    configure_logging(args.verbosity)
+    run_demo(args)
 
 
 if __name__ == "__main__":

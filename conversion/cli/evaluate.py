@@ -7,13 +7,13 @@ family: a CLIPModel zero-shot (class names from each dataset's ClassLabel), a T5
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from ..data import load_data_config
 from ..evaluation import EvaluationResults, evaluate, update_model_card
+from . import add_verbosity_flags, configure_logging
 
 EPILOG = """example DATA.yaml:
   tasks:
@@ -37,7 +37,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-eval",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-eval`: "),
+        description="Score a model on labeled task data, task by task, and optionally write the scores into its "
+        "model card's model-index.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Where the model runs: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu).",
     )
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.update_model_card:
         parser.error("--push-to-hub publishes the updated model card; give --update-model-card too.")
@@ -126,7 +128,7 @@ def results_table(results: EvaluationResults) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    configure_logging(args.verbosity)
     try:
         check_writable_outputs(args)
         results = evaluate(

@@ -5,13 +5,13 @@ processes; `conversion.adaptation` holds the library it runs.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from accelerate import PartialState
 
 from ..adaptation import adapt_artifact
+from . import add_verbosity_flags, configure_logging, error_message
 
 EPILOG = """example DATA.yaml (labels are never read):
   tasks:
@@ -34,7 +34,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-tta",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-tta`: "),
+        description="Adapt a WEMoE artifact's routers at test time on unlabeled task data (entropy minimisation, as "
+        "in the paper), on one process or many with accelerate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -73,17 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Run on the CPU even where a GPU is present (as `accelerate launch --cpu`; default: the device "
         "accelerate gives each process, a GPU when there is one).",
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(vars(args).pop("verbosity"))  # popped: the other arguments are adapt_artifact's options
     try:
         options = {key: value for key, value in vars(args).items() if key not in ("model_dir", "data", "output")}
         output = adapt_artifact(args.model_dir, args.data, args.output, **options)
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
-        print(f"wemoe-tta: error: {error}", file=sys.stderr)
+        print(f"wemoe-tta: error: {error_message(error)}", file=sys.stderr)
         raise SystemExit(1) from None
     if PartialState().is_main_process:
         print(f"Wrote {output}")

@@ -20,7 +20,7 @@ EPILOG = """examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-update-code",
-        description=__doc__.splitlines()[0].removeprefix("`wemoe-update-code`: "),
+        description="Replace a WEMoE artifact's model code with this release's; its weights stay as they are.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
