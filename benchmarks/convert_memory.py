@@ -69,7 +69,7 @@ def main() -> None:
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     del base
 
-    command = [sys.executable, "-m", "conversion.convert", str(workdir / "recipe.yaml"), str(workdir / "artifact")]
+    command = [sys.executable, "-m", "conversion.cli.convert", str(workdir / "recipe.yaml"), str(workdir / "artifact")]
     subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
 
