@@ -51,9 +51,9 @@ from accuracy_common import (
 from PIL import Image, ImageDraw
 from transformers import CLIPConfig, CLIPModel
 
-from conversion import default_image_processor
-from conversion.backbones.clip import DEFAULT_TEMPLATES, zero_shot_head
-from conversion.toy import toy_tokenizer
+from wemoe import default_image_processor
+from wemoe.backbones.clip import DEFAULT_TEMPLATES, zero_shot_head
+from wemoe.toy import toy_tokenizer
 
 logger = logging.getLogger("accuracy")
 IMAGE_SIZE = 32

@@ -14,11 +14,11 @@ import torch
 import yaml
 from transformers import Trainer, TrainingArguments
 
-from conversion.cli.convert import main as wemoe_convert
-from conversion.cli.evaluate import main as wemoe_eval
-from conversion.cli.tta import main as wemoe_tta
-from conversion.evaluation import scores_from_json
-from conversion.outputs import staged_output
+from wemoe.cli.convert import main as wemoe_convert
+from wemoe.cli.evaluate import main as wemoe_eval
+from wemoe.cli.tta import main as wemoe_tta
+from wemoe.evaluation import scores_from_json
+from wemoe.outputs import staged_output
 
 
 @dataclass(frozen=True)

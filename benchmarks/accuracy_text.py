@@ -51,9 +51,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
-from conversion.data import open_dataset
-from conversion.merge import merge_static
-from conversion.recipe import DatasetSource, load_validated
+from wemoe.data import open_dataset
+from wemoe.merge import merge_static
+from wemoe.recipe import DatasetSource, load_validated
 
 logger = logging.getLogger("accuracy_text")
 

@@ -20,8 +20,8 @@ import yaml
 from speed import VISION  # benchmarks/ is on sys.path when a benchmark runs as a script
 from transformers import CLIPConfig, CLIPModel
 
-from conversion import default_image_processor
-from conversion.toy import build_toy_expert, toy_tokenizer
+from wemoe import default_image_processor
+from wemoe.toy import build_toy_expert, toy_tokenizer
 
 MIB = 2**20
 
@@ -69,7 +69,7 @@ def main() -> None:
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     del base
 
-    command = [sys.executable, "-m", "conversion.cli.convert", str(workdir / "recipe.yaml"), str(workdir / "artifact")]
+    command = [sys.executable, "-m", "wemoe.cli.convert", str(workdir / "recipe.yaml"), str(workdir / "artifact")]
     subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conversion.adaptation import load_task_datasets, task_streams
-from conversion.artifact import load_artifact_model, write_artifact
-from conversion.backbones import backbone_for_config
-from conversion.evaluation import class_indices, class_names_of
-from conversion.streams import entropy_loss
+from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.artifact import load_artifact_model, write_artifact
+from wemoe.backbones import backbone_for_config
+from wemoe.evaluation import class_indices, class_names_of
+from wemoe.streams import entropy_loss
 
 CARRIED_FILES = ("README.md", "merge_config.yaml")
 

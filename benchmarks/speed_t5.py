@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from conversion import magnitude_keep_mask
 from modeling_wemoe import WEMoEConfig, WEMoEForConditionalGeneration
 from modeling_wemoe.modeling_wemoe import WEMoEDenseTaskVectors, WEMoELowRankTaskVectors, WEMoESparseTaskVectors
+from wemoe import magnitude_keep_mask
 
 T5_SMALL = {
     "vocab_size": 32128,

@@ -1,8 +1,10 @@
 """Building WEMoE artifacts: reading checkpoints, merging, adapting, evaluating, saving.
 
-Family-specific knowledge lives in one plug-in per backbone family (`conversion.backbones`); the command-line
-tools are thin layers over this library (`conversion.cli`).
+Family-specific knowledge lives in one plug-in per backbone family (`wemoe.backbones`); the command-line
+tools are thin layers over this library (`wemoe.cli`).
 """
+
+from importlib.metadata import version
 
 from .adaptation import adapt, adapt_artifact
 from .artifact import load_artifact_model, save_artifact
@@ -14,6 +16,8 @@ from .evaluation import evaluate
 from .merge import merge, merge_static
 from .merge_methods import STATIC_MERGE_METHODS, magnitude_keep_mask, task_arithmetic
 from .recipe import MergeOptions, MergeRecipe, load_recipe
+
+__version__ = version("wemoe")
 
 __all__ = [
     "BACKBONES",

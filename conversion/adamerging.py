@@ -3,7 +3,7 @@ coefficients are learned on unlabeled test data.
 
 Every tensor l of the merged tower becomes theta_0[l] + sum_i lambda[l, i] * tau_i[l], with one coefficient per tensor
 and task, clamped to [0, 1] and trained by the same entropy minimisation as WEMoE's routers
-(`conversion.adaptation.adapt`).
+(`wemoe.adaptation.adapt`).
 The result is an ordinary model: after training, the coefficients are folded into the weights.
 """
 
@@ -86,7 +86,7 @@ def train_layer_wise_merge(
     options: Mapping,
 ) -> dict[str, torch.Tensor]:
     """Layer-wise AdaMerging of the tensors under `prefix` in `classifier`, its coefficients trained on the tasks'
-    unlabeled streams (`options`: a validated AdaMerging spec, `conversion.recipe.AdaMergingSpec`, as a dict); the
+    unlabeled streams (`options`: a validated AdaMerging spec, `wemoe.recipe.AdaMergingSpec`, as a dict); the
     merged tensors, keyed as in the base."""
     merging = LayerWiseAdaMerging(classifier, prefix, base, experts, options["init_lambda"])
     merging = adapt(

@@ -1,5 +1,5 @@
 """Test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate; the library
-behind `wemoe-tta` (`conversion.cli.tta`) and AdaMerging.
+behind `wemoe-tta` (`wemoe.cli.tta`) and AdaMerging.
 
 Only router parameters train. Each step draws one batch per task (round-robin over every task, from shuffled,
 endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted distribution, over what
@@ -269,7 +269,7 @@ def adapt_artifact(
     keep_checkpoints: int | None = None,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
-    complete artifact in `output` (atomically, under a lock: see `conversion.outputs`), its card and
+    complete artifact in `output` (atomically, under a lock: see `wemoe.outputs`), its card and
     `merge_config.yaml` recording the run; then upload it to the Hub repo `push_to_hub` (created `private` if
     asked). Checkpoints go to `checkpoint_dir` (default: `OUTPUT.checkpoints`). Everything that can be checked
     without the weights is checked before they are loaded: the settings, the output, the data (every image opened),

@@ -99,7 +99,7 @@ def save_artifact(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Save a loadable artifact as `output_dir`, all or nothing (see `conversion.outputs.staged_output`)."""
+    """Save a loadable artifact as `output_dir`, all or nothing (see `wemoe.outputs.staged_output`)."""
     check_max_shard_size(max_shard_size)
     with staged_output(output_dir, overwrite=overwrite) as staging:
         write_artifact(model, staging, processor, extra_files=extra_files, max_shard_size=max_shard_size)

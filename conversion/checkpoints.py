@@ -2,7 +2,7 @@
 
 An expert is read as a `TensorSource`: a mapping from merge key (what the family's `Backbone.key_of` makes of a
 checkpoint key, e.g. CLIP's vision-tower key `encoder.layers.0.mlp.fc1.weight` in either key layout) to the
-fine-tuned tensor, whose shapes are known before any tensor is read. The family's plug-in (`conversion.backbones`)
+fine-tuned tensor, whose shapes are known before any tensor is read. The family's plug-in (`wemoe.backbones`)
 says how its checkpoints are laid out; nothing here knows a family. Checkpoint directories are read lazily, one
 tensor at a time (safetensors through `safe_open`, `.bin` memory-mapped), so a merge holds one tensor per expert at a
 time rather than every expert model. Every problem is reported with the task, the file or tensor, and what was
@@ -123,7 +123,7 @@ class InMemoryTensors(TensorSource):
 
 
 class CheckpointLayout(Protocol):
-    """How a family's checkpoints are read and compared (`conversion.backbones.Backbone` provides it)."""
+    """How a family's checkpoints are read and compared (`wemoe.backbones.Backbone` provides it)."""
 
     display_name: str
     architecture_fields: tuple[str, ...]

@@ -1,8 +1,8 @@
 """Converting a recipe into an artifact: a base model and fine-tuned checkpoints (full or LoRA) to a WEMoE artifact
-ready for the Hub, or to a static baseline; the library behind `wemoe-convert` (`conversion.cli.convert`).
+ready for the Hub, or to a static baseline; the library behind `wemoe-convert` (`wemoe.cli.convert`).
 
 The recipe is validated before anything is loaded; the artifact is staged beside its destination and renamed into
-place only when complete (`conversion.outputs`), so a failed conversion leaves nothing behind. `plan_conversion`
+place only when complete (`wemoe.outputs`), so a failed conversion leaves nothing behind. `plan_conversion`
 makes the same checks from metadata alone and says what a conversion would build (`wemoe-convert --dry-run`).
 """
 
@@ -63,7 +63,7 @@ def convert(
     """Build a WEMoE artifact from a recipe (a `MergeRecipe`, a dict, or a YAML path) into `output_dir`.
 
     Args:
-        recipe: what to merge; see `conversion.recipe.MergeRecipe`.
+        recipe: what to merge; see `wemoe.recipe.MergeRecipe`.
         output_dir: the artifact directory; must not exist unless `overwrite`.
         dtype: storage dtype of the weights, `"float32"` or `"bfloat16"` (merging itself runs in float32).
         max_shard_size: safetensors shard size, as for `save_pretrained`.

@@ -1,5 +1,5 @@
 """Scoring models on labeled task data, and recording the scores in a model card; the library behind `wemoe-eval`
-(`conversion.cli.evaluate`).
+(`wemoe.cli.evaluate`).
 
 Which model family a directory holds (a WEMoE artifact's `backbone`, a plain model's `model_type`) decides how it
 is scored (`Backbone.evaluate`): classifiers by accuracy, text-to-text models by exact match or Spearman.

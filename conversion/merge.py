@@ -3,7 +3,7 @@ family's WEMoE model from a config, fill it tensor by tensor, and let the family
 The static baselines (task arithmetic, TIES, DARE, ..., layer-wise AdaMerging) follow the same path into a plain
 model.
 
-What differs between families comes from their plug-in (`conversion.backbones`); how to merge comes from
+What differs between families comes from their plug-in (`wemoe.backbones`); how to merge comes from
 `MergeOptions`, validated like a recipe (every default declared there once).
 """
 
@@ -65,7 +65,7 @@ def base_tokenizer(backbone: Backbone, base: ModelSource, tokenizer):
 @dataclass
 class MergeInputs:
     """The base and the experts, opened and checked against each other: what every merge starts from, and what a
-    dry run (`conversion.convert.plan_conversion`) reports on."""
+    dry run (`wemoe.convert.plan_conversion`) reports on."""
 
     base_model: PreTrainedModel
     base_tensors: TensorSource
@@ -82,7 +82,7 @@ def open_inputs(
     templates: Mapping[str, Sequence[str]] | None,
 ) -> MergeInputs:
     """Open the base and the experts and make every check that needs no tensor data (architectures, tensor names
-    and shapes, labels); under `conversion.checkpoints.metadata_only()` nothing but metadata is read."""
+    and shapes, labels); under `wemoe.checkpoints.metadata_only()` nothing but metadata is read."""
     check_experts_given(experts)
     check_templates(backbone, experts, templates)
     base_model = backbone.load_base(base)

@@ -2,7 +2,7 @@
 
 Each static method maps a pre-trained tensor and the experts' task vectors for it to one merged tensor, so it can
 be unit-tested on plain tensors and chosen by name from a recipe (whose `static_merge` specs, in
-`conversion.recipe`, declare and validate each method's parameters). Where peft's `peft.utils.merge_utils` computes
+`wemoe.recipe`, declare and validate each method's parameters). Where peft's `peft.utils.merge_utils` computes
 the same thing, its function is used rather than a copy.
 """
 

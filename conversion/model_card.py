@@ -67,7 +67,7 @@ def render_model_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_str=(files("model_cards") / "wemoe.md").read_text(),
+        template_str=(files("wemoe.model_cards") / "wemoe.md").read_text(),
         title=title,
         base_source=recipe.base_model,
         hub_ids=lineage,

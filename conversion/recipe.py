@@ -88,7 +88,7 @@ StaticMergeSpec = Annotated[
     Field(discriminator="method"),
 ]
 # Every `static_merge` method, in the order `wemoe-convert --list-methods` shows them. Each data-free one is the
-# registered tensor function of the same name (`conversion.merge_methods`), which takes these fields as arguments.
+# registered tensor function of the same name (`wemoe.merge_methods`), which takes these fields as arguments.
 STATIC_MERGE_SPECS: tuple[type[Strict], ...] = get_args(get_args(StaticMergeSpec)[0])
 
 
@@ -170,7 +170,7 @@ tasks:
 
 class MergeOptions(Strict):
     """How experts are merged; every default is declared here once. `MergeRecipe` adds what is merged. The Python
-    API (`conversion.merge`, `merge_clip`, `merge_t5`) takes these fields as keyword arguments, validated the same
+    API (`wemoe.merge`, `merge_clip`, `merge_t5`) takes these fields as keyword arguments, validated the same
     way."""
 
     variant: Literal["wemoe", "e-wemoe", "static"] = "wemoe"
@@ -199,7 +199,7 @@ class MergeOptions(Strict):
 class MergeRecipe(MergeOptions):
     """What `wemoe-convert` builds; `EXAMPLE_RECIPE` shows every section. `variant: static` builds a plain model
     of the base's class, merged by `static_merge` alone (a baseline to compare WEMoE with). `architecture` names a
-    registered backbone family (`conversion.backbones`). `license` is the Hub license id the model card declares
+    registered backbone family (`wemoe.backbones`). `license` is the Hub license id the model card declares
     (`mit`, `apache-2.0`, ...): a merge is bound by the licenses of its base and of every expert, which only the
     recipe's author can reconcile, so without it the card declares `other` and says so."""
 

@@ -1,5 +1,5 @@
 """Replacing a WEMoE artifact's model code with this release's; its weights stay as they are. The library behind
-`wemoe-update-code` (`conversion.cli.update_code`).
+`wemoe-update-code` (`wemoe.cli.update_code`).
 
 An artifact carries its modeling code, and is loaded by whatever transformers its users have. Code published by an
 older release can stop working with a newer transformers (0.1.0's T5 code generates wrongly with the KV cache on

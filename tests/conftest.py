@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from conversion.toy import build_toy_base, build_toy_expert, toy_tokenizer
+from wemoe.toy import build_toy_base, build_toy_expert, toy_tokenizer
 
 CLASSNAMES = {
     "shapes": ["circle", "square", "triangle"],
@@ -46,7 +46,7 @@ def pixel_values():
 @pytest.fixture(scope="session")
 def saved_checkpoints(base, experts, tokenizer, tmp_path_factory):
     """The base (with tokenizer and image processor) and the experts saved as ordinary checkpoint directories."""
-    from conversion import default_image_processor
+    from wemoe import default_image_processor
 
     root = tmp_path_factory.mktemp("checkpoints")
     base.save_pretrained(root / "base")
@@ -100,7 +100,7 @@ def task_data(classnames, tmp_path_factory):
 @pytest.fixture(scope="session")
 def artifact(saved_checkpoints, classnames, tmp_path_factory):
     """A converted WEMoE artifact of the saved base and experts."""
-    from conversion import convert
+    from wemoe import convert
 
     recipe = {
         "base_model": saved_checkpoints["base"],

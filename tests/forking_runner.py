@@ -13,8 +13,8 @@ import signal
 import sys
 import time
 
-from conversion.cli.convert import main as convert_main
-from conversion.cli.tta import main as tta_main
+from wemoe.cli.convert import main as convert_main
+from wemoe.cli.tta import main as tta_main
 
 COMMANDS = {"convert": convert_main, "tta": tta_main}
 

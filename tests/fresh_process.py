@@ -13,7 +13,7 @@ import json, sys
 
 class BlockRepositoryPackages:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"modeling_wemoe", "conversion"}:
+        if name.split(".")[0] in {"modeling_wemoe", "wemoe"}:
             raise ImportError(f"{name} must not be importable here")
 
 sys.meta_path.insert(0, BlockRepositoryPackages())

@@ -14,8 +14,8 @@ import pytest
 from test_accuracy_benchmark import load_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
-from conversion.backbones.t5 import generated_answers
-from conversion.data import load_data_config, load_task_dataset
+from wemoe.backbones.t5 import generated_answers
+from wemoe.data import load_data_config, load_task_dataset
 
 benchmark = load_script("accuracy_t5")
 missing = [str(path) for path in (benchmark.WORDNET_NOUNS,) if not path.exists()]

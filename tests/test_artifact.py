@@ -7,8 +7,8 @@ import torch
 from fresh_process import run_in_fresh_process
 from reference import randomize_routers
 
-from conversion import default_image_processor, merge_clip, save_artifact
-from conversion.toy import build_toy_expert
+from wemoe import default_image_processor, merge_clip, save_artifact
+from wemoe.toy import build_toy_expert
 
 
 @pytest.mark.parametrize("variant", ["wemoe", "e-wemoe"])

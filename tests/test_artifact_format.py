@@ -13,8 +13,8 @@ import torch
 from fresh_process import BLOCK_REPOSITORY_PACKAGES, run_in_fresh_process
 from transformers import PreTrainedTokenizerFast
 
-from conversion.cli.update_code import main
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification
+from wemoe.cli.update_code import main
 
 FORMAT_V1 = Path(__file__).parent / "fixtures" / "format_v1"
 # Recorded with torch 2.13; other torch releases differ in the last bits of fp32 kernels (1e-5 seen with torch 2.6).
@@ -102,7 +102,7 @@ def test_update_code_pushes_one_commit_with_the_code_and_config_to_the_hub(tmp_p
             calls.append(kwargs)
             return type("Commit", (), {"commit_url": "https://huggingface.co/my-org/clip/commit/1"})()
 
-    monkeypatch.setattr("conversion.update_code.HfApi", RecordingApi)
+    monkeypatch.setattr("wemoe.update_code.HfApi", RecordingApi)
     main([str(artifact), "--push-to-hub", "my-org/clip"])
 
     assert len(calls) == 1 and calls[0]["repo_id"] == "my-org/clip"

@@ -4,9 +4,9 @@ types are what its plug-in says, and recipes, configs and artifacts reach the ri
 import pytest
 from transformers import BertConfig, CLIPVisionConfig, T5Config
 
-from conversion.backbones import BACKBONES, backbone_for_config, get_backbone
 from modeling_wemoe import WEMoEConfig
 from modeling_wemoe.modeling_wemoe import WEMOE_MODEL_CLASSES, WEMoELinear, model_class_for
+from wemoe.backbones import BACKBONES, backbone_for_config, get_backbone
 
 # A tiny WEMoE config of every registered family: a family without one here fails `test_every_family_is_covered`.
 TINY_BACKBONE_CONFIGS = {

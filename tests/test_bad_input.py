@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conversion import merge_clip
-from conversion.toy import build_toy_base, build_toy_expert
+from wemoe import merge_clip
+from wemoe.toy import build_toy_base, build_toy_expert
 
 
 def test_expert_with_a_different_hidden_size(base, experts, classnames, tokenizer):

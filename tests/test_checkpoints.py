@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionModel
 
-from conversion import merge_clip
-from conversion.backbones.clip import vision_tower_key
-from conversion.checkpoints import CheckpointTensors
+from wemoe import merge_clip
+from wemoe.backbones.clip import vision_tower_key
+from wemoe.checkpoints import CheckpointTensors
 
 
 @pytest.mark.parametrize(

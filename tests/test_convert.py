@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from test_checkpoints import lora_expert
 from transformers import AutoModel
 
-from conversion import convert, merge_clip
-from conversion.cli.convert import main
-from conversion.toy import build_toy_base, build_toy_expert
+from wemoe import convert, merge_clip
+from wemoe.cli.convert import main
+from wemoe.toy import build_toy_base, build_toy_expert
 
 
 def write_recipe(recipe: dict, tmp_path) -> str:
@@ -28,7 +28,7 @@ def write_recipe(recipe: dict, tmp_path) -> str:
 
 def console_script() -> list[str]:
     script = shutil.which("wemoe-convert")
-    return [script] if script else [sys.executable, "-m", "conversion.cli.convert"]
+    return [script] if script else [sys.executable, "-m", "wemoe.cli.convert"]
 
 
 def test_cli_artifact_loads_in_a_fresh_process_and_equals_merge_clip(
@@ -213,7 +213,7 @@ def test_existing_output_is_refused_before_any_work(recipe, tmp_path, capsys):
 
 
 def test_the_documented_example_recipe_is_valid(capsys):
-    from conversion.recipe import EXAMPLE_RECIPE, load_recipe
+    from wemoe.recipe import EXAMPLE_RECIPE, load_recipe
 
     recipe = load_recipe(yaml.safe_load(EXAMPLE_RECIPE))
     assert recipe.variant == "e-wemoe" and recipe.tasks[0].dataset.path == "tanganke/eurosat"

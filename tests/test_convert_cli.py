@@ -17,11 +17,11 @@ from test_convert import BAD_RECIPES, write_recipe
 from toy_bert import TASK_LABELS, build_toy_bert_base, build_toy_bert_expert, toy_bert_tokenizer
 from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 
-from conversion import convert
-from conversion.cli.convert import main
-from conversion.convert import plan_conversion
-from conversion.merge_methods import STATIC_MERGE_METHODS
-from conversion.recipe import STATIC_MERGE_SPECS
+from wemoe import convert
+from wemoe.cli.convert import main
+from wemoe.convert import plan_conversion
+from wemoe.merge_methods import STATIC_MERGE_METHODS
+from wemoe.recipe import STATIC_MERGE_SPECS
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -62,7 +62,7 @@ def no_tensor_data(monkeypatch):
     import peft.utils
     from transformers import PreTrainedModel
 
-    import conversion.checkpoints as checkpoints
+    import wemoe.checkpoints as checkpoints
 
     real_safe_open = checkpoints.safe_open
 
@@ -175,7 +175,7 @@ def test_dry_run_of_hub_ids_downloads_no_weights(saved_checkpoints, classnames, 
     """Hub checkpoints: their configs and tokenizer files are downloaded, their safetensors headers read remotely."""
     from safetensors import safe_open
 
-    import conversion.checkpoints as checkpoints
+    import wemoe.checkpoints as checkpoints
 
     repos = {f"org/{name}": Path(path) for name, path in saved_checkpoints.items()}
     downloads = []
@@ -249,7 +249,7 @@ def test_an_existing_output_is_named_by_the_flag_on_the_command_line_and_by_the_
 
 
 def test_wemoe_tta_names_its_flag_too(tmp_path, capsys):
-    from conversion.cli.tta import main as tta_main
+    from wemoe.cli.tta import main as tta_main
 
     (tmp_path / "adapted").mkdir()
     data = tmp_path / "data.yaml"
@@ -266,7 +266,7 @@ def test_wemoe_tta_names_its_flag_too(tmp_path, capsys):
 @pytest.fixture(autouse=True)
 def restore_log_levels():
     """The commands set logger levels for the process: put them back after each test."""
-    loggers = [logging.getLogger(), logging.getLogger("conversion")]
+    loggers = [logging.getLogger(), logging.getLogger("wemoe")]
     levels = [logger.level for logger in loggers]
     yield
     for logger, level in zip(loggers, levels, strict=True):
@@ -279,7 +279,7 @@ def restore_log_levels():
 def test_verbosity_flags_change_what_is_logged(recipe, tmp_path, caplog, flags, debug, info):
     caplog.set_level(logging.NOTSET)  # capture whatever the command lets through
     main([*flags, write_recipe(recipe, tmp_path), str(tmp_path / "artifact")])
-    records = [record for record in caplog.records if record.name.startswith("conversion")]
+    records = [record for record in caplog.records if record.name.startswith("wemoe")]
     assert any(r.levelno == logging.DEBUG and "full fine-tune" in r.getMessage() for r in records) == debug
     assert any(r.levelno == logging.INFO and "Merging 3 CLIP experts" in r.getMessage() for r in records) == info
 
@@ -289,7 +289,7 @@ def test_verbosity_flags_change_what_is_logged(recipe, tmp_path, caplog, flags, 
 
 @pytest.mark.parametrize("command", ["convert", "tta", "evaluate", "demo", "update_code"])
 def test_every_command_describes_itself_in_a_full_sentence(command, capsys):
-    module = __import__(f"conversion.cli.{command}", fromlist=["parse_args"])
+    module = __import__(f"wemoe.cli.{command}", fromlist=["parse_args"])
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     help_text = capsys.readouterr().out

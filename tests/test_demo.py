@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conversion.cli import convert, demo, evaluate, tta
-from conversion.cli.demo import main, replay_commands
+from wemoe.cli import convert, demo, evaluate, tta
+from wemoe.cli.demo import main, replay_commands
 
 CLIS = {"wemoe-convert": convert.main, "wemoe-tta": tta.main, "wemoe-eval": evaluate.main}
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_tta import all_tensors, write_yaml
 
-from conversion.cli.evaluate import main as wemoe_eval
-from conversion.evaluation import EvaluationResults
+from wemoe.cli.evaluate import main as wemoe_eval
+from wemoe.evaluation import EvaluationResults
 
 
 def test_eval_prints_a_table_with_metric_and_samples_and_writes_them_as_json(artifact, task_data, tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_eval_prints_a_table_with_metric_and_samples_and_writes_them_as_json(art
 
 
 def test_spearman_is_shown_as_a_correlation_and_an_average_of_unlike_metrics_as_a_mean():
-    from conversion.cli.evaluate import results_table
+    from wemoe.cli.evaluate import results_table
 
     results = EvaluationResults(
         {"sst2": 0.875, "stsb": -0.25},
@@ -48,7 +48,7 @@ def test_spearman_is_shown_as_a_correlation_and_an_average_of_unlike_metrics_as_
 
 
 def test_results_json_of_either_layout_reads_as_scores():
-    from conversion.evaluation import scores_from_json
+    from wemoe.evaluation import scores_from_json
 
     old = {"shapes": 0.5, "average": 0.5}
     new = {"shapes": {"metric": "accuracy", "score": 0.5, "num_samples": 4}, "average": {"score": 0.5}}
@@ -69,7 +69,7 @@ def machine(monkeypatch):
 
 
 def test_the_default_device_is_cuda_then_mps_then_cpu(machine, monkeypatch):
-    from conversion.evaluation import resolve_device
+    from wemoe.evaluation import resolve_device
 
     machine(cuda=1, mps=True)
     assert resolve_device() == torch.device("cuda")
@@ -92,7 +92,7 @@ def test_the_default_device_is_cuda_then_mps_then_cpu(machine, monkeypatch):
     ],
 )
 def test_a_device_the_machine_lacks_is_refused_before_loading(machine, device, message):
-    from conversion.evaluation import resolve_device
+    from wemoe.evaluation import resolve_device
 
     machine(cuda=1)
     assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
@@ -121,21 +121,21 @@ def test_eval_puts_the_model_on_the_chosen_device_and_says_which(
 ):
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
     machine(cuda=1)
-    with caplog.at_level("INFO", logger="conversion.evaluation"):
+    with caplog.at_level("INFO", logger="wemoe.evaluation"):
         wemoe_eval([str(artifact), data_yaml])
     assert model_moves == [torch.device("cuda")]
     assert f"Evaluating {artifact} on cuda" in caplog.text
 
     model_moves.clear()
-    with caplog.at_level("INFO", logger="conversion.evaluation"):
+    with caplog.at_level("INFO", logger="wemoe.evaluation"):
         wemoe_eval([str(artifact), data_yaml, "--device", "cpu"])  # honoured even where a GPU is present
     assert model_moves == [torch.device("cpu")]
     assert f"Evaluating {artifact} on cpu" in caplog.text
 
 
 def test_tta_runs_on_the_cpu_with_cpu_and_says_so(artifact, task_data, tmp_path, caplog, monkeypatch):
-    from conversion import adaptation
-    from conversion.cli.tta import main as wemoe_tta
+    from wemoe import adaptation
+    from wemoe.cli.tta import main as wemoe_tta
 
     accelerators, accelerator_class = [], adaptation.Accelerator
     monkeypatch.setattr(
@@ -143,7 +143,7 @@ def test_tta_runs_on_the_cpu_with_cpu_and_says_so(artifact, task_data, tmp_path,
     )
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
     arguments = ["--steps", "1", "--batch-size", "4", "--cpu"]
-    with caplog.at_level("INFO", logger="conversion.adaptation"):
+    with caplog.at_level("INFO", logger="wemoe.adaptation"):
         wemoe_tta([str(artifact), data_yaml, "--output", str(tmp_path / "adapted"), *arguments])
     assert [kwargs["cpu"] for kwargs in accelerators] == [True]  # accelerate's own switch, as `launch --cpu` sets
     assert "Process 0 of 1 adapts on cpu" in caplog.text
@@ -152,7 +152,7 @@ def test_tta_runs_on_the_cpu_with_cpu_and_says_so(artifact, task_data, tmp_path,
 @pytest.fixture(scope="module")
 def demo_checkpoints(tmp_path_factory) -> dict[str, str]:
     """The demo's checkpoints: a base CLIPModel (tokenizer, image processor) and experts saved as CLIPVisionModel."""
-    from conversion.cli.demo import save_toy_checkpoints, write_demo_data
+    from wemoe.cli.demo import save_toy_checkpoints, write_demo_data
 
     workspace = tmp_path_factory.mktemp("demo")
     paths = save_toy_checkpoints(workspace, seed=0)
@@ -185,9 +185,9 @@ def whole_clip(demo_checkpoints, directory):
 def test_a_bare_vision_tower_is_scored_zero_shot_in_its_base(demo_checkpoints, tmp_path):
     from transformers import AutoTokenizer
 
-    from conversion.backbones import get_backbone
-    from conversion.backbones.clip import ZeroShotCLIP
-    from conversion.data import load_data_config, load_task_dataset
+    from wemoe.backbones import get_backbone
+    from wemoe.backbones.clip import ZeroShotCLIP
+    from wemoe.data import load_data_config, load_task_dataset
 
     whole = whole_clip(demo_checkpoints, tmp_path / "whole")
     base, data = demo_checkpoints["base"], demo_checkpoints["data"]
@@ -215,7 +215,7 @@ def test_a_vision_tower_whose_config_names_its_base_needs_no_flag(demo_checkpoin
     shutil.copytree(demo_checkpoints["shapes"], tower)
     config = json.loads((tower / "config.json").read_text())
     (tower / "config.json").write_text(json.dumps({**config, "_name_or_path": demo_checkpoints["base"]}))
-    with caplog.at_level("INFO", logger="conversion"):
+    with caplog.at_level("INFO", logger="wemoe"):
         wemoe_eval([str(tower), demo_checkpoints["data"], "--output", str(tmp_path / "tower.json")])
     assert f"in the base {demo_checkpoints['base']} (named by its config.json)" in caplog.text
     wemoe_eval([demo_checkpoints["shapes"], demo_checkpoints["data"], "--base", demo_checkpoints["base"],
@@ -230,7 +230,7 @@ def test_base_is_refused_for_a_whole_model(artifact, task_data, demo_checkpoints
 
 
 def test_tta_keeps_the_newest_checkpoints_and_resumes_from_them(artifact, task_data, tmp_path):
-    from conversion.cli.tta import main as wemoe_tta
+    from wemoe.cli.tta import main as wemoe_tta
 
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
 
@@ -254,7 +254,7 @@ def test_tta_keeps_the_newest_checkpoints_and_resumes_from_them(artifact, task_d
 
 
 def test_keep_checkpoints_below_one_is_refused(artifact, task_data, tmp_path, capsys):
-    from conversion.cli.tta import main as wemoe_tta
+    from wemoe.cli.tta import main as wemoe_tta
 
     with pytest.raises(SystemExit):
         wemoe_tta([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--output", str(tmp_path / "out"),

@@ -9,9 +9,9 @@ from datasets import load_dataset
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModel
 
-from conversion.cli.evaluate import main
-from conversion.data import load_data_config, load_task_dataset, pixel_values_of
-from conversion.evaluation import evaluate
+from wemoe.cli.evaluate import main
+from wemoe.data import load_data_config, load_task_dataset, pixel_values_of
+from wemoe.evaluation import evaluate
 
 
 def hand_written_accuracy(model_dir, data_file, task) -> float:

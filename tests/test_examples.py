@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conversion.convert import checked_recipe
+from wemoe.convert import checked_recipe
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 RECIPES = sorted(EXAMPLES.glob("*.yaml"))

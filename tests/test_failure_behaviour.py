@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conversion.cli.convert import main as convert_main
-from conversion.cli.evaluate import main as eval_main
-from conversion.cli.tta import main as tta_main
+from wemoe.cli.convert import main as convert_main
+from wemoe.cli.evaluate import main as eval_main
+from wemoe.cli.tta import main as tta_main
 
 RUNS_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -195,7 +195,7 @@ def test_resume_with_other_settings_is_refused_naming_them(artifact, task_data, 
 
 
 def test_sixteen_bit_and_float_images_keep_their_contrast():
-    from conversion.data import to_rgb
+    from wemoe.data import to_rgb
 
     ramp = np.linspace(0, 65535, 256, dtype=np.uint16).reshape(16, 16)
     sixteen_bit = Image.fromarray(ramp)
@@ -269,7 +269,7 @@ def test_top_k_above_the_number_of_tasks_is_a_recipe_error(workspace, capsys):
 
 def test_an_unwritable_output_is_found_before_merging(workspace, capsys, caplog):
     (workspace / "file").write_text("not a directory")
-    with caplog.at_level("INFO", logger="conversion"):
+    with caplog.at_level("INFO", logger="wemoe"):
         fails_with(capsys, lambda: convert_main(["recipe.yaml", "file/out"]), "file/out")
     assert "Merging" not in caplog.text
 
@@ -285,7 +285,7 @@ def test_a_read_only_output_directory_is_found_before_merging(workspace, capsys)
 
 
 def test_a_bad_shard_size_is_found_before_merging(workspace, capsys, caplog):
-    with caplog.at_level("INFO", logger="conversion"):
+    with caplog.at_level("INFO", logger="wemoe"):
         run = ["recipe.yaml", "out", "--max-shard-size", "abc"]
         fails_with(capsys, lambda: convert_main(run), "'abc' is not a size")
     assert "Merging" not in caplog.text
@@ -314,7 +314,7 @@ def test_a_batch_size_that_is_not_positive_is_refused(artifact, task_data, tmp_p
 
 def test_eval_checks_where_its_results_go_before_evaluating(artifact, task_data, tmp_path, capsys, caplog):
     data = write_yaml(task_data, tmp_path / "data.yaml")
-    with caplog.at_level("INFO", logger="conversion"):
+    with caplog.at_level("INFO", logger="wemoe"):
         fails_with(
             capsys,
             lambda: eval_main([str(artifact), data, "--output", str(tmp_path / "missing" / "r.json")]),
@@ -349,7 +349,7 @@ def test_stale_staging_is_removed_and_artifacts_follow_the_umask(workspace, capl
     (stale / "model.safetensors").write_bytes(b"half")
     previous = os.umask(0o022)
     try:
-        with caplog.at_level("WARNING", logger="conversion"):
+        with caplog.at_level("WARNING", logger="wemoe"):
             convert_main(["recipe.yaml", "out"])
     finally:
         os.umask(previous)

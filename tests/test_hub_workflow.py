@@ -10,11 +10,11 @@ import pytest
 import yaml
 from huggingface_hub import EvalResult, ModelCard, metadata_load
 
-from conversion import convert
-from conversion.cli.convert import main as convert_main
-from conversion.cli.evaluate import main as evaluate_main
-from conversion.cli.tta import main as tta_main
-from conversion.model_card import add_eval_results
+from wemoe import convert
+from wemoe.cli.convert import main as convert_main
+from wemoe.cli.evaluate import main as evaluate_main
+from wemoe.cli.tta import main as tta_main
+from wemoe.model_card import add_eval_results
 
 BASE = "wemoe-test/clip-base"
 EXPERTS = {"shapes": "wemoe-test/clip-shapes", "colors": "wemoe-test/clip-colors", "scenes": "wemoe-test/clip-scenes"}
@@ -59,7 +59,7 @@ def hub(monkeypatch) -> list[dict]:
             )
             return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
-    monkeypatch.setattr("conversion.outputs.HfApi", RecordingApi)
+    monkeypatch.setattr("wemoe.outputs.HfApi", RecordingApi)
     return calls
 
 

@@ -14,10 +14,10 @@ from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, pipeline
 from transformers.image_processing_utils import BaseImageProcessor
 
-from conversion import default_image_processor, merge_clip, save_artifact
-from conversion.backbones.bert import merge_bert
-from conversion.backbones.t5 import merge_t5
 from modeling_wemoe import WEMoEConfig, WEMoELinear, WEMoERouter
+from wemoe import default_image_processor, merge_clip, save_artifact
+from wemoe.backbones.bert import merge_bert
+from wemoe.backbones.t5 import merge_t5
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import torch
 
-from conversion import default_image_processor, merge_clip
+from wemoe import default_image_processor, merge_clip
 
 
 def test_merge_from_directories_equals_merge_in_memory(base, experts, classnames, tokenizer, pixel_values, tmp_path):
@@ -53,10 +53,10 @@ def test_a_full_clip_expert_with_a_changed_text_tower_is_reported(base, experts,
     changed.load_state_dict(experts["scenes"].state_dict())
     with torch.no_grad():
         changed.text_model.encoder.layers[0].mlp.fc1.bias.add_(1.0)
-    with caplog.at_level("WARNING", logger="conversion.clip"):
+    with caplog.at_level("WARNING", logger="wemoe.clip"):
         merge_clip(base, {**experts, "scenes": changed}, classnames, tokenizer=tokenizer)
     assert "Expert 'scenes' has a fine-tuned text tower" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="conversion.clip"):
+    with caplog.at_level("WARNING", logger="wemoe.clip"):
         merge_clip(base, experts, classnames, tokenizer=tokenizer)
     assert "text tower" not in caplog.text

@@ -5,10 +5,10 @@ import torch
 from reference import randomize_routers, stacked_task_vectors
 from test_checkpoints import lora_expert
 
-from conversion import merge_clip
-from conversion.merge_methods import low_rank_factors
-from conversion.recipe import RecipeError, load_recipe
 from modeling_wemoe.modeling_wemoe import WEMoELowRankTaskVectors
+from wemoe import merge_clip
+from wemoe.merge_methods import low_rank_factors
+from wemoe.recipe import RecipeError, load_recipe
 
 
 def assert_same_logits_under_random_routers(model, reference, pixel_values) -> None:
@@ -26,7 +26,7 @@ def test_full_rank_equals_dense_wemoe(base, experts, classnames, tokenizer, pixe
 
 
 def test_truncated_factors_are_the_best_rank_r_approximation(base, experts, classnames, tokenizer, caplog):
-    with caplog.at_level("INFO", logger="conversion"):
+    with caplog.at_level("INFO", logger="wemoe"):
         model = merge_clip(
             base, experts, classnames, tokenizer=tokenizer, variant="e-wemoe", expert_format="lowrank", rank=4
         )

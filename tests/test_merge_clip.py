@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from reference import per_sample_reference_logits, randomize_routers, stacked_task_vectors, task_arithmetic_tower
 
-from conversion import merge_clip
 from modeling_wemoe.modeling_wemoe import WEMoERouter, WEMoESparseTaskVectors, num_kept_entries
+from wemoe import merge_clip
 
 
 @pytest.mark.parametrize(

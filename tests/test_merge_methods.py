@@ -5,7 +5,7 @@ import torch
 from peft.utils import merge_utils
 from reference import textbook_ties
 
-from conversion.merge_methods import (
+from wemoe.merge_methods import (
     STATIC_MERGE_METHODS,
     dare_linear,
     dare_ties,
@@ -16,7 +16,7 @@ from conversion.merge_methods import (
     tensor_seed,
     ties_merging,
 )
-from conversion.recipe import STATIC_MERGE_SPECS, RecipeError, load_recipe
+from wemoe.recipe import STATIC_MERGE_SPECS, RecipeError, load_recipe
 
 
 @pytest.mark.parametrize("majority_sign", ["total", "frequency"])

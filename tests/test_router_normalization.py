@@ -5,9 +5,9 @@ import pytest
 import torch
 from reference import randomize_routers
 
-from conversion import merge_clip
-from conversion.recipe import MergeOptions
 from modeling_wemoe.modeling_wemoe import WEMoERouter
+from wemoe import merge_clip
+from wemoe.recipe import MergeOptions
 
 
 @pytest.mark.parametrize("variant", ["wemoe", "e-wemoe"])

@@ -7,16 +7,16 @@ import yaml
 from test_tta import streams_entropy
 from transformers import AutoImageProcessor, CLIPModel
 
-from conversion import convert
-from conversion.adamerging import LayerWiseAdaMerging
-from conversion.adaptation import load_task_datasets, task_streams
-from conversion.backbones import get_backbone
-from conversion.backbones.clip import ZeroShotCLIP
-from conversion.checkpoints import InMemoryTensors
-from conversion.evaluation import evaluate
-from conversion.merge_methods import dare_ties, tensor_seed, ties_merging
-from conversion.recipe import RecipeError, load_recipe
-from conversion.streams import entropy_loss
+from wemoe import convert
+from wemoe.adamerging import LayerWiseAdaMerging
+from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.backbones import get_backbone
+from wemoe.backbones.clip import ZeroShotCLIP
+from wemoe.checkpoints import InMemoryTensors
+from wemoe.evaluation import evaluate
+from wemoe.merge_methods import dare_ties, tensor_seed, ties_merging
+from wemoe.recipe import RecipeError, load_recipe
+from wemoe.streams import entropy_loss
 
 
 def static_recipe(recipe: dict, static_merge: dict) -> dict:

@@ -10,7 +10,7 @@ from reference import randomize_routers
 from reference_t5 import per_sample_reference_logits, task_arithmetic_t5
 from toy_t5 import build_toy_t5_base, build_toy_t5_expert, toy_t5_tokenizer
 
-from conversion import merge_t5, save_artifact
+from wemoe import merge_t5, save_artifact
 
 TASKS = ("sst2", "topic", "nli")
 PROMPTS = [

@@ -12,8 +12,8 @@ from test_t5 import PROMPTS, build_family
 from toy_t5 import toy_t5_tokenizer
 from transformers import AutoModelForSeq2SeqLM
 
-from conversion import convert, merge_t5
-from conversion.recipe import RecipeError
+from wemoe import convert, merge_t5
+from wemoe.recipe import RecipeError
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from test_t5 import TASKS, build_family
 from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 from transformers import T5ForConditionalGeneration
 
-from conversion import merge_t5
-from conversion.toy import build_toy_base
+from wemoe import merge_t5
+from wemoe.toy import build_toy_base
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from test_t5_tta import text_data  # noqa: F401 (fixture)
 from test_tta import streams_entropy
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
-from conversion import convert
-from conversion.adaptation import load_task_datasets, task_streams
-from conversion.backbones import get_backbone
+from wemoe import convert
+from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.backbones import get_backbone
 
 
 def static_t5_recipe(paths: dict, static_merge: dict) -> dict:

@@ -13,13 +13,13 @@ from test_tta import mean_entropy
 from toy_t5 import build_toy_t5_base, toy_t5_tokenizer
 from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
-from conversion import merge_t5, save_artifact
-from conversion.adaptation import load_task_streams
-from conversion.backbones.t5 import TextTaskStream, spearman
-from conversion.cli.tta import main
-from conversion.data import load_data_config
-from conversion.evaluation import evaluate, update_model_card
 from modeling_wemoe import WEMoEForImageClassification
+from wemoe import merge_t5, save_artifact
+from wemoe.adaptation import load_task_streams
+from wemoe.backbones.t5 import TextTaskStream, spearman
+from wemoe.cli.tta import main
+from wemoe.data import load_data_config
+from wemoe.evaluation import evaluate, update_model_card
 
 SENTENCES = [
     "a good movie", "a bad film", "i loved it", "boring and dull", "really fun", "awful song",

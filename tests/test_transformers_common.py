@@ -20,11 +20,11 @@ from toy_bert import TASK_LABELS, build_toy_bert_base, build_toy_bert_expert
 from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 from transformers_common_suite import load_common_tests
 
-from conversion.backbones.bert import merge_bert
-from conversion.backbones.clip import merge_clip
-from conversion.backbones.t5 import merge_t5
-from conversion.toy import build_toy_base, build_toy_expert, toy_tokenizer
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification, WEMoEForSequenceClassification
+from wemoe.backbones.bert import merge_bert
+from wemoe.backbones.clip import merge_clip
+from wemoe.backbones.t5 import merge_t5
+from wemoe.toy import build_toy_base, build_toy_expert, toy_tokenizer
 
 try:
     common = load_common_tests()

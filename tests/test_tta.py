@@ -13,11 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conversion.adaptation import load_task_streams
-from conversion.backbones import backbone_for_config
-from conversion.cli.tta import main
-from conversion.data import batch_indices
-from conversion.streams import entropy_loss
+from wemoe.adaptation import load_task_streams
+from wemoe.backbones import backbone_for_config
+from wemoe.cli.tta import main
+from wemoe.data import batch_indices
+from wemoe.streams import entropy_loss
 
 
 def write_yaml(content: dict, path) -> str:
@@ -172,7 +172,7 @@ def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifa
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert sorted(re.findall(r"process (\d) of 2 done", completed.stdout)) == ["0", "1"], completed.stdout
     assert completed.stdout.count("Wrote ") == 1, completed.stdout  # by the main process only
-    with caplog.at_level("INFO", logger="conversion.adaptation"):
+    with caplog.at_level("INFO", logger="wemoe.adaptation"):
         main([*arguments, "--output", str(tmp_path / "single")])
 
     assert final_entropy(completed.stderr)[0] == 2 and final_entropy(caplog.text)[0] == 1

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
-from conversion.toy import perturb_
+from wemoe.toy import perturb_
 
 TOY_WORDS = (
     "a an the this that it is was are be not very really movie film book song team game match player good great "

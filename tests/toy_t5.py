@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from conversion.backbones.t5 import lm_head_is_tied
-from conversion.toy import perturb_
+from wemoe.backbones.t5 import lm_head_is_tied
+from wemoe.toy import perturb_
 
 TOY_WORDS = (
     "sst2 sentence topic question premise hypothesis : . , ! ? "

@@ -6,7 +6,7 @@ import sys
 
 import torch.distributed as dist
 
-from conversion.cli.tta import main
+from wemoe.cli.tta import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

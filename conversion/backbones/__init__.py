@@ -1,11 +1,11 @@
 """The registry of backbone families. Each module of this package is one family's plug-in (a `Backbone` subclass,
 registered with `register_backbone` under its `architecture` name); all are imported here, so a new family is a new
-module and nothing else in `conversion` changes.
+module and nothing else in `wemoe` changes.
 
 List what is registered:
 
 ```python
->>> from conversion.backbones import BACKBONES
+>>> from wemoe.backbones import BACKBONES
 >>> {name: backbone.model_class.__name__ for name, backbone in BACKBONES.items()}
 ```
 """

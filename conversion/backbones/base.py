@@ -1,5 +1,5 @@
 """What a backbone family plug-in says: everything about a model family that building, adapting and evaluating WEMoE
-models needs, in one object. The rest of `conversion` asks the registry (`conversion.backbones`) for it and never
+models needs, in one object. The rest of `wemoe` asks the registry (`wemoe.backbones`) for it and never
 tests which family it holds.
 
 A family plug-in subclasses `Backbone`, sets its class attributes and implements the methods marked as such, then

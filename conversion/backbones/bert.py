@@ -346,7 +346,7 @@ def merge_bert(
     **options,
 ) -> WEMoEForSequenceClassification:
     """Merge BERT-style classifiers fine-tuned from one encoder into one WEMoE (or E-WEMoE) multi-task classifier:
-    `conversion.merge` for the BERT family. Each task keeps its expert's pooler and classifier; `classnames` name a
+    `wemoe.merge` for the BERT family. Each task keeps its expert's pooler and classifier; `classnames` name a
     task's classes where its expert's `id2label` does not (LoRA adapters). `options` are `MergeOptions` fields."""
     from ..merge import merge
 

@@ -364,14 +364,14 @@ def merge_clip(
     templates: Mapping[str, Sequence[str]] | None = None,
     **options,
 ) -> WEMoEForImageClassification:
-    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier: `conversion.merge` for
+    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier: `wemoe.merge` for
     the CLIP family. `classnames` build each task's zero-shot head from the base text tower (with `tokenizer`,
     loaded from `base` when that is a path or Hub id); `options` are `MergeOptions` fields.
 
     Example:
 
     ```python
-    >>> from conversion import merge_clip
+    >>> from wemoe import merge_clip
     >>> model = merge_clip(
     ...     "openai/clip-vit-base-patch32",
     ...     {"eurosat": "tanganke/clip-vit-base-patch32_eurosat", "gtsrb": "tanganke/clip-vit-base-patch32_gtsrb"},

@@ -274,7 +274,7 @@ def merge_t5(
     classnames: Mapping[str, Sequence[str]] | None = None,
     **options,
 ) -> WEMoEForConditionalGeneration:
-    """Merge fine-tuned T5 / Flan-T5 models into one WEMoE (or E-WEMoE) text-to-text model: `conversion.merge` for
+    """Merge fine-tuned T5 / Flan-T5 models into one WEMoE (or E-WEMoE) text-to-text model: `wemoe.merge` for
     the T5 family. `classnames` are tasks' label words (e.g. `["negative", "positive"]`), to which test-time
     adaptation restricts its entropy; tasks left out adapt on the whole vocabulary. `options` are `MergeOptions`
     fields; `router.granularity` applies to the encoder (the decoder routes per token).
@@ -282,7 +282,7 @@ def merge_t5(
     Example:
 
     ```python
-    >>> from conversion import merge_t5
+    >>> from wemoe import merge_t5
     >>> model = merge_t5(
     ...     "google/flan-t5-base",
     ...     {"sst2": "tanganke/flan-t5-base_glue-sst2", "qqp": "tanganke/flan-t5-base_glue-qqp"},

@@ -28,7 +28,7 @@ def configure_logging(verbosity: int) -> None:
     """Log the project's summary lines (INFO) by default, its DEBUG detail with -v (1), only warnings with -q (-1);
     other libraries log warnings, and their INFO lines too with -v."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("conversion").setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
+    logging.getLogger("wemoe").setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
     logging.getLogger().setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
 
 

@@ -1,7 +1,7 @@
 """`wemoe-convert`: a base model and fine-tuned checkpoints (full or LoRA) to a WEMoE artifact ready for the Hub.
 
 The recipe is validated before anything is loaded, and the artifact is staged and renamed into place when complete;
-`conversion.convert` holds the library.
+`wemoe.convert` holds the library.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Scores a WEMoE artifact (adapted or not: a fresh conversion is task arithmetic) or a plain model of a supported
 family: a CLIPModel zero-shot (class names from each dataset's ClassLabel), a T5 directory or a T5's PEFT adapter
-(exact match, or Spearman for float labels), ...; `conversion.evaluation` holds the library.
+(exact match, or Spearman for float labels), ...; `wemoe.evaluation` holds the library.
 """
 
 import argparse

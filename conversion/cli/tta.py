@@ -1,7 +1,7 @@
 """`wemoe-tta`: test-time adaptation of a WEMoE artifact's routers on unlabeled task data, on accelerate.
 
 Launchable unchanged with `accelerate launch` (GPUs) or `torchrun` (CPU: `ACCELERATE_USE_CPU=true`) on several
-processes; `conversion.adaptation` holds the library it runs.
+processes; `wemoe.adaptation` holds the library it runs.
 """
 
 import argparse
@@ -26,8 +26,8 @@ examples:
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
-  accelerate launch --num_processes 4 -m conversion.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
-  ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m conversion.cli.tta ./model data.yaml --output ./a
+  accelerate launch --num_processes 4 -m wemoe.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
+  ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m wemoe.cli.tta ./model data.yaml --output ./a
 """
 
 

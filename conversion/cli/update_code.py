@@ -1,7 +1,7 @@
 """`wemoe-update-code`: replace a WEMoE artifact's model code with this release's; its weights stay as they are.
 
 Rewrites the code files and the `auto_map` of `config.json`, in a local directory or in a Hub repo (one commit);
-`conversion.update_code` holds the library.
+`wemoe.update_code` holds the library.
 """
 
 import argparse
