@@ -27,7 +27,8 @@ from modeling_wemoe.modeling_wemoe import is_router_parameter
 
 from .artifact import load_artifact_model, write_artifact
 from .backbones import Backbone, backbone_for_config
-from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset
+from .corruptions import Corruption
+from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset, with_corruption
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
 from .recipe import MergeRecipe, load_validated
@@ -267,6 +268,7 @@ def adapt_artifact(
     private: bool = False,
     cpu: bool = False,
     keep_checkpoints: int | None = None,
+    corruption: Corruption | None = None,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `wemoe.outputs`), its card and
@@ -275,7 +277,8 @@ def adapt_artifact(
     without the weights is checked before they are loaded: the settings, the output, the data (every image opened),
     a resume's settings, the artifact's recipe. The model runs on the device accelerate gives each process (a GPU
     where there is one), or on the CPU with `cpu` (as `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`).
-    `keep_checkpoints`: see `adapt`."""
+    `keep_checkpoints`: see `adapt`. `corruption` corrupts every task's images (`wemoe.corruptions`); the run
+    records it with the data."""
     check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
@@ -286,7 +289,8 @@ def adapt_artifact(
     backbone = backbone_for_config(config)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to, cpu=cpu)
     check_batch_size(batch_size, accelerator.num_processes)
-    datasets = load_task_datasets(data, list(config.tasks), backbone.input_kind)
+    data_config = data if corruption is None else with_corruption(data, corruption)
+    datasets = load_task_datasets(data_config, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})

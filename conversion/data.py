@@ -8,7 +8,8 @@ tasks:
 ```
 
 Image models (CLIP) read `image_column`; text models read `prefix + text_column`. Adaptation never reads labels;
-evaluation does.
+evaluation does. An image task may be corrupted (`corruption: {name: motion_blur, severity: 3}`, see
+`wemoe.corruptions`), as `--corruption` does to every task.
 """
 
 import io
@@ -19,18 +20,28 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from .corruptions import Corruption, library
 from .recipe import DatasetSource, dataset_paths, load_validated
 
 
 class TaskData(DatasetSource):
-    """One task's dataset and its input column: images for CLIP, text (with the task's prompt prefix) for T5.
-    Labels are read only by evaluation."""
+    """One task's dataset and its input column: images for CLIP, text (with the task's prompt prefix) for T5, and
+    optionally a corruption of its images (`wemoe.corruptions`). Labels are read only by evaluation."""
 
     image_column: str = "image"
     text_column: str = "text"
     prefix: str = ""
+    corruption: Corruption | None = None
+
+    @model_serializer(mode="wrap")
+    def omit_no_corruption(self, serialize) -> dict:
+        # Clean data dumps as before corruptions existed, so TTA checkpoints that record it still resume.
+        dumped = serialize(self)
+        if self.corruption is None:
+            dumped.pop("corruption", None)
+        return dumped
 
     def input_column(self, input_kind: str) -> str:
         """The column a family reads: `"image"` or `"text"` (`Backbone.input_kind`)."""
@@ -46,6 +57,15 @@ class DataConfig(BaseModel):
 def load_data_config(data: DataConfig | Mapping[str, Any] | str | os.PathLike) -> DataConfig:
     """A validated data config from a `DataConfig`, a dict, or a YAML file path."""
     return load_validated(DataConfig, data, "data config")
+
+
+def with_corruption(
+    data: "DataConfig | Mapping[str, Any] | str | os.PathLike", corruption: Corruption | None
+) -> DataConfig:
+    """The data config with every task's images corrupted by `corruption` (None: every task clean)."""
+    data_config = load_data_config(data)
+    tasks = {task: spec.model_copy(update={"corruption": corruption}) for task, spec in data_config.tasks.items()}
+    return data_config.model_copy(update={"tasks": tasks})
 
 
 def data_inputs(data: "DataConfig | Mapping[str, Any] | str | os.PathLike") -> list[str]:
@@ -85,6 +105,8 @@ def load_task_dataset(
     `input_kind` says whether the input is the image column or the text column (`Backbone.input_kind`). Every image
     is opened and checked here, before any model is loaded."""
     split = split or spec.split
+    if spec.corruption is not None:
+        check_corruptible(task, input_kind)
     dataset = open_dataset(task, spec, split)
     required = [spec.input_column(input_kind)] + ([spec.label_column] if need_labels else [])
     for column in required:
@@ -97,6 +119,13 @@ def load_task_dataset(
         dataset = keep_images_undecoded(dataset, spec.image_column)
         check_images(dataset, spec.image_column, task)
     return dataset
+
+
+def check_corruptible(task: str, input_kind: str) -> None:
+    """Corruptions apply to images, with the library installed: checked with the data, before any model loads."""
+    if input_kind != "image":
+        raise ValueError(f"Task {task!r}: corruptions apply to images; this model reads {input_kind}.")
+    library()
 
 
 def keep_images_undecoded(dataset, column: str):
@@ -156,9 +185,14 @@ def to_rgb(image: PILImage.Image) -> PILImage.Image:
     return image.convert("RGB")
 
 
-def pixel_values_of(values: list, rows: list[int], image_processor, task: str) -> torch.Tensor:
-    """The image processor's `pixel_values` for stored images (`rows` name them in errors)."""
+def pixel_values_of(
+    values: list, rows: list[int], image_processor, task: str, corruption: Corruption | None = None
+) -> torch.Tensor:
+    """The image processor's `pixel_values` for stored images (`rows` name them in errors and seed their
+    `corruption`, if any)."""
     images = [to_rgb(open_image(value, task, row)) for value, row in zip(values, rows, strict=True)]
+    if corruption is not None:
+        images = [corruption.apply(image, task, row) for image, row in zip(images, rows, strict=True)]
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 

@@ -238,11 +238,13 @@ def update_model_card(
     *,
     push_to_hub: str | None = None,
     private: bool = False,
+    upload: bool = True,
 ) -> None:
     """Add the scores to the artifact's README.md (replaced atomically) as model-index results of the model the card
-    names, or of the Hub repo `push_to_hub`, which `model_dir` is then uploaded to. Results of other models (the
-    unadapted model's, in an adapted artifact's card) are kept; only this model's results for the same task, dataset
-    and metric are replaced."""
+    names, or of the Hub repo `push_to_hub`, which `model_dir` is then uploaded to (unless `upload` is false: a
+    caller recording several runs uploads once, with the last). Results of other models (the unadapted model's, in
+    an adapted artifact's card) are kept; only this model's results for the same task, dataset and metric are
+    replaced. Corrupted data is a dataset of its own (`card_dataset_fields`)."""
     card_path = model_dir / "README.md"
     card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
     recorded_name, entries = model_index_of(card_path)
@@ -251,8 +253,7 @@ def update_model_card(
         EvalResult(
             task_type=results.task_type,
             dataset_type=task if spec.path in PACKAGED_BUILDERS else spec.path,
-            dataset_name=task,
-            dataset_config=spec.config_name,
+            **card_dataset_fields(task, spec),
             dataset_split=split or spec.split,
             metric_type=results.metrics[task],
             metric_value=results[task],
@@ -261,5 +262,19 @@ def update_model_card(
     ]
     set_model_index(card, model_name, add_eval_results(entries, model_name, scores))
     write_file_atomically(card_path, str(card).encode())
-    if push_to_hub:
+    if push_to_hub and upload:
         push_folder(model_dir, push_to_hub, "Add evaluation results to the model card", private=private)
+
+
+def card_dataset_fields(task: str, spec: TaskData) -> dict:
+    """How the model-index names a task's data: by the task and its dataset's config. Corrupted data gets a config
+    of its own (`motion_blur-3`, after the dataset's config if it has one), so its results are kept beside the clean
+    ones instead of replacing them, and the corruption in full (seed included) as the dataset's arguments."""
+    corruption = spec.corruption
+    if corruption is None:
+        return {"dataset_name": task, "dataset_config": spec.config_name}
+    return {
+        "dataset_name": f"{task} ({corruption.name}, severity {corruption.severity})",
+        "dataset_config": "-".join(filter(None, [spec.config_name, corruption.label])),
+        "dataset_args": corruption.model_dump(),
+    }

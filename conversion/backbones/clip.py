@@ -157,9 +157,10 @@ class ImageTaskStream(TaskStream):
     def __init__(self, dataset, spec, image_processor, batch_size: int, task: str):
         super().__init__(dataset, spec.image_column, batch_size, task)
         self.image_processor = image_processor
+        self.corruption = spec.corruption
 
     def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task)}
+        return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task, self.corruption)}
 
     def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs, task=self.task).logits
@@ -279,8 +280,9 @@ class CLIPBackbone(Backbone):
         device = next(model.parameters()).device
 
         def logits_of(task: str):
+            corruption = data_config.tasks[task].corruption
             return lambda values, rows: model(
-                pixel_values_of(values, rows, image_processor, task).to(device), task=task
+                pixel_values_of(values, rows, image_processor, task, corruption).to(device), task=task
             ).logits
 
         scores, num_samples = {}, {}
