@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..data import load_data_config
+from ..data import DataConfig, load_data_config, with_corruption
 from ..evaluation import EvaluationResults, evaluate, update_model_card
-from . import add_verbosity_flags, configure_logging
+from . import add_corruption_flags, add_verbosity_flags, configure_logging, corruptions_from_args
 
 EPILOG = """example DATA.yaml:
   tasks:
@@ -31,6 +31,8 @@ examples:
   wemoe-eval tanganke/clip-vit-base-patch32_eurosat data.yaml --base openai/clip-vit-base-patch32  # one fine-tune
   wemoe-eval ./flan-t5-base-wemoe-glue glue.yaml --max-new-tokens 8
   wemoe-eval ./flan-t5-base-sst2-lora glue.yaml          # one LoRA fine-tune, loaded over its base
+  wemoe-eval ./clip-wemoe data.yaml --clean --corruption motion_blur --corruption jpeg_compression --severity 3 \
+    --output robustness.json                              # three runs: clean, motion_blur-3, jpeg_compression-3
 """
 
 
@@ -58,9 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="Write the results as JSON here: per task and for the average, {metric, score, num_samples}, scores as "
-        "fractions (accuracy, exact match) or correlations (Spearman).",
+        "fractions (accuracy, exact match) or correlations (Spearman); a corrupted task's entry adds its corruption "
+        "{name, severity, seed}. With --corruption, one such block per run, keyed by the run (clean, motion_blur-3).",
     )
-    parser.add_argument("--update-model-card", action="store_true", help="Record the results in MODEL_DIR/README.md.")
+    parser.add_argument(
+        "--update-model-card",
+        action="store_true",
+        help="Record the results in MODEL_DIR/README.md; corrupted data as datasets of their own (config "
+        "motion_blur-3), beside the clean results.",
+    )
     parser.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
@@ -78,10 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Where the model runs: cpu, cuda, cuda:1, mps, ... (default: cuda if available, else mps, else cpu).",
     )
+    add_corruption_flags(parser, repeatable=True)
     add_verbosity_flags(parser)
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.update_model_card:
         parser.error("--push-to-hub publishes the updated model card; give --update-model-card too.")
+    args.corruptions = corruptions_from_args(parser, args)
     return args
 
 
@@ -126,35 +136,68 @@ def results_table(results: EvaluationResults) -> str:
     return "\n".join(lines)
 
 
+def corruption_line(data_config: DataConfig) -> str:
+    """What a run's images went through, for the line above its table."""
+    corruptions = {task: spec.corruption for task, spec in data_config.tasks.items()}
+    if len(set(corruptions.values())) == 1:
+        only = next(iter(corruptions.values()))
+        return f"corruption: {only.describe() if only else 'none (clean images)'}"
+    return "corruption: " + "; ".join(
+        f"{task}: {corruption.describe() if corruption else 'none'}" for task, corruption in corruptions.items()
+    )
+
+
+def results_json(results: EvaluationResults, data_config: DataConfig) -> dict[str, dict]:
+    """`results.to_json()`, each corrupted task's entry saying its corruption (name, severity, seed)."""
+    entries = results.to_json()
+    for task, spec in data_config.tasks.items():
+        if spec.corruption is not None:
+            entries[task]["corruption"] = spec.corruption.model_dump()
+    return entries
+
+
+def evaluation_runs(args: argparse.Namespace) -> dict[str, tuple[DataConfig, EvaluationResults]]:
+    """Each run's data and results, by its label: one run of the data as DATA.yaml gives it (label ""), or one per
+    corruption and severity (`motion_blur-3`), after the clean data (`clean`) with --clean."""
+    data_config = load_data_config(args.data)
+    runs = {"": data_config}
+    if args.corruptions:
+        runs = {
+            corruption.label if corruption else "clean": with_corruption(data_config, corruption)
+            for corruption in args.corruptions
+        }
+    options = {key: getattr(args, key) for key in ("split", "batch_size", "max_new_tokens", "device", "base")}
+    return {label: (data, evaluate(args.model_dir, data, **options)) for label, data in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.verbosity)
     try:
         check_writable_outputs(args)
-        results = evaluate(
-            args.model_dir,
-            args.data,
-            split=args.split,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            base=args.base,
-        )
+        runs = evaluation_runs(args)
         if args.update_model_card:
-            update_model_card(
-                Path(args.model_dir),
-                results,
-                load_data_config(args.data),
-                args.split,
-                push_to_hub=args.push_to_hub,
-                private=args.private,
-            )
+            for index, (data_config, results) in enumerate(runs.values()):
+                update_model_card(
+                    Path(args.model_dir),
+                    results,
+                    data_config,
+                    args.split,
+                    push_to_hub=args.push_to_hub,
+                    private=args.private,
+                    upload=index == len(runs) - 1,
+                )
     except (ValueError, OSError) as error:  # expected failures (bad input, files); anything else is a bug
         print(f"wemoe-eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(results_table(results))
+    corrupted = any(spec.corruption for data_config, _ in runs.values() for spec in data_config.tasks.values())
+    for index, (data_config, results) in enumerate(runs.values()):
+        if corrupted:
+            print(("\n" if index else "") + corruption_line(data_config))
+        print(results_table(results))
     if args.output:
-        args.output.write_text(json.dumps(results.to_json(), indent=2))
+        blocks = {label: results_json(results, data) for label, (data, results) in runs.items()}
+        args.output.write_text(json.dumps(blocks if args.corruptions else blocks[""], indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..adaptation import adapt_artifact
-from . import add_verbosity_flags, configure_logging, error_message
+from . import add_corruption_flags, add_verbosity_flags, configure_logging, corruptions_from_args, error_message
 
 EPILOG = """example DATA.yaml (labels are never read):
   tasks:
@@ -26,6 +26,7 @@ examples:
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
+  wemoe-tta ./model data.yaml --output ./adapted-blur --corruption motion_blur --severity 3   # on corrupted images
   accelerate launch --num_processes 4 -m wemoe.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
   ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m wemoe.cli.tta ./model data.yaml --output ./a
 """
@@ -74,8 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Run on the CPU even where a GPU is present (as `accelerate launch --cpu`; default: the device "
         "accelerate gives each process, a GPU when there is one).",
     )
+    add_corruption_flags(parser, repeatable=False)
     add_verbosity_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    corruptions = corruptions_from_args(parser, args)
+    if len(corruptions) > 1:
+        parser.error("wemoe-tta adapts on one corruption at one severity; give --corruption and --severity once.")
+    # One option for adapt_artifact in place of the three flags.
+    args.corruption = corruptions[0] if corruptions else None
+    del args.severity, args.corruption_seed
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
