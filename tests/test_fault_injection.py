@@ -70,13 +70,22 @@ def write_yaml(content, path) -> str:
     return str(path)
 
 
-def kill_moments(duration: float, seed: int):
-    """Endless random moments in a run of `duration` seconds: every other one anywhere in the run, the others in its
-    last fifth and a little past it, where the output is written and put in place."""
-    rng = random.Random(seed)
-    while True:
-        yield duration * rng.uniform(0.02, 1.0)
-        yield duration * rng.uniform(0.8, 1.1)
+class KillMoments:
+    """Endless random moments in a run: every other one anywhere in the run, the others in its last fifth and a little
+    past it, where the output is written and put in place. The run's length is the shortest seen so far (`saw` each
+    result): a first run slowed by a busy machine must not push every later kill past the end."""
+
+    def __init__(self, duration: float, seed: int):
+        self.duration, self.rng = duration, random.Random(seed)
+
+    def __iter__(self):
+        while True:
+            yield self.duration * self.rng.uniform(0.02, 1.0)
+            yield self.duration * self.rng.uniform(0.8, 1.1)
+
+    def saw(self, result: dict) -> None:
+        if not result["killed"]:
+            self.duration = min(self.duration, result["seconds"])
 
 
 def until_killed_enough(runs):
@@ -109,12 +118,14 @@ def test_killing_convert_overwrite_leaves_the_old_or_the_new_artifact(recipe, tm
     states = []
 
     def attempts():
-        for moment in kill_moments(duration, seed=0):
+        moments = KillMoments(duration, seed=0)
+        for moment in moments:
             wanted = 0.25 if load_artifact_model(output).config.init_lambda == 0.75 else 0.75  # always the other one
             result = runner.run("convert", [recipes[wanted], str(output), "--overwrite"], moment)
             model = load_artifact_model(output)  # complete and matching its config, or this raises
             assert model.config.init_lambda in (0.25, 0.75)
             states.append("new" if model.config.init_lambda == wanted else "old")
+            moments.saw(result)
             yield result
 
     runs = until_killed_enough(attempts())
@@ -148,7 +159,8 @@ def test_killing_tta_leaves_the_old_or_the_new_artifact_and_resumes(artifact, ta
     states = []
 
     def attempts():
-        for moment in kill_moments(duration, seed=1):
+        moments = KillMoments(duration, seed=1)
+        for moment in moments:
             resume = ["--resume"] if any(checkpoints.glob("step_*/wemoe_tta_step.json")) else []
             result = runner.run("tta", [*arguments, *resume], moment)  # a rerun after the previous kill
             load_artifact_model(output)  # complete and matching its config, or this raises
@@ -160,6 +172,7 @@ def test_killing_tta_leaves_the_old_or_the_new_artifact_and_resumes(artifact, ta
                 shutil.rmtree(output)
                 shutil.copytree(old, output)
                 shutil.rmtree(checkpoints, ignore_errors=True)
+            moments.saw(result)
             yield result
 
     runs = until_killed_enough(attempts())
