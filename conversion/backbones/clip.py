@@ -188,6 +188,7 @@ class CLIPBackbone(Backbone):
     labels_required = True
     templates_allowed = True
     needs_tokenizer = True
+    serves_tasks_without_experts = True
     # Fields that decide tensor shapes or the forward computation of a CLIP vision tower.
     architecture_fields = (
         "hidden_size",
