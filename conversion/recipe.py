@@ -344,6 +344,26 @@ def recipe_inputs(recipe: "MergeRecipe") -> list[str]:
     return [path for path in paths if Path(path).expanduser().exists()]
 
 
+# The recipe an artifact was converted with, saved in it; an adapted artifact's adds the run under `adaptation`.
+RECIPE_FILE = "merge_config.yaml"
+
+
+def artifact_recipe(directory: str | os.PathLike) -> tuple[MergeRecipe | None, dict[str, Any] | None]:
+    """The recipe a local artifact was converted with (its `merge_config.yaml`) and the adaptation record it holds, if
+    any; (None, None) where it has none. Read before any weight: a broken recipe is an error naming its keys."""
+    path = Path(directory) / RECIPE_FILE
+    fields = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    adaptation = fields.pop("adaptation", None)
+    recipe = load_validated(MergeRecipe, fields, f"recipe {str(path)!r}") if fields else None
+    return recipe, adaptation
+
+
+def recipe_file_text(recipe: MergeRecipe | None, adaptation: dict[str, Any] | None = None) -> str:
+    """An artifact's `merge_config.yaml`: the recipe, then the adaptation record (`wemoe-tta`'s run) if there is one."""
+    text = recipe.to_yaml() if recipe is not None else ""
+    return text + (yaml.safe_dump({"adaptation": adaptation}, sort_keys=False) if adaptation is not None else "")
+
+
 def load_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:
     """A validated recipe from a `MergeRecipe`, a dict, or a YAML file path."""
     return load_validated(MergeRecipe, recipe, "conversion recipe")

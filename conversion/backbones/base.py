@@ -197,6 +197,14 @@ class Backbone:
                 "class names: give `classnames` (in a recipe, or a `dataset` with a ClassLabel column)"
             )
 
+    def with_task_without_expert(
+        self, model: nn.Module, base: "ModelSource", task: str, labels: list[str], templates: list[str] | None
+    ) -> nn.Module:
+        """`model` (an artifact's, loaded) plus a task without an expert: its head built from `labels` (and
+        `templates`) with the `base` the model was merged from; every other tensor as it was. Only for families that
+        `serves_tasks_without_experts`."""
+        raise NotImplementedError
+
     # Adaptation and evaluation -----------------------------------------------------------------------------------
 
     def task_stream(
