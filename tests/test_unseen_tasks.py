@@ -4,6 +4,8 @@ any task, and can be added to an existing artifact without merging again (`wemoe
 --add-task`)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import yaml
 from conftest import write_image_dataset
 from PIL import Image
 from test_tta import write_yaml
-from transformers import AutoImageProcessor, AutoModel, T5Config, pipeline
+from transformers import AutoImageProcessor, AutoModel, CLIPModel, T5Config, pipeline
 
 import wemoe
 from modeling_wemoe import WEMoEConfig
@@ -26,6 +28,7 @@ from wemoe.toy import build_toy_base, toy_tokenizer
 
 PETS = ["cat", "dog", "bird"]
 TEMPLATES = ["a photo of my {}."]
+FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"  # artifacts saved by wemoe 0.1.0
 
 
 def recipe_of(saved_checkpoints, classnames, *, pets_at: int | None = None, **fields) -> dict:
@@ -349,3 +352,33 @@ def test_unknown_tasks_are_named_with_the_task_without_an_expert(with_pets, data
     with pytest.raises(SystemExit):
         evaluate_main([str(with_pets), write_yaml(bad, tmp_path / "bad.yaml")])
     assert "names task(s) ['cars'] that the model does not have" in capsys.readouterr().err
+
+
+def test_add_task_to_an_artifact_saved_by_0_1_0(tmp_path):
+    """An artifact saved before tasks without an expert existed (and without a recipe) takes one; its own tasks give
+    the logits recorded when it was saved."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig
+
+    fixture = tmp_path / "clip-wemoe"
+    shutil.copytree(FIXTURES / "clip-wemoe", fixture)
+    shared = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(
+        vision_config={**shared, "image_size": 8, "patch_size": 4, "hidden_act": "quick_gelu"},
+        text_config={**shared, "vocab_size": len(toy_tokenizer()), "max_position_embeddings": 64, "eos_token_id": 1},
+        projection_dim=8,
+    )
+    base = CLIPModel(config)  # a stand-in for the fixture's base: its visual projection is what add_task checks
+    with torch.no_grad():
+        base.visual_projection.weight.copy_(load_file(fixture / "model.safetensors")["visual_projection.weight"])
+    base.save_pretrained(tmp_path / "base")
+    toy_tokenizer().save_pretrained(tmp_path / "base")
+
+    added = wemoe.add_task(fixture, "pets", PETS, output=tmp_path / "added", base=tmp_path / "base")
+    model = load(added)
+    assert model.config.tasks == ["shapes", "colors", "pets"] and model.config.expert_tasks == ["shapes", "colors"]
+    expected = json.loads((fixture / "expected.json").read_text())
+    with torch.no_grad():
+        logits = model(torch.tensor(expected["pixel_values"])).logits
+    torch.testing.assert_close(logits[:, :5], torch.tensor(expected["logits"]), atol=1e-5, rtol=0)
+    assert (added / "expected.json").is_file()  # the artifact's other files are kept
