@@ -7,6 +7,7 @@ tools are thin layers over this library (`wemoe.cli`).
 from importlib.metadata import version
 
 from .adaptation import adapt, adapt_artifact
+from .add_task import add_task
 from .artifact import load_artifact_model, save_artifact
 from .backbones import BACKBONES, get_backbone
 from .backbones.clip import default_image_processor, merge_clip
@@ -26,6 +27,7 @@ __all__ = [
     "MergeRecipe",
     "adapt",
     "adapt_artifact",
+    "add_task",
     "convert",
     "default_image_processor",
     "evaluate",

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from .corruptions import Corruption
 from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset, with_corruption
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
-from .recipe import MergeRecipe, load_validated
+from .recipe import RECIPE_FILE, MergeRecipe, artifact_recipe, recipe_file_text
 from .streams import TaskStream, entropy_loss
 
 logger = logging.getLogger(__name__)
@@ -327,12 +326,10 @@ def adapt_artifact(
 
 
 def source_recipe(model_dir: str | os.PathLike) -> MergeRecipe | None:
-    """The recipe a local artifact was converted with (its `merge_config.yaml`, less an earlier adaptation's record),
-    which the adapted model's card is rendered from; read before any weight. None where there is none."""
-    path = Path(model_dir) / "merge_config.yaml"
-    recipe = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    recipe.pop("adaptation", None)  # an adapted artifact's: this run records its own
-    return load_validated(MergeRecipe, recipe, f"recipe {str(path)!r}") if recipe else None
+    """The recipe a local artifact was converted with (its `merge_config.yaml`, less an earlier adaptation's record:
+    this run records its own), which the adapted model's card is rendered from; read before any weight. None where
+    there is none."""
+    return artifact_recipe(model_dir)[0]
 
 
 def adaptation_record(
@@ -374,8 +371,7 @@ def adapted_files(
     card rendered for the adapted model, named `repo_id` if it is pushed, keeping the unadapted model's model-index
     entries). An artifact without a recipe keeps its card, if any, as it was."""
     card_path = Path(model_dir) / "README.md"
-    adaptation = yaml.safe_dump({"adaptation": record}, sort_keys=False)
-    files = {"merge_config.yaml": (recipe.to_yaml() if recipe else "") + adaptation}
+    files = {RECIPE_FILE: recipe_file_text(recipe, record)}
     if recipe is not None:
         card = render_model_card(model, recipe, backbone, repo_id=repo_id, adaptation=record)
         set_model_index(card, card.data.model_name, model_index_of(card_path)[1])

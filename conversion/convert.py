@@ -100,9 +100,14 @@ def checked_recipe(
 
 
 def recipe_experts(recipe: MergeRecipe) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Each task's expert, and its prompt templates where it gives them."""
-    experts = {task.name: task.model for task in recipe.tasks}
+    """Each expert (the tasks with a `model`), and every task's prompt templates where it gives them."""
+    experts = {task.name: task.model for task in recipe.expert_tasks}
     return experts, {task.name: task.templates for task in recipe.tasks if task.templates}
+
+
+def recipe_tasks(recipe: MergeRecipe) -> list[str]:
+    """Every task's name, in order: the tasks without a `model` are the artifact's tasks without an expert."""
+    return [task.name for task in recipe.tasks]
 
 
 def recipe_classnames(recipe: MergeRecipe) -> dict[str, list[str]]:
@@ -123,7 +128,8 @@ def build_artifact(recipe: MergeRecipe, directory: Path, dtype: str, max_shard_s
         convert_static(backbone, recipe, classnames, experts, templates, directory, dtype, max_shard_size)
         return
     options = {name: getattr(recipe, name) for name in MergeOptions.model_fields}
-    model = merge(backbone, recipe.base_model, experts, classnames or None, templates=templates, **options)
+    model = merge(backbone, recipe.base_model, experts, classnames or None, templates=templates,
+                  tasks=recipe_tasks(recipe), **options)
     model = model.to(DTYPES[dtype])
     card = render_model_card(model, recipe, backbone, repo_id=repo_id)
     write_artifact(
@@ -158,6 +164,7 @@ def convert_static(
         processor=backbone.load_processor(recipe.base_model),
         tokenizer=tokenizer,
         templates=templates,
+        tasks=recipe_tasks(recipe),
     )
     backbone.write_static(
         static,
@@ -197,7 +204,8 @@ class ConversionPlan:
     Attributes:
         recipe: the validated recipe.
         base: the base model and its family, in words.
-        experts: task -> (its expert's source, what kind of checkpoint it is, its labels in words).
+        experts: every task -> (its expert's source, what kind of checkpoint it is, its labels in words); a task
+            without an expert says so.
         artifact: the model class the artifact holds, and `artifact_bytes` its weights' size in `dtype`.
         memory: the parts of the conversion's peak memory, in bytes, by what they hold.
         output: the output directory, checked to be writable, if one was given.
@@ -260,7 +268,7 @@ def plan_conversion(
     if backbone.labels_required:
         classnames |= {task.name: [DATASET_LABEL] for task in recipe.tasks if task.dataset is not None}
     with metadata_only():
-        opened = open_inputs(backbone, recipe.base_model, experts, classnames, templates)
+        opened = open_inputs(backbone, recipe.base_model, experts, classnames, templates, recipe_tasks(recipe))
         base_dir = resolve_checkpoint_dir(recipe.base_model, "base_model")
         what = f"{backbone.display_name} backbone"
         check_matching_tensors(
@@ -274,10 +282,7 @@ def plan_conversion(
     return ConversionPlan(
         recipe=recipe,
         base=f"{recipe.base_model} ({backbone.display_name}, {base_numel:,} parameters)",
-        experts={
-            task: (str(source), opened.expert_tensors[task].describe(), labels_text(backbone, recipe, opened, task))
-            for task, source in experts.items()
-        },
+        experts={task: plan_task(backbone, recipe, opened, task) for task in opened.tasks},
         artifact=type(model).__name__,
         artifact_bytes=tensor_bytes(model, DTYPES[dtype]),
         dtype=dtype,
@@ -315,6 +320,16 @@ def plan_model(backbone: Backbone, recipe: MergeRecipe, opened: MergeInputs) -> 
     if recipe.variant == "static":
         return opened.base_model
     return backbone.model_class(wemoe_config(backbone, opened, wemoe_config_options(recipe)))
+
+
+def plan_task(backbone: Backbone, recipe: MergeRecipe, opened: MergeInputs, task: str) -> tuple[str, str, str]:
+    """A task's line in the plan: its expert's source and kind (or that it has none), and its labels."""
+    spec = next(spec for spec in recipe.tasks if spec.name == task)
+    if spec.model is None:
+        source, kind = "(no model)", "no expert: only a zero-shot head, from the base's text tower"
+    else:
+        source, kind = spec.model, opened.expert_tensors[task].describe()
+    return source, kind, labels_text(backbone, recipe, opened, task)
 
 
 def labels_text(backbone: Backbone, recipe: MergeRecipe, opened: MergeInputs, task: str) -> str:

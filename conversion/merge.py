@@ -40,14 +40,37 @@ def merge_options(options: MergeOptions | Mapping | None) -> MergeOptions:
                           "merge options")
 
 
-def check_templates(backbone: Backbone, experts: Mapping, templates: Mapping | None) -> None:
+def check_templates(backbone: Backbone, tasks: Sequence[str], templates: Mapping | None) -> None:
     if not templates:
         return
     if not backbone.templates_allowed:
         raise ValueError(f"`templates` build CLIP zero-shot heads; a {backbone.display_name} model has none.")
-    unknown = sorted(set(templates) - set(experts))
+    unknown = sorted(set(templates) - set(tasks))
     if unknown:
-        raise ValueError(f"`templates` names tasks without an expert: {unknown}.")
+        raise ValueError(f"`templates` names tasks that are not the model's: {unknown}; its tasks: {list(tasks)}.")
+
+
+def task_order(
+    backbone: Backbone,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]] | None,
+    tasks: Sequence[str] | None,
+) -> list[str]:
+    """Every task of the model, in order: `tasks` (those not in `experts` have no expert, only a head built from
+    their `classnames`, where the family builds such heads), else the experts'."""
+    if tasks is None:
+        return list(experts)
+    tasks = list(tasks)
+    duplicates = sorted({task for task in tasks if tasks.count(task) > 1})
+    if duplicates:
+        raise ValueError(f"`tasks` has duplicate names {duplicates}; every task needs its own name.")
+    unlisted = [task for task in experts if task not in tasks]
+    if unlisted:
+        raise ValueError(f"`tasks` must list every expert's task; it misses {unlisted} (tasks: {tasks}).")
+    for task in tasks:
+        if task not in experts:
+            backbone.check_task_without_expert(bool((classnames or {}).get(task)), f"Task {task!r}")
+    return tasks
 
 
 def base_tokenizer(backbone: Backbone, base: ModelSource, tokenizer):
@@ -72,6 +95,7 @@ class MergeInputs:
     expert_tensors: dict[str, TensorSource]
     expert_configs: dict[str, PreTrainedConfig | None]
     task_labels: dict[str, list[str]] | None
+    tasks: list[str]  # every task, in order; those not in `expert_tensors` have no expert
 
 
 def open_inputs(
@@ -80,26 +104,33 @@ def open_inputs(
     experts: Mapping[str, ModelSource],
     classnames: Mapping[str, Sequence[str]] | None,
     templates: Mapping[str, Sequence[str]] | None,
+    tasks: Sequence[str] | None = None,
 ) -> MergeInputs:
-    """Open the base and the experts and make every check that needs no tensor data (architectures, tensor names
-    and shapes, labels); under `wemoe.checkpoints.metadata_only()` nothing but metadata is read."""
+    """Open the base and the experts (in the order of `tasks`, when given) and make every check that needs no tensor
+    data (architectures, tensor names and shapes, labels); under `wemoe.checkpoints.metadata_only()` nothing but
+    metadata is read."""
     check_experts_given(experts)
-    check_templates(backbone, experts, templates)
+    tasks = task_order(backbone, experts, classnames, tasks)
+    experts = {task: experts[task] for task in tasks if task in experts}
+    check_templates(backbone, tasks, templates)
     base_model = backbone.load_base(base)
     base_tensors = InMemoryTensors(backbone.base_tensors(base_model), "The base model")
     expert_tensors, expert_configs = open_experts(
         base_tensors, backbone.config_of(base_model.config), experts, backbone
     )
-    task_labels = backbone.task_labels(classnames, experts, expert_configs)
-    return MergeInputs(base_model, base_tensors, expert_tensors, expert_configs, task_labels)
+    task_labels = backbone.task_labels(classnames, experts, expert_configs, tasks)
+    return MergeInputs(base_model, base_tensors, expert_tensors, expert_configs, task_labels, tasks)
 
 
 def wemoe_config(backbone: Backbone, inputs: MergeInputs, config_options: Mapping) -> WEMoEConfig:
-    """The artifact's config: the base's architecture, the tasks and their labels, and the merge options (as
+    """The artifact's config: the base's architecture, the tasks and their labels, which tasks have an expert (set
+    only when some has none, so other artifacts' configs stay as they were), and the merge options (as
     `wemoe_config_options` gives them)."""
+    expert_tasks = list(inputs.expert_tensors)
     return WEMoEConfig(
         **backbone.wemoe_config_fields(inputs.base_model),
-        tasks=list(inputs.expert_tensors),
+        tasks=inputs.tasks,
+        expert_tasks=expert_tasks if expert_tasks != inputs.tasks else None,
         task_labels=inputs.task_labels,
         **config_options,
     )
@@ -113,6 +144,7 @@ def merge(
     *,
     tokenizer=None,
     templates: Mapping[str, Sequence[str]] | None = None,
+    tasks: Sequence[str] | None = None,
     **options,
 ) -> WEMoEPreTrainedModel:
     """Merge fine-tuned models of one family into a WEMoE (or E-WEMoE) model.
@@ -126,6 +158,9 @@ def merge(
             adaptation restricts its entropy to), a classifier's class names (else its experts' `id2label`).
         tokenizer: the base's tokenizer where the family needs one and `base` is a model in memory.
         templates: CLIP only: task name -> prompt templates with one `{}` for the class name.
+        tasks: every task of the model, in order (default: the experts'). CLIP only: a task listed here but not in
+            `experts` has no expert and no routing slot, only its zero-shot head from `classnames` (the papers'
+            unseen tasks; `wemoe.add_task` adds one to an existing artifact).
         **options: `MergeOptions` fields: `variant` ("wemoe": a router per layer, dense task vectors; "e-wemoe": one
             shared router, task vectors pruned to `keep`), `keep`, `expert_format` ("dense", "sparse", "lowrank"),
             `rank`, `static_merge` (for the non-MLP tensors, e.g. `{"method": "ties", "density": 0.2}`) and
@@ -138,14 +173,16 @@ def merge(
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)
     config_options = wemoe_config_options(options)
-    inputs = open_inputs(backbone, base, experts, classnames, templates)
+    inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
     tokenizer = base_tokenizer(backbone, base, tokenizer)
     config = wemoe_config(backbone, inputs, config_options)
     with torch.random.fork_rng(devices=[]):  # seeded router initialisation, the caller's RNG untouched
         torch.manual_seed(options.router.seed)
         model = backbone.model_class(config)
     logger.info("Merging %d %s experts into a %s model (%s).", len(experts), backbone.display_name,
-                options.variant, ", ".join(experts))
+                options.variant, ", ".join(inputs.expert_tensors))
+    if config.tasks_without_experts:
+        logger.info("Tasks without an expert (a head only): %s.", ", ".join(config.tasks_without_experts))
     reconstruction_errors = fill_backbone(backbone.merge_target(model), inputs.base_tensors, inputs.expert_tensors,
                                           config)
     log_reconstruction_errors(reconstruction_errors, config.rank)
@@ -166,15 +203,16 @@ def merge_static(
     processor=None,
     tokenizer=None,
     templates: Mapping[str, Sequence[str]] | None = None,
+    tasks: Sequence[str] | None = None,
 ):
     """The static baseline WEMoE is compared with: the base with its merged part replaced by a static merge of the
     experts' (`static_merge`, validated as a recipe's: a data-free method such as task arithmetic, TIES or DARE, or
     layer-wise AdaMerging, whose coefficients train on the unlabeled task data `data` names, prepared by
-    `processor`). A plain model of the base's class; for families whose tasks keep their own heads, one per task
-    (task name -> model)."""
+    `processor`, for any of `tasks`: see `merge`). A plain model of the base's class; for families whose tasks keep
+    their own heads, one per task (task name -> model)."""
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     static_merge = merge_options({"variant": "static", "static_merge": static_merge}).static_merge.model_dump()
-    inputs = open_inputs(backbone, base, experts, classnames, templates)
+    inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
     logger.info("Merging %d %s experts by %s (%s).", len(experts), backbone.display_name, static_merge["method"],
                 ", ".join(experts))
     if static_merge["method"] == "adamerging":
@@ -185,7 +223,7 @@ def merge_static(
             inputs.base_model, inputs.task_labels, experts, inputs.expert_tensors, tokenizer=tokenizer,
             templates=templates
         )
-        datasets = load_task_datasets(data, list(experts), backbone.input_kind)
+        datasets = load_task_datasets(data, inputs.tasks, backbone.input_kind)
         streams = task_streams(backbone, datasets, processor, static_merge["batch_size"], inputs.task_labels)
         merged = train_layer_wise_merge(
             classifier, prefix, inputs.base_tensors, inputs.expert_tensors, streams, static_merge

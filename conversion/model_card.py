@@ -29,7 +29,7 @@ def hub_id_or_none(name_or_path: str) -> str | None:
 def hub_lineage(recipe: MergeRecipe) -> list[str]:
     """The base and every expert that are Hub ids, for `base_model`: the Hub's model tree then shows a merge of
     them. Local paths mean nothing there; the card's body names them."""
-    sources = [recipe.base_model, *(task.model for task in recipe.tasks)]
+    sources = [recipe.base_model, *(task.model for task in recipe.expert_tasks)]
     return list(dict.fromkeys(source for source in map(hub_id_or_none, sources) if source is not None))
 
 
@@ -73,7 +73,7 @@ def render_model_card(
         hub_ids=lineage,
         recipe_license=recipe.license,
         adaptation=adaptation,
-        summary=backbone.card_summary.format(n=len(tasks)),
+        summary=backbone.card_summary.format(n=len(recipe.expert_tasks)),
         labels_name=backbone.labels_name,
         usage=backbone.card_usage(repo_id or "path/to/this/artifact", tasks[0]["name"]),
         variant_name=variant,

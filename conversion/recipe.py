@@ -114,11 +114,15 @@ class DatasetSource(Strict):
 
 
 class TaskSpec(Strict):
-    """One expert. CLIP: its class names, given or from a dataset's ClassLabel (exactly one), and optional prompt
-    templates. T5: optionally its label words (`classnames`, or a dataset's ClassLabel names)."""
+    """One task and its expert. CLIP: its class names, given or from a dataset's ClassLabel (exactly one), and optional
+    prompt templates; without `model`, a task without an expert (only its zero-shot head, from the base's text
+    tower). T5: optionally its label words (`classnames`, or a dataset's ClassLabel names)."""
 
     name: Annotated[str, Field(min_length=1)]
-    model: Annotated[str, Field(min_length=1, description="Full fine-tune or PEFT LoRA adapter: local dir or Hub id.")]
+    model: (
+        Annotated[str, Field(min_length=1, description="Full fine-tune or PEFT LoRA adapter: local dir or Hub id.")]
+        | None
+    ) = None
     classnames: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
     dataset: DatasetSource | None = None
     templates: Annotated[list[str], Field(min_length=1)] | None = None
@@ -152,6 +156,8 @@ tasks:
     model: ./my-lora-adapter
     classnames: [circle, square, triangle]
     templates: ["a drawing of a {}."]
+  - name: pets                                         # no model: no expert, only a zero-shot head (CLIP)
+    classnames: [cat, dog]
 """
 
 EXAMPLE_T5_RECIPE = """\
@@ -227,13 +233,27 @@ class MergeRecipe(MergeOptions):
         return self
 
     @model_validator(mode="after")
+    def some_task_has_an_expert(self) -> "MergeRecipe":
+        if not self.expert_tasks:
+            raise ValueError("no task names a `model`: give at least one task's fine-tuned model, the experts merged")
+        return self
+
+    @model_validator(mode="after")
     def top_k_within_the_experts(self) -> "MergeRecipe":
-        if self.router.top_k is not None and self.router.top_k > len(self.tasks):
+        experts = len(self.expert_tasks)
+        if self.router.top_k is not None and self.router.top_k > experts:
+            without = len(self.tasks) - experts
             raise ValueError(
-                f"router.top_k ({self.router.top_k}) is larger than the number of tasks ({len(self.tasks)}): it "
-                "mixes each input's top_k experts, one expert per task"
+                f"router.top_k ({self.router.top_k}) is larger than the number of experts ({experts}): it mixes "
+                "each input's top_k experts, one expert per task with a `model`"
+                + (f" ({without} task(s) without `model` have no expert)" if without else "")
             )
         return self
+
+    @property
+    def expert_tasks(self) -> list[TaskSpec]:
+        """The tasks that name a `model`: the experts, in order."""
+        return [task for task in self.tasks if task.model is not None]
 
     @field_validator("tasks")
     @classmethod
@@ -300,7 +320,8 @@ def check_model_source(value: str, field: str) -> None:
 def check_recipe_sources(recipe: "MergeRecipe") -> None:
     check_model_source(recipe.base_model, "base_model")
     for index, task in enumerate(recipe.tasks):
-        check_model_source(task.model, f"tasks.{index}.model ({task.name})")
+        if task.model is not None:
+            check_model_source(task.model, f"tasks.{index}.model ({task.name})")
 
 
 def dataset_paths(source: DatasetSource) -> list[str]:
@@ -316,11 +337,31 @@ def dataset_paths(source: DatasetSource) -> list[str]:
 
 def recipe_inputs(recipe: "MergeRecipe") -> list[str]:
     """The local paths a recipe reads (models, datasets, the AdaMerging data config): an output must never be one."""
-    paths = [recipe.base_model, *(task.model for task in recipe.tasks)]
+    paths = [recipe.base_model, *(task.model for task in recipe.expert_tasks)]
     paths += [path for task in recipe.tasks if task.dataset is not None for path in dataset_paths(task.dataset)]
     if recipe.static_merge.method == "adamerging":
         paths.append(recipe.static_merge.data)
     return [path for path in paths if Path(path).expanduser().exists()]
+
+
+# The recipe an artifact was converted with, saved in it; an adapted artifact's adds the run under `adaptation`.
+RECIPE_FILE = "merge_config.yaml"
+
+
+def artifact_recipe(directory: str | os.PathLike) -> tuple[MergeRecipe | None, dict[str, Any] | None]:
+    """The recipe a local artifact was converted with (its `merge_config.yaml`) and the adaptation record it holds, if
+    any; (None, None) where it has none. Read before any weight: a broken recipe is an error naming its keys."""
+    path = Path(directory) / RECIPE_FILE
+    fields = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    adaptation = fields.pop("adaptation", None)
+    recipe = load_validated(MergeRecipe, fields, f"recipe {str(path)!r}") if fields else None
+    return recipe, adaptation
+
+
+def recipe_file_text(recipe: MergeRecipe | None, adaptation: dict[str, Any] | None = None) -> str:
+    """An artifact's `merge_config.yaml`: the recipe, then the adaptation record (`wemoe-tta`'s run) if there is one."""
+    text = recipe.to_yaml() if recipe is not None else ""
+    return text + (yaml.safe_dump({"adaptation": adaptation}, sort_keys=False) if adaptation is not None else "")
 
 
 def load_recipe(recipe: MergeRecipe | dict[str, Any] | str | os.PathLike) -> MergeRecipe:

@@ -39,14 +39,21 @@ class WEMoEConfig(PreTrainedConfig):
             T5 only: whether `lm_head` shares the weight of the `shared` input embedding (as in the original T5) or
             has its own (Flan-T5, T5 v1.1). Set by the converter from the base checkpoint.
         tasks (`list[str]`):
-            Task names, one per expert, in expert order. Names are unique and non-empty.
+            Every task the model serves (a classification head each, for CLIP), in order. Names are unique and
+            non-empty. Unless `expert_tasks` says otherwise, each task has an expert, in this order.
+        expert_tasks (`list[str]`, *optional*):
+            The tasks that have an expert (a task vector and a routing slot), in expert order, which is their order
+            in `tasks`. Unset: every task has one (artifacts saved before tasks without an expert existed). CLIP
+            only: a task without an expert has just its zero-shot head, built from the base model's text tower,
+            and the routers mix the other tasks' experts for its inputs too (the papers' unseen tasks).
         task_labels (`dict[str, list[str]]`, *optional*):
             CLIP: class names of each task's classification head, keyed by task (every task must have a non-empty
             list); required. T5: label words (the texts a task answers with) of some or all tasks, to which
             test-time adaptation restricts its entropy; optional. `id2label` is derived from it as
             `"<task>: <label>"`, in task order.
         num_experts (`int`, *optional*):
-            Number of experts (task vectors) per WEMoE layer. Defaults to `len(tasks)` and must equal it.
+            Number of experts (task vectors) per WEMoE layer, the routers' output size. Defaults to the number of
+            tasks with an expert (`tasks_with_experts`) and must equal it.
         router_mode (`"per_layer"` or `"shared"`, defaults to `"per_layer"`):
             `"per_layer"`: one router in every WEMoE layer (WEMoE). `"shared"`: one router owned by the model and
             used by every layer (E-WEMoE).
@@ -114,6 +121,7 @@ class WEMoEConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     tie_word_embeddings: bool = False
     tasks: list[str] | None = None
+    expert_tasks: list[str] | None = None
     task_labels: dict[str, list[str]] | None = None
     num_experts: int | None = None
     router_mode: Literal["per_layer", "shared"] = "per_layer"
@@ -132,7 +140,7 @@ class WEMoEConfig(PreTrainedConfig):
         if self.text_config is not None:
             self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
         if self.num_experts is None and self.tasks is not None:
-            self.num_experts = len(self.tasks)
+            self.num_experts = len(self.tasks_with_experts)
         if self.task_labels is not None and self.tasks is not None:
             labels = [f"{task}: {label}" for task in self.tasks for label in self.task_labels.get(task, [])]
             self.id2label = dict(enumerate(labels))
@@ -159,10 +167,12 @@ class WEMoEConfig(PreTrainedConfig):
         duplicates = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if duplicates:
             raise ValueError(f"`tasks` has duplicate names {duplicates}; every task needs its own name.")
-        if self.num_experts != len(self.tasks):
+        self.check_expert_tasks()
+        if self.num_experts != len(self.tasks_with_experts):
+            what = "tasks" if self.expert_tasks is None else "tasks with an expert (`expert_tasks`)"
             raise ValueError(
-                f"`num_experts` ({self.num_experts}) must equal the number of tasks ({len(self.tasks)}): "
-                "every expert is one task's fine-tuned model."
+                f"`num_experts` ({self.num_experts}) must equal the number of {what} "
+                f"({len(self.tasks_with_experts)}): every expert is one task's fine-tuned model."
             )
         if self.task_labels is None:
             return
@@ -179,6 +189,23 @@ class WEMoEConfig(PreTrainedConfig):
         empty = [t for t in self.task_labels if not self.task_labels[t]]
         if empty:
             raise ValueError(f"`task_labels` has an empty class list for task(s) {empty}.")
+
+    def check_expert_tasks(self) -> None:
+        if self.expert_tasks is None:
+            return
+        if self.vision_config is None:
+            raise ValueError(
+                "`expert_tasks` applies to a CLIP backbone only: a task without an expert needs a zero-shot head, "
+                "which only CLIP builds; every task of a text model has an expert (unset `expert_tasks`)."
+            )
+        if not self.expert_tasks:
+            raise ValueError("`expert_tasks` must list at least one task: a WEMoE model needs an expert to route to.")
+        in_task_order = [task for task in self.tasks if task in self.expert_tasks]
+        if self.expert_tasks != in_task_order:
+            raise ValueError(
+                f"`expert_tasks` {self.expert_tasks} must name tasks of `tasks` {self.tasks}, each once and in the "
+                "order of `tasks`."
+            )
 
     def validate_router(self):
         if self.router_hidden_layers not in (0, 1, 2):
@@ -221,6 +248,16 @@ class WEMoEConfig(PreTrainedConfig):
     def backbone(self) -> str:
         """Which model family the experts are: `"clip"` (with `vision_config`), else `text_config`'s model type."""
         return "clip" if self.vision_config is not None else self.text_config.model_type
+
+    @property
+    def tasks_with_experts(self) -> list[str]:
+        """The tasks that have an expert, in expert order: routing weight `i` is `tasks_with_experts[i]`'s."""
+        return list(self.tasks) if self.expert_tasks is None else list(self.expert_tasks)
+
+    @property
+    def tasks_without_experts(self) -> list[str]:
+        """The tasks served by their head alone (CLIP zero-shot heads), in task order."""
+        return [task for task in self.tasks if task not in self.tasks_with_experts]
 
     @property
     def task_label_offsets(self) -> dict[str, tuple[int, int]]:

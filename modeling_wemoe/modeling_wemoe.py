@@ -559,8 +559,12 @@ def is_router_parameter(name: str) -> bool:
 TASK_RECORD = "task_record"
 
 
-def encode_task_record(tasks: list[str], task_labels: dict[str, list[str]] | None) -> torch.Tensor:
+def encode_task_record(
+    tasks: list[str], task_labels: dict[str, list[str]] | None, expert_tasks: list[str] | None = None
+) -> torch.Tensor:
     record = [[task, (task_labels or {}).get(task)] for task in tasks]
+    if expert_tasks is not None:  # only models with tasks without an expert say which tasks have one
+        record.append({"experts": list(expert_tasks)})
     return torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)
 
 
@@ -645,7 +649,8 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         return True
 
     def expected_task_record(self) -> torch.Tensor:
-        return encode_task_record(self.config.tasks, self.config.task_labels if self.labels_in_tensors else None)
+        labels = self.config.task_labels if self.labels_in_tensors else None
+        return encode_task_record(self.config.tasks, labels, self.config.expert_tasks)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

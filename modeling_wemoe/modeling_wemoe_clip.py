@@ -234,7 +234,8 @@ class WEMoEImageClassifierOutput(ImageClassifierOutput):
         L2-normalised projected image embeddings.
     routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
         Per layer, the routing weights used: `(batch_size, num_experts)` per sample or
-        `(batch_size, seq_len, num_experts)` per token.
+        `(batch_size, seq_len, num_experts)` per token, one column per task with an expert
+        (`config.tasks_with_experts`).
     """
 
     image_embeds: torch.FloatTensor | None = None
@@ -246,7 +247,9 @@ class WEMoEForImageClassification(WEMoEPreTrainedModel):
     """CLIP vision tower with WEMoE MLPs, CLIP's visual projection and one zero-shot head per task.
 
     Logits are `exp(logit_scale) * normalize(visual_projection(pooled)) @ classifier.weight.T`, where the rows of
-    `classifier.weight` are the L2-normalised text embeddings of every task's class names, in task order.
+    `classifier.weight` are the L2-normalised text embeddings of every task's class names, in task order. Every task
+    has a head; a task without an expert (`config.tasks_without_experts`) has only its head, and its inputs are
+    routed over the other tasks' experts like any input.
     """
 
     backbone = "clip"

@@ -49,8 +49,22 @@ def test_derived_fields_and_round_trip(tmp_path):
         ({"vision_config": None}, "Give exactly one of `vision_config` \\(CLIP\\) and `text_config` \\(T5\\)"),
         ({"projection_dim": None}, "`projection_dim` must be a positive int"),
         ({"tasks": "shapes"}, "tasks"),
+        ({"expert_tasks": ["colors", "shapes"]}, r"`expert_tasks` \['colors', 'shapes'\] must name tasks of `tasks`"),
+        ({"expert_tasks": ["cars"]}, r"each once and in the order of `tasks`"),
+        ({"expert_tasks": []}, "`expert_tasks` must list at least one task"),
+        ({"expert_tasks": ["colors"], "num_experts": 2}, r"`num_experts` \(2\) must equal the number of tasks with an"),
+        ({"expert_tasks": ["colors"], "router_top_k": 2}, r"`router_top_k` must be between 1 and num_experts \(1\)"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_name(overrides, message):
     with pytest.raises(StrictDataclassError, match=message):
         make_config(**overrides)
+
+
+def test_tasks_without_an_expert_are_a_clip_config_s_only():
+    config = make_config(expert_tasks=["colors"])
+    assert config.num_experts == 1 and config.tasks_with_experts == ["colors"]
+    assert config.tasks_without_experts == ["shapes"] and len(config.id2label) == 3  # every task keeps its head
+    assert make_config().expert_tasks is None and make_config().tasks_with_experts == ["shapes", "colors"]
+    with pytest.raises(StrictDataclassError, match="`expert_tasks` applies to a CLIP backbone only"):
+        WEMoEConfig(text_config={"d_model": 16}, tasks=["sst2", "qqp"], expert_tasks=["sst2"])

@@ -109,7 +109,7 @@ def test_expert_with_nan(flan):
     ("change", "message"),
     [
         ({"experts": {}}, r"`experts` is empty"),
-        ({"classnames": {"qqp": ["yes"]}}, r"`classnames` names tasks without an expert: \['qqp'\]"),
+        ({"classnames": {"qqp": ["yes"]}}, r"`classnames` names tasks that are not the model's: \['qqp'\]"),
         ({"classnames": {"sst2": []}}, r"`classnames` has an empty class list for task\(s\) \['sst2'\]"),
         ({"variant": "moe"}, r"variant: Input should be 'wemoe', 'e-wemoe' or 'static'"),
     ],

@@ -39,6 +39,8 @@ class Backbone:
         labels_required: whether every task needs `classnames` (or a dataset's ClassLabel) in a recipe.
         templates_allowed: whether a task may give prompt templates (zero-shot heads).
         needs_tokenizer: whether finishing a merged model needs the base's tokenizer (to build heads).
+        serves_tasks_without_experts: whether a task may have no expert, only a head built from the base (CLIP's
+            zero-shot heads). BERT's heads are its experts' classifiers; T5 has no per-task head at all.
         architecture_fields: config fields that must agree between the base and every expert.
         tensor_hints: what a missing or extra tensor usually means, by merge key.
         card_summary: one paragraph on what the artifact is, for its model card (`{n}`: the number of experts).
@@ -56,6 +58,7 @@ class Backbone:
     labels_required: bool = True
     templates_allowed: bool = False
     needs_tokenizer: bool = False
+    serves_tasks_without_experts: bool = False
     architecture_fields: tuple[str, ...] = ()
     tensor_hints: Mapping[str, str] = {}
     card_summary: str = ""
@@ -97,16 +100,20 @@ class Backbone:
         classnames: Mapping[str, Sequence[str]] | None,
         experts: Mapping[str, "ModelSource"],
         expert_configs: Mapping[str, PreTrainedConfig | None],
+        tasks: Sequence[str] | None = None,
     ) -> dict[str, list[str]] | None:
-        """Each task's labels for the artifact, from the given `classnames`; checked against the experts."""
+        """Each task's labels for the artifact, from the given `classnames`; checked against the experts and `tasks`
+        (every task, those without an expert included; default: the experts')."""
         classnames = {task: list(names) for task, names in (classnames or {}).items()}
-        unknown = sorted(set(classnames) - set(experts))
+        tasks = list(experts) if tasks is None else list(tasks)
+        unknown = sorted(set(classnames) - set(tasks))
         if unknown:
-            raise ValueError(f"`classnames` names tasks without an expert: {unknown}; experts: {sorted(experts)}.")
+            hint = " (a task without an expert must be listed in `tasks`)" if self.serves_tasks_without_experts else ""
+            raise ValueError(f"`classnames` names tasks that are not the model's: {unknown}; its tasks: {tasks}{hint}.")
         empty = [task for task, names in classnames.items() if not names]
         if empty:
             raise ValueError(f"`classnames` has an empty class list for task(s) {empty}.")
-        missing = [task for task in experts if task not in classnames]
+        missing = [task for task in tasks if task not in classnames]
         if self.labels_required and missing:
             raise ValueError(
                 f"`experts` and `classnames` must name the same tasks: experts {sorted(experts)}, "
@@ -167,12 +174,36 @@ class Backbone:
 
     def check_recipe_task(self, task: "TaskSpec", where: str) -> None:
         """Recipe rules that depend on the family, named by `where` (`tasks.0 (sst2)`)."""
+        if task.model is None:
+            self.check_task_without_expert(task.classnames is not None or task.dataset is not None, where)
         if self.labels_required and task.classnames is None and task.dataset is None:
             raise ValueError(
                 f"{where}: a {self.display_name} task needs `classnames` or a `dataset` with a ClassLabel column"
             )
         if not self.templates_allowed and task.templates is not None:
             raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a {self.display_name} task has none")
+
+    def check_task_without_expert(self, has_labels: bool, where: str) -> None:
+        """A task without an expert (no `model`) is served by a head built from its labels alone: only where the
+        family builds such heads, and never without labels."""
+        if not self.serves_tasks_without_experts:
+            raise ValueError(
+                f"{where}: no expert (`model`): a {self.display_name} task needs its fine-tuned model; only CLIP "
+                "serves a task without an expert, with a zero-shot head from the base's text tower"
+            )
+        if not has_labels:
+            raise ValueError(
+                f"{where}: a task without an expert (no `model`) is classified by a zero-shot head built from its "
+                "class names: give `classnames` (in a recipe, or a `dataset` with a ClassLabel column)"
+            )
+
+    def with_task_without_expert(
+        self, model: nn.Module, base: "ModelSource", task: str, labels: list[str], templates: list[str] | None
+    ) -> nn.Module:
+        """`model` (an artifact's, loaded) plus a task without an expert: its head built from `labels` (and
+        `templates`) with the `base` the model was merged from; every other tensor as it was. Only for families that
+        `serves_tasks_without_experts`."""
+        raise NotImplementedError
 
     # Adaptation and evaluation -----------------------------------------------------------------------------------
 

@@ -213,9 +213,9 @@ class BertBackbone(Backbone):
     def merge_target(self, model: WEMoEForSequenceClassification) -> nn.Module:
         return model.bert
 
-    def task_labels(self, classnames, experts, expert_configs) -> dict[str, list[str]]:
+    def task_labels(self, classnames, experts, expert_configs, tasks=None) -> dict[str, list[str]]:
         """The recipe's class names where given (checked against the expert's), else the expert's `id2label`."""
-        labels = super().task_labels(classnames, experts, expert_configs) or {}
+        labels = super().task_labels(classnames, experts, expert_configs, tasks) or {}
         for task in experts:
             from_expert = expert_labels(expert_configs.get(task))
             if task not in labels and from_expert is None:

@@ -27,10 +27,11 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import is_torchvision_available
 
-from modeling_wemoe import WEMoEForImageClassification
+from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
+from modeling_wemoe.modeling_wemoe import TASK_RECORD
 
 from ..artifact import load_artifact_model, write_artifact
-from ..checkpoints import ModelSource, check_same_architecture, load_base_model
+from ..checkpoints import ModelSource, check_same_architecture, load_base_model, load_tokenizer
 from ..data import check_tasks_known, pixel_values_of
 from ..evaluation import EvaluationResults, class_names_of, classification_accuracy
 from ..streams import TaskStream
@@ -166,6 +167,30 @@ class ImageTaskStream(TaskStream):
         return model(**inputs, task=self.task).logits
 
 
+def check_merged_from(model: WEMoEForImageClassification, base: CLIPModel, base_source: ModelSource) -> None:
+    """A head built with another base's text tower would live in another embedding space. A WEMoE artifact keeps its
+    base's visual projection as it was, so that tells whether `base` is the one it was merged from."""
+    projection = model.visual_projection.weight
+    if not torch.equal(base.visual_projection.weight.to(projection.dtype), projection):
+        raise ValueError(
+            f"The base model {str(base_source)!r} is not the one this artifact was merged from: its visual projection "
+            "differs from the artifact's, so its text tower would build heads for another embedding space. Give the "
+            "artifact's base model (its merge_config.yaml's base_model)."
+        )
+
+
+def config_with_task(config: PreTrainedConfig, task: str, labels: list[str]) -> WEMoEConfig:
+    """An artifact's config (as saved by any release) read by this release's `WEMoEConfig`, with one more task, which
+    has no expert: the experts stay the tasks that had one."""
+    fields = {key: value for key, value in config.to_dict().items() if key not in ("id2label", "label2id")}
+    fields |= {
+        "tasks": [*config.tasks, task],
+        "task_labels": {**config.task_labels, task: list(labels)},
+        "expert_tasks": getattr(config, "expert_tasks", None) or list(config.tasks),
+    }
+    return WEMoEConfig.from_dict(fields)
+
+
 def vision_tower_key(checkpoint_key: str) -> str | None:
     """The vision-tower key of a checkpoint key in either CLIP layout, or None for anything else (text tower,
     projections, logit scale, and the non-persistent `position_ids` buffers older checkpoints carry)."""
@@ -189,6 +214,7 @@ class CLIPBackbone(Backbone):
     labels_required = True
     templates_allowed = True
     needs_tokenizer = True
+    serves_tasks_without_experts = True
     # Fields that decide tensor shapes or the forward computation of a CLIP vision tower.
     architecture_fields = (
         "hidden_size",
@@ -241,6 +267,23 @@ class CLIPBackbone(Backbone):
         model.logit_scale.copy_(base.logit_scale)
         heads = zero_shot_heads(base, tokenizer, {task: task_labels[task] for task in model.config.tasks}, templates)
         model.classifier.weight.copy_(torch.cat(list(heads.values())))
+
+    @torch.no_grad()
+    def with_task_without_expert(self, model, base, task, labels, templates) -> WEMoEForImageClassification:
+        """A model of this release's code with `model`'s tensors and one more head row block, built as conversion
+        builds every head; the routers keep their outputs (one per expert)."""
+        clip = self.load_base(base)
+        check_merged_from(model, clip, base)
+        head = zero_shot_heads(clip, load_tokenizer(base), {task: labels}, {task: templates} if templates else None)
+        config = config_with_task(model.config, task, labels)
+        with torch.random.fork_rng(devices=[]):  # every tensor is overwritten below; the caller's RNG untouched
+            extended = self.model_class(config).to(model.dtype)
+        state = model.state_dict()
+        state["classifier.weight"] = torch.cat([state["classifier.weight"], head[task].to(model.dtype)])
+        state[TASK_RECORD] = extended.expected_task_record()
+        extended.load_state_dict(state, strict=True)
+        extended.freeze_all_but_routers()
+        return extended.eval()
 
     def load_processor(self, source: ModelSource, config: PreTrainedConfig | None = None) -> BaseImageProcessor:
         """The model's own image processor when it has one, else CLIP's default at the tower's image size."""
