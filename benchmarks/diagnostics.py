@@ -27,6 +27,12 @@ from wemoe.streams import entropy_loss
 CARRIED_FILES = ("README.md", "merge_config.yaml")
 
 
+def expert_tasks(config) -> list[str]:
+    """The tasks with an expert, in expert order (routing weight `i` is the `i`-th's): every task, unless the artifact
+    has tasks without an expert (`expert_tasks`; artifacts older than that field have none)."""
+    return list(getattr(config, "expert_tasks", None) or config.tasks)
+
+
 def modules_of_class(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn.Module]]:
     """`(name, module)` of every module of a WEMoE class, matched by name: an artifact loaded with its own code
     (`trust_remote_code`) has its own copies of the classes, which `isinstance` against this repository's misses."""
@@ -53,13 +59,13 @@ def route_to(model: torch.nn.Module, expert: int) -> None:
 
 
 def oracle_artifacts(artifact: Path, output: Path) -> dict[str, Path]:
-    """Per task, a copy of the artifact whose routing is that task's expert alone (cached)."""
+    """Per task with an expert, a copy of the artifact whose routing is that expert alone (cached)."""
     model = load_artifact_model(artifact)
     backbone = backbone_for_config(model.config)
     processor = backbone.load_processor(str(artifact), model.config)
     extra_files = {name: (artifact / name).read_text() for name in CARRIED_FILES if (artifact / name).is_file()}
     copies = {}
-    for index, task in enumerate(model.config.tasks):
+    for index, task in enumerate(expert_tasks(model.config)):
         copies[task] = output / task
         if not copies[task].is_dir():
             route_to(model, index)
@@ -105,7 +111,7 @@ def tie_shared_hits(routing: torch.Tensor, expert: int) -> torch.Tensor:
 @torch.no_grad()
 def routing_analysis(model_dir: Path, data: Mapping, samples: int = 128, batch_size: int = 32) -> dict:
     """Per task: the mean routing weight per layer and expert, and the routing accuracy per layer, over up to
-    `samples` of its test inputs."""
+    `samples` of its test inputs (None for a task without an expert: no routing is its own)."""
     model = load_artifact_model(model_dir)
     backbone = backbone_for_config(model.config)
     tasks = list(model.config.tasks)
@@ -121,10 +127,14 @@ def routing_analysis(model_dir: Path, data: Mapping, samples: int = 128, batch_s
             inputs = stream.encode(stream.dataset[batch][stream.column], batch)
             per_layer.append(per_sample_routing(model, lambda s=stream, inputs=inputs: s.logits(model, inputs)))
         layers = [torch.cat([batch[i] for batch in per_layer]) for i in range(len(per_layer[0]))]
-        own = tasks.index(task)
+        experts = expert_tasks(model.config)
         analysis[task] = {
             "mean_routing": [layer.mean(dim=0).tolist() for layer in layers],
-            "routing_accuracy": [float(tie_shared_hits(layer, own).mean()) for layer in layers],
+            "routing_accuracy": (
+                [float(tie_shared_hits(layer, experts.index(task)).mean()) for layer in layers]
+                if task in experts
+                else None
+            ),
         }
     return analysis
 

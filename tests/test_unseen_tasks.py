@@ -382,3 +382,17 @@ def test_add_task_to_an_artifact_saved_by_0_1_0(tmp_path):
         logits = model(torch.tensor(expected["pixel_values"])).logits
     torch.testing.assert_close(logits[:, :5], torch.tensor(expected["logits"]), atol=1e-5, rtol=0)
     assert (added / "expected.json").is_file()  # the artifact's other files are kept
+
+
+def test_routing_diagnostics_index_routing_by_expert_not_by_task(with_pets, data, tmp_path):
+    """`pets` sits between the experts' tasks: the benchmarks' oracle copies and routing accuracy must count routing
+    weight `i` as the `i`-th expert's, and give a task without an expert no oracle and no routing accuracy."""
+    import diagnostics
+
+    experts = [task for task in data["tasks"] if task != "pets"]
+    copies = diagnostics.oracle_artifacts(Path(with_pets), tmp_path / "oracle")
+    assert list(copies) == experts
+    analysis = diagnostics.routing_analysis(copies[experts[1]], data, samples=8)
+    assert analysis["pets"]["routing_accuracy"] is None
+    assert all(accuracy == 1.0 for accuracy in analysis[experts[1]]["routing_accuracy"])
+    assert all(accuracy == 0.0 for accuracy in analysis[experts[0]]["routing_accuracy"])
