@@ -9,16 +9,24 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainingArguments
 
 from wemoe.cli.convert import main as wemoe_convert
 from wemoe.cli.evaluate import main as wemoe_eval
 from wemoe.cli.tta import main as wemoe_tta
+from wemoe.data import open_dataset
 from wemoe.evaluation import scores_from_json
 from wemoe.outputs import staged_output
+from wemoe.recipe import DatasetSource
+
+logger = logging.getLogger("accuracy")
+# Task arithmetic's scaling is chosen from these on the validation splits (the paper's protocol).
+LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
 @dataclass(frozen=True)
@@ -159,3 +167,85 @@ def parse_benchmark_args(
     args.cache.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     return args
+
+
+# ---------------------------------------------------------------------------------------------------- task files
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskFiles(Strict):
+    """One task of a tasks file: its three splits as `datasets` specs, its columns (images for CLIP, `prefix + text`
+    for text models) and, optionally, a domain the benchmark groups tasks by."""
+
+    train: DatasetSource
+    validation: DatasetSource
+    test: DatasetSource
+    image_column: str = "image"
+    text_column: str = "text"
+    label_column: str = "label"
+    prefix: str = ""
+    domain: str = ""
+
+
+class TasksFile(Strict):
+    """A benchmark's task set (`--tasks FILE`): `tasks: {NAME: {train: SPEC, validation: SPEC, test: SPEC, ...}}`."""
+
+    tasks: Annotated[dict[str, TaskFiles], Field(min_length=2)]
+
+
+def load_split(task: str, files: TaskFiles, split: str):
+    """A task's split, checked to have ClassLabel labels (their names are the expert's classes)."""
+    from datasets import ClassLabel
+
+    dataset = open_dataset(task, getattr(files, split))
+    feature = dataset.features.get(files.label_column)
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(f"Task {task!r}: the {split} split's column {files.label_column!r} must be a ClassLabel.")
+    return dataset
+
+
+def class_names(task: str, files: TaskFiles) -> list[str]:
+    return load_split(task, files, "train").features[files.label_column].names
+
+
+def data_config(tasks: TasksFile, split: str, names: list[str] | None = None) -> dict:
+    """The DATA.yaml content `wemoe-tta` and `wemoe-eval` read: the `split` of every task (or of `names`)."""
+    columns = ("image_column", "text_column", "label_column", "prefix")
+    return {
+        "tasks": {
+            name: {**getattr(files, split).model_dump(exclude_none=True), **files.model_dump(include=set(columns))}
+            for name, files in tasks.tasks.items()
+            if names is None or name in names
+        }
+    }
+
+
+def choose_on_validation(candidates: list[float], validation_average: Callable[[float], float], output: Path) -> dict:
+    """The candidate with the best validation average (ties: the first), with every candidate's average; cached as
+    JSON. Test accuracy never enters a choice."""
+    if output.is_file():
+        return json.loads(output.read_text())
+    averages = {}
+    for candidate in candidates:
+        averages[str(candidate)] = validation_average(candidate)
+        logger.info("candidate %g: validation average %.4f", candidate, averages[str(candidate)])
+    choice = {"lambda": float(max(averages, key=averages.get)), "validation_averages": averages}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(choice, indent=2))
+    return choice
+
+
+def routing_table(report: dict, tasks: list[str]) -> str:
+    """Markdown: routing accuracy per layer (mean over the tasks with an expert), before and after adaptation."""
+    rows = []
+    for method, entry in report.items():
+        if "routing_accuracy_before" not in entry:
+            continue
+        for when in ("before", "after"):
+            per_task = {t: v for t, v in entry[f"routing_accuracy_{when}"].items() if t in tasks and v is not None}
+            layers = len(next(iter(per_task.values())))
+            means = [sum(values[layer] for values in per_task.values()) / len(per_task) for layer in range(layers)]
+            rows.append(f"| {method}, {when} adaptation | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    header = ["| method | " + " | ".join(f"layer {i}" for i in range(layers)) + " |", "|---|" + "---|" * layers]
+    return "\n".join(header + rows)

@@ -32,33 +32,37 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import torch
 from accuracy_common import (
+    LAMBDAS,
     Adaptation,
+    TaskFiles,
+    TasksFile,
+    choose_on_validation,
+    class_names,
     convert_and_adapt,
+    data_config,
     evaluate_dir,
+    load_split,
     method_slug,
     parse_benchmark_args,
+    routing_table,
     save_atomically,
     train,
     write_results,
     write_yaml,
 )
 from diagnostics import adaptation_curve, oracle_artifacts, plot_adaptation, plot_routing, routing_analysis
-from pydantic import BaseModel, ConfigDict, Field
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
-from wemoe.data import open_dataset
 from wemoe.merge import merge_static
-from wemoe.recipe import DatasetSource, load_validated
+from wemoe.recipe import load_validated
 
 logger = logging.getLogger("accuracy_text")
 
 LORA_RANK = 16
-LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
 @dataclass(frozen=True)
@@ -76,47 +80,6 @@ FULL = Scale(finetune_steps=150, batch_size=16, max_length=64, tta_steps=80, tta
              rows_per_split=None)  # fmt: skip
 TINY = Scale(finetune_steps=3, batch_size=4, max_length=32, tta_steps=2, tta_batch_size=4, lowrank_rank=8,
              rows_per_split=12)  # fmt: skip
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskFiles(Strict):
-    """One task of a tasks file: its three splits as `datasets` specs and its columns."""
-
-    train: DatasetSource
-    validation: DatasetSource
-    test: DatasetSource
-    text_column: str = "text"
-    label_column: str = "label"
-    domain: str = ""
-
-
-class TasksFile(Strict):
-    tasks: Annotated[dict[str, TaskFiles], Field(min_length=2)]
-
-
-def load_split(task: str, files: TaskFiles, split: str):
-    """A task's split, checked to have ClassLabel labels (their names are the expert's classes)."""
-    from datasets import ClassLabel
-
-    dataset = open_dataset(task, getattr(files, split))
-    feature = dataset.features.get(files.label_column)
-    if not isinstance(feature, ClassLabel):
-        raise ValueError(f"Task {task!r}: the {split} split's column {files.label_column!r} must be a ClassLabel.")
-    return dataset
-
-
-def data_config(tasks: TasksFile, split: str) -> dict:
-    """The DATA.yaml content `wemoe-tta` and `wemoe-eval` read: every task's `split`."""
-    return {
-        "tasks": {
-            name: {**getattr(files, split).model_dump(exclude_none=True), "text_column": files.text_column,
-                   "label_column": files.label_column}
-            for name, files in tasks.tasks.items()
-        }
-    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- experts
@@ -217,28 +180,20 @@ def recipe(checkpoints: dict[str, Path], tasks: TasksFile, kind: str, **fields) 
     return {"base_model": str(checkpoints["base"]), "architecture": "bert", "tasks": entries, **fields}
 
 
-def class_names(task: str, files: TaskFiles) -> list[str]:
-    return load_split(task, files, "train").features[files.label_column].names
-
-
 def choose_lambda(checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, output: Path) -> dict:
     """Task arithmetic's lambda chosen on the validation splits (the paper's protocol), cached as JSON."""
-    if output.is_file():
-        return json.loads(output.read_text())
     tokenizer = AutoTokenizer.from_pretrained(checkpoints["base"])
     experts = {name: str(checkpoints[f"full/{name}"]) for name in tasks.tasks}
     validation = {name: load_split(name, files, "validation") for name, files in tasks.tasks.items()}
-    averages = {}
-    for scaling in LAMBDAS:
+
+    def validation_average(scaling: float) -> float:
         models = merge_static("bert", str(checkpoints["base"]), experts,
                               {"method": "task_arithmetic", "scaling": scaling})  # fmt: skip
         scores = [accuracy(models[name], tokenizer, validation[name], files, scale.max_length)
                   for name, files in tasks.tasks.items()]  # fmt: skip
-        averages[str(scaling)] = sum(scores) / len(scores)
-        logger.info("task arithmetic lambda %.1f: validation average %.4f", scaling, averages[str(scaling)])
-    choice = {"lambda": float(max(averages, key=averages.get)), "validation_averages": averages}
-    output.write_text(json.dumps(choice, indent=2))
-    return choice
+        return sum(scores) / len(scores)
+
+    return choose_on_validation(LAMBDAS, validation_average, output)
 
 
 PAPER_TTA_LR = 1e-4
@@ -384,20 +339,6 @@ def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, res
     report["task_vector_norms"] = norms
     (output / "accuracy_text_diagnostics.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def routing_table(report: dict, tasks: list[str]) -> str:
-    """Markdown: routing accuracy per layer (mean over tasks), before and after adaptation."""
-    lines = ["| method | " + " | ".join(f"layer {i}" for i in range(6)) + " |", "|---|" + "---|" * 6]
-    for method, entry in report.items():
-        if method == "task_vector_norms":
-            continue
-        for when in ("before", "after"):
-            per_task = entry[f"routing_accuracy_{when}"]
-            layers = len(next(iter(per_task.values())))
-            means = [sum(per_task[t][layer] for t in tasks) / len(tasks) for layer in range(layers)]
-            lines.append(f"| {method}, {when} adaptation | " + " | ".join(f"{m:.2f}" for m in means) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------- main
