@@ -53,7 +53,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import adaptation_curve, oracle_artifacts, plot_adaptation, plot_routing, routing_analysis
+from diagnostics import adaptation_report, oracle_artifacts, plot_norms, task_vector_norms
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
@@ -287,54 +287,14 @@ def oracle_row(cache: Path, tasks: TasksFile) -> dict:
 BLOCKS = {"feed-forward": ("intermediate.", "output."), "attention": ("attention.",)}  # within a layer
 
 
-def task_vector_norms(checkpoints: dict[str, Path], tasks: TasksFile) -> dict[str, list[float]]:
-    """The L2 norm of each layer's feed-forward and attention task vectors, averaged over the experts: fine-tuning
-    moving the feed-forward blocks more than attention is the paper's reason for making them the experts."""
-    base = BertForSequenceClassification.from_pretrained(checkpoints["base"]).bert.state_dict()
-    layers = sum(1 for key in base if key.endswith("intermediate.dense.weight"))
-    norms = {block: [0.0] * layers for block in BLOCKS}
-    for name in tasks.tasks:
-        expert = BertForSequenceClassification.from_pretrained(checkpoints[f"full/{name}"]).bert.state_dict()
-        for block, starts in BLOCKS.items():
-            for layer in range(layers):
-                prefix = f"encoder.layer.{layer}."
-                keys = [key for key in base if key.startswith(prefix) and key[len(prefix) :].startswith(starts)]
-                squared = sum(float(((expert[key] - base[key]) ** 2).sum()) for key in keys)
-                norms[block][layer] += squared**0.5 / len(tasks.tasks)
-    return norms
-
-
-def plot_norms(norms: dict[str, list[float]], path: Path) -> None:
-    from diagnostics import pyplot
-
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(4.5, 3))
-    for part, values in norms.items():
-        axis.plot(range(len(values)), values, marker="o", label=part)
-    axis.set(xlabel="layer", ylabel="task vector L2 norm (mean over tasks)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy before and after adaptation, the routing and norm plots, and the adaptation curves."""
-    data = test_data(tasks)
-    report = {}
-    for method in ("WEMoE", OPTION_ROW, "E-WEMoE keep=0.1"):
-        adapted = Path(results[method]["model"])
-        converted = adapted.with_name(adapted.name.removesuffix("_tta"))
-        before, after = routing_analysis(converted, data), routing_analysis(adapted, data)
-        report[method] = {
-            "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
-            "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
-            "curve": adaptation_curve(converted, Path(f"{adapted}.checkpoints"), data_config(tasks, "validation")),
-        }
-        plot_routing(after, list(tasks.tasks), output / f"accuracy_text_routing_{method_slug(method)}.png",
-                     f"{method}: mean routing weight after adaptation (test inputs)")  # fmt: skip
-    plot_adaptation({method: report[method]["curve"] for method in report}, output / "accuracy_text_adaptation.png")
-    norms = task_vector_norms(checkpoints, tasks)
+    adapted = {method: Path(results[method]["model"]) for method in ("WEMoE", OPTION_ROW, "E-WEMoE keep=0.1")}
+    report = adaptation_report(adapted, test_data(tasks), data_config(tasks, "validation"), output, "accuracy_text")
+    base = BertForSequenceClassification.from_pretrained(checkpoints["base"]).bert.state_dict()
+    experts = [BertForSequenceClassification.from_pretrained(checkpoints[f"full/{name}"]).bert.state_dict()
+               for name in tasks.tasks]  # fmt: skip
+    norms = task_vector_norms(base, experts, "encoder.layer.{}.", BLOCKS)
     plot_norms(norms, output / "accuracy_text_task_vector_norms.png")
     report["task_vector_norms"] = norms
     (output / "accuracy_text_diagnostics.json").write_text(json.dumps(report, indent=2))

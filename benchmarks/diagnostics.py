@@ -226,3 +226,63 @@ def plot_adaptation(curves: Mapping[str, list[dict]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def task_vector_norms(
+    base: Mapping[str, torch.Tensor],
+    experts: list[Mapping[str, torch.Tensor]],
+    layer_prefix: str,
+    blocks: Mapping[str, tuple[str, ...]],
+) -> dict[str, list[float]]:
+    """The L2 norm of each layer's task vector per block (keys under `layer_prefix.format(layer)` starting with one
+    of the block's prefixes), averaged over the experts: fine-tuning moving the feed-forward blocks more than
+    attention is the paper's reason for making them the experts."""
+    layers = 0
+    while any(key.startswith(layer_prefix.format(layers)) for key in base):
+        layers += 1
+    norms = {block: [0.0] * layers for block in blocks}
+    for expert in experts:
+        for block, starts in blocks.items():
+            for layer in range(layers):
+                prefix = layer_prefix.format(layer)
+                keys = [key for key in base if key.startswith(prefix) and key[len(prefix) :].startswith(starts)]
+                squared = sum(float(((expert[key] - base[key]).float() ** 2).sum()) for key in keys)
+                norms[block][layer] += squared**0.5 / len(experts)
+    return norms
+
+
+def plot_norms(norms: Mapping[str, list[float]], path: Path) -> None:
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(4.5, 3))
+    for part, values in norms.items():
+        axis.plot(range(len(values)), values, marker="o", label=part)
+    axis.set(xlabel="layer", ylabel="task vector L2 norm (mean over tasks)")
+    axis.set_xticks(range(len(next(iter(norms.values())))))
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def adaptation_report(
+    models: Mapping[str, Path], test: Mapping, validation: Mapping, output: Path, stem: str
+) -> dict[str, dict]:
+    """Per adapted method (`models`: method -> its `wemoe-tta` output, beside the converted artifact it adapted):
+    routing accuracy per layer before and after adaptation on the test inputs, the routing plot after, and
+    validation entropy and accuracy along adaptation (one plot for every method)."""
+    from accuracy_common import method_slug
+
+    report = {}
+    for method, adapted in models.items():
+        converted = adapted.with_name(adapted.name.removesuffix("_tta"))
+        before, after = routing_analysis(converted, test), routing_analysis(adapted, test)
+        report[method] = {
+            "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
+            "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
+            "curve": adaptation_curve(converted, Path(f"{adapted}.checkpoints"), validation),
+        }
+        experts = expert_tasks(load_artifact_model(converted).config)
+        plot_routing(after, experts, output / f"{stem}_routing_{method_slug(method)}.png",
+                     f"{method}: mean routing weight after adaptation (test inputs)")  # fmt: skip
+    plot_adaptation({method: entry["curve"] for method, entry in report.items()}, output / f"{stem}_adaptation.png")
+    return report

@@ -4,6 +4,7 @@ plots. It checks that every stage runs and produces what the next one reads, not
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,27 @@ def load_script(name: str):
     return module
 
 
+def pretraining_packages_missing() -> list[str]:
+    benchmark = load_script("accuracy")
+    paths = {benchmark.EMOJI_FONT: "fonts-noto-color-emoji", benchmark.CLIPART: "tuxpaint-stamps-default"}
+    return [package for path, package in paths.items() if not path.exists()]
+
+
 def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
+    if pretraining_packages_missing() and not os.environ.get("CI"):  # CI installs them (.ci/run): never skipped there
+        pytest.skip(f"apt-get install -y {' '.join(pretraining_packages_missing())} (pre-training images)")
     benchmark = load_script("accuracy")
     cache, results_dir = tmp_path / "cache", tmp_path / "results"
-    results = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir)])
+    run = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir)])
+    results, regime = run["results"], run["regime"]
 
-    assert list(results) == list(benchmark.METHODS)
+    rows = list(benchmark.methods(regime["task_arithmetic"]["lambda"]))
+    assert list(results) == ["pre-trained (zero-shot)", "individual fine-tunes", *rows, benchmark.ORACLE_ROW]
+    assert regime["task_arithmetic"]["lambda"] in benchmark.LAMBDAS  # chosen on validation
+    assert set(regime["zero_shot"]) == set(benchmark.TINY_TASKS) | {"average"}
     for method, result in results.items():
         scores = result["scores"]
-        assert set(scores) == set(benchmark.TASKS) | {"average"}, method
+        assert set(scores) == set(benchmark.TINY_TASKS) | {"average"}, method
         assert all(0.0 <= score <= 1.0 for score in scores.values()), method
     # Fine-tunes are ordinary CLIPModel checkpoints whose vision tower moved and whose text tower did not.
     base = CLIPModel.from_pretrained(cache / "checkpoints" / "base")
@@ -43,13 +56,29 @@ def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
     assert all((a == b).all() for a, b in zip(base.text_model.parameters(), mnist.text_model.parameters(), strict=True))
     # WEMoE rows were adapted (a tta output beside each converted model); static rows were not.
     assert (cache / "models" / "wemoe_tta" / "config.json").is_file()
-    assert not (cache / "models" / "task_arithmetic_tta").exists()
+    assert not (cache / "models" / "task_arithmetic__lambda_0_3_tta").exists()
     table = (results_dir / "accuracy.md").read_text()
-    assert all(method in table for method in benchmark.METHODS)
+    assert all(method in table for method in results)
     assert json.loads((results_dir / "accuracy.json").read_text()).keys() == results.keys()
-    for plot in ("routing_weights.png", "task_vector_norms.png"):
+    diagnostics = json.loads((results_dir / "accuracy_diagnostics.json").read_text())
+    assert len(diagnostics["WEMoE"]["routing_accuracy_after"]["mnist"]) == 4  # one per layer
+    assert [point["step"] for point in diagnostics["WEMoE"]["curve"]][0] == 0
+    for plot in ("accuracy_routing_wemoe.png", "accuracy_adaptation.png", "accuracy_task_vector_norms.png"):
         assert (results_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # A second run reuses every cached stage and gives the same table.
-    again = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir)])
-    assert {m: r["scores"] for m, r in again.items()} == {m: r["scores"] for m, r in results.items()}
+    # A second run, from the tasks file the first one wrote (`--tasks FILE`), reuses every cached stage.
+    again = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir), "--tasks",
+                            str(cache / "tasks.yaml")])  # fmt: skip
+    assert {m: r["scores"] for m, r in again["results"].items()} == {m: r["scores"] for m, r in results.items()}
+
+
+def test_pretraining_captions_never_name_an_evaluated_class():
+    if pretraining_packages_missing() and not os.environ.get("CI"):
+        pytest.skip(f"apt-get install -y {' '.join(pretraining_packages_missing())} (pre-training images)")
+    benchmark = load_script("accuracy")
+    classes = ["face", "circle", "t-shirt", "ankle boot"]
+    pairs = benchmark.pretraining_pairs(classes, cap=None, seed=0)
+    words = {word for _, name in pairs for word in name.split()}
+    assert not words & {"face", "circle", "t", "shirt", "ankle", "boot"}
+    assert len(pairs) > 1000  # emoji and clipart both read
+    assert {"grinning face", "cat face"}.isdisjoint(name for _, name in pairs)
