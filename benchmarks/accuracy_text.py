@@ -53,7 +53,14 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import adaptation_curve, oracle_artifacts, plot_adaptation, plot_routing, routing_analysis
+from diagnostics import (
+    adaptation_curve,
+    oracle_artifacts,
+    plot_adaptation,
+    plot_norms,
+    plot_routing,
+    routing_analysis,
+)
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
@@ -302,20 +309,6 @@ def task_vector_norms(checkpoints: dict[str, Path], tasks: TasksFile) -> dict[st
                 squared = sum(float(((expert[key] - base[key]) ** 2).sum()) for key in keys)
                 norms[block][layer] += squared**0.5 / len(tasks.tasks)
     return norms
-
-
-def plot_norms(norms: dict[str, list[float]], path: Path) -> None:
-    from diagnostics import pyplot
-
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(4.5, 3))
-    for part, values in norms.items():
-        axis.plot(range(len(values)), values, marker="o", label=part)
-    axis.set(xlabel="layer", ylabel="task vector L2 norm (mean over tasks)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:

@@ -226,3 +226,16 @@ def plot_adaptation(curves: Mapping[str, list[dict]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_norms(norms: Mapping[str, list[float]], path: Path) -> None:
+    """The task vectors' L2 norm per layer, one line per part of the layer (feed-forward, attention, ...)."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(4.5, 3))
+    for part, values in norms.items():
+        axis.plot(range(len(values)), values, marker="o", label=part)
+    axis.set(xlabel="layer", ylabel="task vector L2 norm (mean over tasks)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
