@@ -67,14 +67,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import (
-    adaptation_curve,
-    oracle_artifacts,
-    plot_adaptation,
-    plot_norms,
-    plot_routing,
-    routing_analysis,
-)
+from diagnostics import oracle_artifacts, write_diagnostics
 from text_tasks import DEFAULT_TASKS, build_tasks
 from transformers import (
     AutoTokenizer,
@@ -600,25 +593,10 @@ def task_vector_norms(checkpoints: dict[str, Path], tasks: TasksFile) -> dict[st
 def diagnostics(checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy per encoder layer before and after adaptation, the routing and norm plots, and the
     adaptation curves (validation entropy over the label words, and accuracy)."""
-    data = data_config(tasks, "test")
-    report = {}
-    for method in ("WEMoE", "E-WEMoE keep=0.1", REST_ROW):
-        adapted = Path(results[method]["model"])
-        converted = adapted.with_name(adapted.name.removesuffix("_tta"))
-        before, after = routing_analysis(converted, data), routing_analysis(adapted, data)
-        report[method] = {
-            "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
-            "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
-            "curve": adaptation_curve(converted, Path(f"{adapted}.checkpoints"), data_config(tasks, "validation")),
-        }
-        plot_routing(after, list(tasks.tasks), output / f"accuracy_t5_routing_{method_slug(method)}.png",
-                     f"{method}: mean encoder routing weight after adaptation (test inputs)")  # fmt: skip
-    plot_adaptation({method: report[method]["curve"] for method in report}, output / "accuracy_t5_adaptation.png")
+    adapted = {method: Path(results[method]["model"]) for method in ("WEMoE", "E-WEMoE keep=0.1", REST_ROW)}
     norms = task_vector_norms(checkpoints, tasks)
-    plot_norms(norms, output / "accuracy_t5_task_vector_norms.png")
-    report["task_vector_norms"] = norms
-    (output / "accuracy_t5_diagnostics.json").write_text(json.dumps(report, indent=2))
-    return report
+    return write_diagnostics(adapted, data_config(tasks, "test"), data_config(tasks, "validation"), norms, output,
+                             "accuracy_t5", "encoder routing weight")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- main

@@ -12,10 +12,12 @@ Family-agnostic: inputs come from the family's task streams (`Backbone.task_stre
 where every WEMoE linear receives them.
 """
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from accuracy_common import method_slug
 from safetensors.torch import load_file
 
 from wemoe.adaptation import load_task_datasets, task_streams
@@ -239,3 +241,29 @@ def plot_norms(norms: Mapping[str, list[float]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def write_diagnostics(
+    adapted: Mapping[str, Path], test: Mapping, validation: Mapping, norms: Mapping, output: Path, stem: str, what: str
+) -> dict:
+    """A benchmark's diagnostics of its adapted rows (`adapted`: method -> the artifact `wemoe-tta` wrote, its
+    unadapted source beside it without `_tta`, its checkpoints in `ADAPTED.checkpoints`): routing accuracy per layer on
+    the `test` data before and after adaptation, the adaptation curve on `validation`, and the task-vector `norms`;
+    written as `stem_diagnostics.json` in `output` with the plots `stem_routing_METHOD.png` (`what`: the routing
+    weights', in the title), `stem_adaptation.png` and `stem_task_vector_norms.png`."""
+    report = {}
+    for method, artifact in adapted.items():
+        converted = artifact.with_name(artifact.name.removesuffix("_tta"))
+        before, after = routing_analysis(converted, test), routing_analysis(artifact, test)
+        report[method] = {
+            "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
+            "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
+            "curve": adaptation_curve(converted, Path(f"{artifact}.checkpoints"), validation),
+        }
+        plot_routing(after, list(test["tasks"]), output / f"{stem}_routing_{method_slug(method)}.png",
+                     f"{method}: mean {what} after adaptation (test inputs)")  # fmt: skip
+    plot_adaptation({method: report[method]["curve"] for method in report}, output / f"{stem}_adaptation.png")
+    plot_norms(norms, output / f"{stem}_task_vector_norms.png")
+    report["task_vector_norms"] = dict(norms)
+    (output / f"{stem}_diagnostics.json").write_text(json.dumps(report, indent=2))
+    return report
