@@ -74,7 +74,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import adaptation_report, oracle_artifacts, plot_norms, task_vector_norms
+from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
 from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
@@ -606,14 +606,11 @@ BLOCKS = {"MLP": ("mlp.",), "attention": ("self_attn.",)}  # within a layer
 def diagnostics(checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy before and after adaptation, the routing and norm plots, and the adaptation curves."""
     adapted = {method: Path(results[method]["model"]) for method in ADAPTED_ROWS}
-    report = adaptation_report(adapted, data_config(tasks, "test"), data_config(tasks, "validation"), output,
-                               "accuracy")  # fmt: skip
     base = CLIPModel.from_pretrained(checkpoints["base"]).vision_model.state_dict()
     experts = [CLIPModel.from_pretrained(checkpoints[task]).vision_model.state_dict() for task in tasks.tasks]
-    report["task_vector_norms"] = task_vector_norms(base, experts, "encoder.layers.{}.", BLOCKS)
-    plot_norms(report["task_vector_norms"], output / "accuracy_task_vector_norms.png")
-    (output / "accuracy_diagnostics.json").write_text(json.dumps(report, indent=2))
-    return report
+    norms = task_vector_norms(base, experts, "encoder.layers.{}.", BLOCKS)
+    return write_diagnostics(adapted, data_config(tasks, "test"), data_config(tasks, "validation"), norms, output,
+                             "accuracy", "routing weight")  # fmt: skip
 
 
 def regime_table(regime: dict, names: list[str]) -> str:

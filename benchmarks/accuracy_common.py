@@ -37,6 +37,7 @@ class Adaptation:
     batch_size: int
     lr: float = 1e-3
     seed: int = 0
+    tta_args: tuple[str, ...] = ()  # more `wemoe-tta` options (e.g. `--objective ...`); AdaMerging ignores them
 
 
 def train(
@@ -113,7 +114,8 @@ def convert_and_adapt(cache: Path, method: str, recipe: dict, data_yaml: Path, a
     if not adapted.is_dir():
         wemoe_tta([str(converted), str(data_yaml), "--output", str(adapted), "--steps", str(adaptation.steps),
                    "--lr", str(adaptation.lr), "--batch-size", str(adaptation.batch_size), "--seed",
-                   str(adaptation.seed), "--checkpointing-steps", str(max(1, adaptation.steps // 3))])  # fmt: skip
+                   str(adaptation.seed), "--checkpointing-steps", str(max(1, adaptation.steps // 3)),
+                   *adaptation.tta_args])  # fmt: skip
     return adapted
 
 

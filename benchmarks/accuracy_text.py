@@ -53,7 +53,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import adaptation_report, oracle_artifacts, plot_norms, task_vector_norms
+from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
@@ -290,15 +290,12 @@ BLOCKS = {"feed-forward": ("intermediate.", "output."), "attention": ("attention
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy before and after adaptation, the routing and norm plots, and the adaptation curves."""
     adapted = {method: Path(results[method]["model"]) for method in ("WEMoE", OPTION_ROW, "E-WEMoE keep=0.1")}
-    report = adaptation_report(adapted, test_data(tasks), data_config(tasks, "validation"), output, "accuracy_text")
     base = BertForSequenceClassification.from_pretrained(checkpoints["base"]).bert.state_dict()
     experts = [BertForSequenceClassification.from_pretrained(checkpoints[f"full/{name}"]).bert.state_dict()
                for name in tasks.tasks]  # fmt: skip
     norms = task_vector_norms(base, experts, "encoder.layer.{}.", BLOCKS)
-    plot_norms(norms, output / "accuracy_text_task_vector_norms.png")
-    report["task_vector_norms"] = norms
-    (output / "accuracy_text_diagnostics.json").write_text(json.dumps(report, indent=2))
-    return report
+    return write_diagnostics(adapted, test_data(tasks), data_config(tasks, "validation"), norms, output,
+                             "accuracy_text", "routing weight")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- main

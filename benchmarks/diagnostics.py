@@ -12,10 +12,12 @@ Family-agnostic: inputs come from the family's task streams (`Backbone.task_stre
 where every WEMoE linear receives them.
 """
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from accuracy_common import method_slug
 from safetensors.torch import load_file
 
 from wemoe.adaptation import load_task_datasets, task_streams
@@ -234,9 +236,9 @@ def task_vector_norms(
     layer_prefix: str,
     blocks: Mapping[str, tuple[str, ...]],
 ) -> dict[str, list[float]]:
-    """The L2 norm of each layer's task vector per block (keys under `layer_prefix.format(layer)` starting with one
-    of the block's prefixes), averaged over the experts: fine-tuning moving the feed-forward blocks more than
-    attention is the paper's reason for making them the experts."""
+    """The L2 norm of each layer's task vector per block (keys under `layer_prefix.format(layer)` whose rest starts
+    with one of the block's prefixes), averaged over the experts: fine-tuning moving the feed-forward blocks more
+    than attention is the paper's reason for making them the experts."""
     layers = 0
     while any(key.startswith(layer_prefix.format(layers)) for key in base):
         layers += 1
@@ -252,6 +254,7 @@ def task_vector_norms(
 
 
 def plot_norms(norms: Mapping[str, list[float]], path: Path) -> None:
+    """The task vectors' L2 norm per layer, one line per part of the layer (feed-forward, attention, ...)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.5, 3))
     for part, values in norms.items():
@@ -264,25 +267,28 @@ def plot_norms(norms: Mapping[str, list[float]], path: Path) -> None:
     plt.close(figure)
 
 
-def adaptation_report(
-    models: Mapping[str, Path], test: Mapping, validation: Mapping, output: Path, stem: str
-) -> dict[str, dict]:
-    """Per adapted method (`models`: method -> its `wemoe-tta` output, beside the converted artifact it adapted):
-    routing accuracy per layer before and after adaptation on the test inputs, the routing plot after, and
-    validation entropy and accuracy along adaptation (one plot for every method)."""
-    from accuracy_common import method_slug
-
+def write_diagnostics(
+    adapted: Mapping[str, Path], test: Mapping, validation: Mapping, norms: Mapping, output: Path, stem: str, what: str
+) -> dict:
+    """A benchmark's diagnostics of its adapted rows (`adapted`: method -> the artifact `wemoe-tta` wrote, its
+    unadapted source beside it without `_tta`, its checkpoints in `ADAPTED.checkpoints`): routing accuracy per layer on
+    the `test` data before and after adaptation, the adaptation curve on `validation`, and the task-vector `norms`;
+    written as `stem_diagnostics.json` in `output` with the plots `stem_routing_METHOD.png` (`what`: the routing
+    weights', in the title), `stem_adaptation.png` and `stem_task_vector_norms.png`."""
     report = {}
-    for method, adapted in models.items():
-        converted = adapted.with_name(adapted.name.removesuffix("_tta"))
-        before, after = routing_analysis(converted, test), routing_analysis(adapted, test)
+    for method, artifact in adapted.items():
+        converted = artifact.with_name(artifact.name.removesuffix("_tta"))
+        before, after = routing_analysis(converted, test), routing_analysis(artifact, test)
         report[method] = {
             "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
             "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
-            "curve": adaptation_curve(converted, Path(f"{adapted}.checkpoints"), validation),
+            "curve": adaptation_curve(converted, Path(f"{artifact}.checkpoints"), validation),
         }
         experts = expert_tasks(load_artifact_model(converted).config)
         plot_routing(after, experts, output / f"{stem}_routing_{method_slug(method)}.png",
-                     f"{method}: mean routing weight after adaptation (test inputs)")  # fmt: skip
-    plot_adaptation({method: entry["curve"] for method, entry in report.items()}, output / f"{stem}_adaptation.png")
+                     f"{method}: mean {what} after adaptation (test inputs)")  # fmt: skip
+    plot_adaptation({method: report[method]["curve"] for method in report}, output / f"{stem}_adaptation.png")
+    plot_norms(norms, output / f"{stem}_task_vector_norms.png")
+    report["task_vector_norms"] = dict(norms)
+    (output / f"{stem}_diagnostics.json").write_text(json.dumps(report, indent=2))
     return report

@@ -31,7 +31,7 @@ from .data import check_tasks_known, data_inputs, load_data_config, load_task_da
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
 from .recipe import RECIPE_FILE, MergeRecipe, artifact_recipe, recipe_file_text
-from .streams import TaskStream, entropy_loss
+from .streams import DEFAULT_OBJECTIVE, OBJECTIVES, TaskStream, entropy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +200,28 @@ def adapt(
     return accelerator.unwrap_model(model)
 
 
-def load_task_streams(data_config, model, processor, batch_size: int, num_processes: int) -> dict[str, TaskStream]:
+def load_task_streams(
+    data_config, model, processor, batch_size: int, num_processes: int, objective: str = DEFAULT_OBJECTIVE
+) -> dict[str, TaskStream]:
     """A stream per task of the data config, as the model's family reads its task data (`processor`: the artifact's
-    image processor or tokenizer)."""
+    image processor or tokenizer), giving the logits of `objective` (see `wemoe.streams.OBJECTIVES`)."""
     check_batch_size(batch_size, num_processes)
     backbone = backbone_for_config(model.config)
+    check_objective(backbone, objective)
     datasets = load_task_datasets(data_config, list(model.config.tasks), backbone.input_kind)
-    return task_streams(backbone, datasets, processor, batch_size, model.config.task_labels)
+    return task_streams(backbone, datasets, processor, batch_size, model.config.task_labels, objective)
+
+
+def check_objective(backbone: Backbone, objective: str) -> None:
+    """`objective` is one of `wemoe.streams.OBJECTIVES` that the family offers."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    if objective not in backbone.objectives:
+        raise ValueError(
+            f"--objective {objective} is not available for {backbone.display_name} models (it counts the probability "
+            f"of tokens outside a text-to-text model's label words); {backbone.display_name} offers "
+            f"{', '.join(backbone.objectives)}."
+        )
 
 
 def check_batch_size(batch_size: int, num_processes: int) -> None:
@@ -232,10 +247,15 @@ def task_streams(
     processor,
     batch_size: int,
     task_labels: Mapping[str, list[str]] | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> dict[str, TaskStream]:
-    """A stream per task of `load_task_datasets`' result, as the family turns its data into model inputs."""
+    """A stream per task of `load_task_datasets`' result, as the family turns its data into model inputs; its logits
+    are those of the adaptation `objective` (checked with `check_objective`; only a family that offers another than
+    the default is passed it)."""
+    check_objective(backbone, objective)
+    extra = {} if objective == DEFAULT_OBJECTIVE else {"objective": objective}
     return {
-        task: backbone.task_stream(dataset, spec, processor, batch_size, task, (task_labels or {}).get(task))
+        task: backbone.task_stream(dataset, spec, processor, batch_size, task, (task_labels or {}).get(task), **extra)
         for task, (dataset, spec) in datasets.items()
     }
 
@@ -268,6 +288,7 @@ def adapt_artifact(
     cpu: bool = False,
     keep_checkpoints: int | None = None,
     corruption: Corruption | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `wemoe.outputs`), its card and
@@ -277,7 +298,9 @@ def adapt_artifact(
     a resume's settings, the artifact's recipe. The model runs on the device accelerate gives each process (a GPU
     where there is one), or on the CPU with `cpu` (as `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`).
     `keep_checkpoints`: see `adapt`. `corruption` corrupts every task's images (`wemoe.corruptions`); the run
-    records it with the data."""
+    records it with the data. `objective` (`wemoe.streams.OBJECTIVES`): the paper's entropy over each task's classes
+    or label words (default), or, for T5, over the label words plus one bin for every other token
+    (`"label-words-and-rest"`); recorded with the run."""
     check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
@@ -286,11 +309,14 @@ def adapt_artifact(
     if config.model_type != "wemoe":
         raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
     backbone = backbone_for_config(config)
+    check_objective(backbone, objective)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=report_to, cpu=cpu)
     check_batch_size(batch_size, accelerator.num_processes)
     data_config = data if corruption is None else with_corruption(data, corruption)
     datasets = load_task_datasets(data_config, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
+    if objective != DEFAULT_OBJECTIVE:  # recorded only when not the default: older checkpoints still resume
+        run_settings["objective"] = objective
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
     recipe = source_recipe(model_dir)
@@ -299,7 +325,7 @@ def adapt_artifact(
         staging = lock_output_on_main_process(stack, accelerator, output, overwrite, inputs)
         model = load_artifact_model(model_dir)
         processor = backbone.load_processor(model_dir, config)
-        streams = task_streams(backbone, datasets, processor, batch_size, config.task_labels)
+        streams = task_streams(backbone, datasets, processor, batch_size, config.task_labels, objective)
         model = adapt(
             model,
             streams,
@@ -316,7 +342,7 @@ def adapt_artifact(
             keep_checkpoints=keep_checkpoints,
         )
         if accelerator.is_main_process:
-            record = adaptation_record(model_dir, datasets, steps, lr, batch_size, seed, entropies)
+            record = adaptation_record(model_dir, datasets, steps, lr, batch_size, seed, entropies, objective)
             files = adapted_files(model_dir, recipe, record, model, backbone, push_to_hub)
             write_artifact(model, staging, processor, extra_files=files)
     accelerator.wait_for_everyone()
@@ -340,6 +366,7 @@ def adaptation_record(
     batch_size: int,
     seed: int,
     entropies: list[float],
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> dict:
     """What the adapted artifact says about its run: which model it adapted (the name its card gives it, under which
     its results are filed), the settings, the data, and where the entropy ended."""
@@ -352,6 +379,7 @@ def adaptation_record(
         "lr": lr,
         "batch_size": batch_size,
         "seed": seed,
+        "objective": objective,
         # None when a resumed run had no step left to take.
         "final_entropy": sum(last) / len(last) if last else None,
         "final_entropy_steps": len(last),

@@ -6,6 +6,22 @@ import torch.nn.functional as F
 
 from .data import batch_indices
 
+# Test-time adaptation objectives. "label-words" (the paper's, every family's default): the entropy of the softmax over
+# the task's classes, or, for a text-to-text model, over its label words at the first decoding step.
+# "label-words-and-rest" (text-to-text models only): that softmax with one more bin holding the probability of every
+# other token (the logsumexp of the other logits), so that mass the model puts outside the label words counts too.
+DEFAULT_OBJECTIVE = "label-words"
+OBJECTIVES = (DEFAULT_OBJECTIVE, "label-words-and-rest")
+
+
+def label_words_and_rest(logits: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    """`(batch, len(label_ids) + 1)`: the label words' logits, then one "rest" logit, the logsumexp of every other
+    token's; its softmax is the full softmax's probabilities of the label words plus the rest's total."""
+    rest = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    rest[label_ids] = False
+    rest_logit = torch.logsumexp(logits[..., rest], dim=-1, keepdim=True)
+    return torch.cat([logits[..., label_ids], rest_logit], dim=-1)
+
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of the softmax over the classes, one value per sample averaged over the batch."""

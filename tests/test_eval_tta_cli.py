@@ -260,3 +260,13 @@ def test_keep_checkpoints_below_one_is_refused(artifact, task_data, tmp_path, ca
         wemoe_tta([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--output", str(tmp_path / "out"),
                    "--keep-checkpoints", "0"])  # fmt: skip
     assert "--keep-checkpoints must keep at least the newest checkpoint" in capsys.readouterr().err
+
+
+def test_the_t5_only_objective_is_refused_for_an_image_model_before_loading(artifact, task_data, tmp_path, capsys):
+    from wemoe.cli.tta import main as wemoe_tta
+
+    with pytest.raises(SystemExit):
+        wemoe_tta([str(artifact), write_yaml(task_data, tmp_path / "data.yaml"), "--output", str(tmp_path / "out"),
+                   "--objective", "label-words-and-rest"])  # fmt: skip
+    assert "--objective label-words-and-rest is not available for CLIP models" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -178,3 +178,56 @@ def test_auto_model_builds_each_artifact_as_its_own_model_in_one_process(artifac
     t5_config = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True).config
     with pytest.raises(ValueError, match="for a 't5' backbone, not WEMoEForImageClassification"):
         WEMoEForImageClassification(t5_config)
+
+
+def test_the_rest_bin_holds_the_probability_outside_the_label_words():
+    from wemoe.streams import entropy_loss, label_words_and_rest
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    logits[:, 7] += 6.0  # most of the mass on a token that is not a label word
+    label_ids = [4, 9, 21]
+    binned = label_words_and_rest(logits, label_ids)
+    full = logits.softmax(-1)
+    probabilities = binned.softmax(-1)
+    assert binned.shape == (3, 4)
+    torch.testing.assert_close(probabilities[:, :3], full[:, label_ids])
+    torch.testing.assert_close(probabilities[:, 3], 1 - full[:, label_ids].sum(-1))
+    # Confident off-label answers: near-zero entropy with the rest bin, yet the label words alone look uncertain.
+    assert float(entropy_loss(binned)) < 0.3 < float(entropy_loss(logits[:, label_ids]))
+
+
+def test_the_rest_objective_adds_one_bin_to_the_label_words(t5_artifact, text_data):
+    from wemoe.streams import label_words_and_rest
+
+    model = AutoModel.from_pretrained(t5_artifact, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(t5_artifact)
+    sst2_only = {"tasks": {"sst2": text_data["tasks"]["sst2"]}}
+    stream = load_task_streams(sst2_only, model, tokenizer, 4, 1, objective="label-words-and-rest")["sst2"]
+    inputs = stream.batch(0, 0, 0, 0, 1)
+    with torch.no_grad():
+        binned = stream.logits(model, inputs)
+        first_step = model(**inputs, decoder_input_ids=torch.zeros(4, 1, dtype=torch.long)).logits[:, 0]
+    label_ids = [tokenizer.convert_tokens_to_ids(word) for word in ("negative", "positive")]
+    torch.testing.assert_close(binned, label_words_and_rest(first_step, label_ids))
+    with pytest.raises(ValueError, match="Task 'topic': the adaptation objective 'label-words-and-rest' needs"):
+        load_task_streams(text_data, model, tokenizer, 4, 1, objective="label-words-and-rest")
+    with pytest.raises(ValueError, match="--objective must be one of"):
+        load_task_streams(sst2_only, model, tokenizer, 4, 1, objective="rest")
+
+
+def test_tta_with_the_rest_objective_minimises_it_and_records_it(t5_artifact, text_data, tmp_path):
+    import yaml
+
+    sst2_only = {"tasks": {"sst2": text_data["tasks"]["sst2"]}}
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(sst2_only))
+    outputs = {}
+    for objective in ("label-words", "label-words-and-rest"):
+        outputs[objective] = tmp_path / objective
+        main([str(t5_artifact), str(data_yaml), "--output", str(outputs[objective]), "--batch-size", "4", "--lr",
+              "1e-2", "--steps", "4", "--objective", objective])  # fmt: skip
+        record = yaml.safe_load((outputs[objective] / "merge_config.yaml").read_text())["adaptation"]
+        assert record["objective"] == objective
+    default, rest = (load_file(outputs[o] / "model.safetensors") for o in outputs)
+    assert any(not torch.equal(default[key], rest[key]) for key in default if ".router." in key)

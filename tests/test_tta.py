@@ -66,6 +66,7 @@ def test_twenty_steps_lower_entropy_and_change_only_routers(artifact, task_data,
     assert mean_entropy(tmp_path / "adapted", task_data) < mean_entropy(artifact, task_data)
     card = (tmp_path / "adapted" / "README.md").read_text()
     assert "| steps | 20 |" in card and "| learning rate | 0.001 |" in card and "| shapes |" in card
+    assert "| objective | label-words |" in card
     assert AutoModel.from_pretrained(tmp_path / "adapted", trust_remote_code=True).config.tasks == [
         "shapes",
         "colors",

@@ -44,6 +44,8 @@ class Backbone:
         architecture_fields: config fields that must agree between the base and every expert.
         tensor_hints: what a missing or extra tensor usually means, by merge key.
         card_summary: one paragraph on what the artifact is, for its model card (`{n}`: the number of experts).
+        objectives: the test-time adaptation objectives `task_stream` offers (`wemoe.streams.OBJECTIVES`), the
+            paper's (`"label-words"`: the entropy over the task's classes or label words) first.
     """
 
     architecture: str
@@ -62,6 +64,7 @@ class Backbone:
     architecture_fields: tuple[str, ...] = ()
     tensor_hints: Mapping[str, str] = {}
     card_summary: str = ""
+    objectives: tuple[str, ...] = ("label-words",)
 
     # Checkpoints -------------------------------------------------------------------------------------------------
 

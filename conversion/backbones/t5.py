@@ -26,7 +26,7 @@ from ..artifact import is_artifact, load_artifact_model, write_artifact
 from ..checkpoints import ModelSource, load_base_model, load_tokenizer
 from ..data import TaskData, check_tasks_known
 from ..evaluation import EvaluationResults, check_label_names, class_names_of
-from ..streams import TaskStream
+from ..streams import DEFAULT_OBJECTIVE, TaskStream, label_words_and_rest
 from . import register_backbone
 from .base import Backbone
 
@@ -73,13 +73,29 @@ def label_token_ids(tokenizer, task: str, label_words: list[str]) -> list[int]:
 
 class TextTaskStream(TaskStream):
     """Prompts (`prefix + text`) through the tokenizer; the entropy of the first decoded token, over the task's
-    label words when it has them, else over the vocabulary."""
+    label words when it has them (the paper's objective), else over the vocabulary. With the objective
+    `"label-words-and-rest"`, over the label words plus one bin for every other token (`label_words_and_rest`)."""
 
-    def __init__(self, dataset, spec: TaskData, tokenizer, batch_size: int, task: str, label_words: list | None):
+    def __init__(
+        self,
+        dataset,
+        spec: TaskData,
+        tokenizer,
+        batch_size: int,
+        task: str,
+        label_words: list | None,
+        objective: str = DEFAULT_OBJECTIVE,
+    ):
         super().__init__(dataset, spec.text_column, batch_size, task)
+        if objective != DEFAULT_OBJECTIVE and not label_words:
+            raise ValueError(
+                f"Task {task!r}: the adaptation objective {objective!r} needs the task's label words (`classnames` "
+                "in the recipe), and the artifact records none."
+            )
         self.tokenizer = tokenizer
         self.prefix = spec.prefix
         self.label_ids = label_token_ids(tokenizer, task, label_words) if label_words else None
+        self.objective = objective
 
     def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
         prompts = [self.prefix + str(value) for value in values]
@@ -91,7 +107,11 @@ class TextTaskStream(TaskStream):
         start = (getattr(model.config, "text_config", None) or model.config).decoder_start_token_id
         decoder_input_ids = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
         logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits[:, 0]
-        return logits if self.label_ids is None else logits[:, self.label_ids]
+        if self.label_ids is None:
+            return logits
+        if self.objective == DEFAULT_OBJECTIVE:
+            return logits[:, self.label_ids]
+        return label_words_and_rest(logits, self.label_ids)
 
 
 @register_backbone
@@ -111,6 +131,7 @@ class T5Backbone(Backbone):
         "lm_head.weight (Flan-T5, T5 v1.1), the other reuses `shared` (original T5). Merge experts fine-tuned from "
         "the same base checkpoint."
     }
+    objectives = ("label-words", "label-words-and-rest")
     card_summary = (
         "A multi-task T5 text-to-text model: {n} fine-tuned T5 models merged into one. The encoder routes each prompt "
         "as a whole (its real tokens averaged), the decoder every token."
@@ -171,8 +192,10 @@ class T5Backbone(Backbone):
     def adamerging_classifier(self, base, task_labels, experts, expert_tensors, tokenizer=None, templates=None):
         return base, ""
 
-    def task_stream(self, dataset, spec, processor, batch_size, task, labels) -> TextTaskStream:
-        return TextTaskStream(dataset, spec, processor, batch_size, task, labels)
+    def task_stream(
+        self, dataset, spec, processor, batch_size, task, labels, objective: str = DEFAULT_OBJECTIVE
+    ) -> TextTaskStream:
+        return TextTaskStream(dataset, spec, processor, batch_size, task, labels, objective)
 
     def evaluate(
         self, model_dir, datasets, data_config, batch_size, max_new_tokens, *, device, base=None

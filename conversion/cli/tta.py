@@ -11,6 +11,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..adaptation import adapt_artifact
+from ..streams import DEFAULT_OBJECTIVE, OBJECTIVES
 from . import add_corruption_flags, add_verbosity_flags, configure_logging, corruptions_from_args, error_message
 
 EPILOG = """example DATA.yaml (labels are never read):
@@ -26,6 +27,7 @@ examples:
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
+  wemoe-tta ./t5-model data.yaml --output ./adapted --objective label-words-and-rest   # T5: count off-label mass
   wemoe-tta ./model data.yaml --output ./adapted-blur --corruption motion_blur --severity 3   # on corrupted images
   accelerate launch --num_processes 4 -m wemoe.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
   ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m wemoe.cli.tta ./model data.yaml --output ./a
@@ -47,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4).")
     parser.add_argument("--batch-size", type=int, default=16, help="Global batch size per task (default: 16).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data order and router init (default: 0).")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=DEFAULT_OBJECTIVE,
+        help="What the entropy is taken over: label-words (the paper's, default) is each task's classes, or a T5's "
+        "label words at the first decoding step; label-words-and-rest (T5 only) adds one bin holding the probability "
+        "of every other token, so that mass outside the label words is penalised too.",
+    )
     parser.add_argument(
         "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
     )
