@@ -24,9 +24,10 @@ from wemoe.adaptation import load_task_datasets, task_streams
 from wemoe.artifact import load_artifact_model, write_artifact
 from wemoe.backbones import backbone_for_config
 from wemoe.evaluation import class_indices, class_names_of
+from wemoe.recipe import RECIPE_FILE
 from wemoe.streams import entropy_loss
 
-CARRIED_FILES = ("README.md", "merge_config.yaml")
+CARRIED_FILES = ("README.md", RECIPE_FILE)
 
 
 def expert_tasks(config) -> list[str]:

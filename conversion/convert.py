@@ -26,7 +26,16 @@ from .data import data_inputs, open_dataset
 from .merge import MergeInputs, merge, merge_static, open_inputs, wemoe_config
 from .model_card import render_model_card
 from .outputs import check_output_target, push_folder, staged_output
-from .recipe import DatasetSource, MergeOptions, MergeRecipe, check_recipe_sources, load_recipe, recipe_inputs
+from .recipe import (
+    RECIPE_FILE,
+    DatasetSource,
+    MergeOptions,
+    MergeRecipe,
+    check_recipe_sources,
+    load_recipe,
+    recipe_file_text,
+    recipe_inputs,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -136,7 +145,7 @@ def build_artifact(recipe: MergeRecipe, directory: Path, dtype: str, max_shard_s
         model,
         directory,
         backbone.load_processor(recipe.base_model),
-        extra_files={"README.md": str(card), "merge_config.yaml": recipe.to_yaml()},
+        extra_files={"README.md": str(card), RECIPE_FILE: recipe_file_text(recipe)},
         max_shard_size=max_shard_size,
     )
 
@@ -170,7 +179,7 @@ def convert_static(
         static,
         directory,
         backbone.static_processor(recipe.base_model, tokenizer),
-        extra_files={"merge_config.yaml": recipe.to_yaml()},
+        extra_files={RECIPE_FILE: recipe_file_text(recipe)},
         max_shard_size=max_shard_size,
         dtype=DTYPES[dtype],
     )
