@@ -68,8 +68,10 @@ from accuracy_common import (
     load_split,
     method_slug,
     parse_benchmark_args,
+    recipe_dataset,
     routing_table,
     save_atomically,
+    score_each_alone,
     train,
     write_results,
     write_yaml,
@@ -565,15 +567,6 @@ def count_parameters(model_dir: Path, method: str, num_tasks: int) -> tuple[int,
     return trainable, total
 
 
-def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
-    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
-    scores = {}
-    for task, directory in directories.items():
-        one_task = write_yaml(data_config(tasks, "test", [task]), cache / f"data_{task}.yaml")
-        scores[task] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{task}.json")[task]
-    return {**scores, "average": sum(scores.values()) / len(scores)}
-
-
 def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, lambda_star: float, scale: Scale,
                 seed: int) -> dict:  # fmt: skip
     names = list(tasks.tasks)
@@ -653,8 +646,7 @@ def unseen_tasks(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sc
     adaptation = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=scale.tta_lr, seed=seed)
     for method, fields in methods(choice["lambda"]).items():
         task_recipe = recipe(checkpoints, tasks, merged, fields)
-        task_recipe["tasks"] += [{"name": task, "dataset": tasks.tasks[task].train.model_dump(exclude_none=True)}
-                                 for task in held_out]  # fmt: skip
+        task_recipe["tasks"] += [{"name": task, "dataset": recipe_dataset(tasks, task)} for task in held_out]
         scored = convert_and_adapt(cache, method, task_recipe, adaptation_data, adaptation)
         scores = evaluate_dir(scored, held_out_data, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(merged)),

@@ -223,6 +223,21 @@ def data_config(tasks: TasksFile, split: str, names: list[str] | None = None) ->
     }
 
 
+def recipe_dataset(tasks: TasksFile, task: str) -> dict:
+    """A recipe task's `dataset` (where CLIP reads its class names): the task's train split, with its label column."""
+    files = tasks.tasks[task]
+    return {**files.train.model_dump(exclude_none=True), "label_column": files.label_column}
+
+
+def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
+    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
+    scores = {}
+    for task, directory in directories.items():
+        one_task = write_yaml(data_config(tasks, "test", [task]), cache / f"data_{task}.yaml")
+        scores[task] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{task}.json")[task]
+    return {**scores, "average": sum(scores.values()) / len(scores)}
+
+
 def choose_on_validation(candidates: list[float], validation_average: Callable[[float], float], output: Path) -> dict:
     """The candidate with the best validation average (ties: the first), with every candidate's average; cached as
     JSON. Test accuracy never enters a choice."""

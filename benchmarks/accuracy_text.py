@@ -49,6 +49,7 @@ from accuracy_common import (
     parse_benchmark_args,
     routing_table,
     save_atomically,
+    score_each_alone,
     train,
     write_results,
     write_yaml,
@@ -240,16 +241,6 @@ def count_parameters(model_dir: Path, method: str, num_tasks: int) -> tuple[int,
         return (coefficients * num_tasks if method.startswith("AdaMerging") else 0), model.num_parameters()
     report = AutoModel.from_pretrained(model_dir, trust_remote_code=True).parameter_report()
     return report["trainable_parameters"], report["total_parameters"]
-
-
-def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
-    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
-    test = test_data(tasks)["tasks"]
-    scores = {}
-    for name, directory in directories.items():
-        one_task = write_yaml({"tasks": {name: test[name]}}, cache / f"data_{name}.yaml")
-        scores[name] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{name}.json")[name]
-    return {**scores, "average": sum(scores.values()) / len(scores)}
 
 
 def test_data(tasks: TasksFile) -> dict:
