@@ -74,15 +74,26 @@ class WEMoETaskVectors(nn.Module):
         """Empty task vectors: a model built from its config alone is the pre-trained base."""
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Build, ahead of the first forward, what forwards derive from the stored tensors (nothing here)."""
+
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
         `(num_experts, rows * row_width)`."""
         raise NotImplementedError
 
-    def merge_tile(self, base: torch.Tensor, routing_weights: torch.Tensor, index: int, tile_rows: int) -> torch.Tensor:
+    def merge_tile(
+        self,
+        base: torch.Tensor,
+        routing_weights: torch.Tensor,
+        index: int,
+        tile_rows: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`base + sum_i r[b, i] * tau_i` on one tile of rows, for every row b of `(batch, num_experts)` routing
-        weights, where `base` is the same tile of the pre-trained tensor: `(batch, rows, *shape[1:])`."""
-        merged = torch.addmm(base.reshape(1, -1), routing_weights.to(base.dtype), self.tile(index, tile_rows))
+        weights, where `base` is the same tile of the pre-trained tensor: `(batch, rows, *shape[1:])`; written into
+        `out` `(batch, rows * row_width)` when given."""
+        merged = torch.addmm(base.reshape(1, -1), routing_weights.to(base.dtype), self.tile(index, tile_rows), out=out)
         return merged.view(routing_weights.shape[0], -1, *self.shape[1:])
 
     def expert_outputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -101,8 +112,10 @@ class WEMoETaskVectors(nn.Module):
     ) -> torch.Tensor:
         """`x (W0 + sum_i r_i tau_i)^T` for inputs `(batch, seq, in)` and routing weights `(batch, num_experts)`
         (one weight per sample) or `(batch, seq, num_experts)` (one per token); no bias."""
-        if routing_weights.dim() == 2:
+        if routing_weights.dim() == 2 and hidden_states.shape[-2] > 1:
             return self._apply_per_sample(hidden_states, weight, routing_weights)
+        if routing_weights.dim() == 2:  # one token per sample (a decoding step): merging a weight for it costs more
+            routing_weights = routing_weights.unsqueeze(-2)
         return self._apply_per_token(hidden_states, weight, routing_weights)
 
     def _apply_per_sample(
@@ -111,12 +124,21 @@ class WEMoETaskVectors(nn.Module):
         # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
         # in cache, and the task vectors are read once per batch, instead of writing and re-reading a whole merged
         # weight per sample (memory-bound: ~6x a dense linear at ViT-B/32 size against ~2x tiled).
-        out_features = weight.shape[0]
-        output = hidden_states.new_empty(*hidden_states.shape[:-1], out_features)
-        for tile in range(math.ceil(out_features / TILE_ROWS)):
-            rows = slice(tile * TILE_ROWS, (tile + 1) * TILE_ROWS)
-            merged = self.merge_tile(weight[rows], routing_weights, tile, TILE_ROWS)
-            output[..., rows] = torch.matmul(hidden_states, merged.transpose(-1, -2))
+        (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
+        tile_rows = TILE_ROWS
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        output = hidden_states.new_empty(batch, seq, out_features)
+        # Without autograd, every full tile reuses two buffers: a fresh allocation per tile (1.5 MB at ViT-B/32
+        # size) costs page faults that measured as much as the merge itself.
+        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, weight, routing_weights)))
+        merged_buffer = hidden_states.new_empty(batch, tile_rows * in_features) if reuse else None
+        product_buffer = hidden_states.new_empty(batch, seq, tile_rows) if reuse else None
+        for tile in range(math.ceil(out_features / tile_rows)):
+            rows = slice(tile * tile_rows, min((tile + 1) * tile_rows, out_features))
+            full = rows.stop - rows.start == tile_rows
+            merged = self.merge_tile(weight[rows], routing_weights, tile, tile_rows, merged_buffer if full else None)
+            product = torch.matmul(hidden_states, merged.transpose(-1, -2), out=product_buffer if full else None)
+            output[..., rows] = product
         return output
 
     def _apply_per_token(
@@ -220,6 +242,19 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
     def dense(self) -> torch.Tensor:
         flat = self.values.new_zeros(self.values.shape[0], self.numel)
         return flat.scatter_(1, self.flat_indices(), self.values).view(-1, *self.shape)
+
+    def prepare(self) -> None:
+        # The tile index is about 0.65x the sparse store: built here, at load, a first forward allocates no more
+        # than a warm one.
+        self.tile_layout(TILE_ROWS)
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`...: a prepared index is rebuilt for the moved tensors now, not in the next forward.
+        prepared = bool(self._tile_layouts)
+        module = super()._apply(fn, recurse)
+        if prepared:
+            self.prepare()
+        return module
 
     def tile_layout(self, tile_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab (int32), and
@@ -672,6 +707,13 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, WEMoETaskVectors):
             module.zero_()
 
+    def prepare_task_vectors(self) -> None:
+        """Build each task-vector store's derived layouts (E-WEMoE's tile index) now rather than in the first
+        forward; `from_pretrained` does this."""
+        for module in self.modules():
+            if isinstance(module, WEMoETaskVectors):
+                module.prepare()
+
     def freeze_all_but_routers(self) -> None:
         """Only the routers train (test-time adaptation); every merged weight and task vector stays fixed."""
         for name, parameter in self.named_parameters():
@@ -705,6 +747,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         if problems:
             raise ValueError(f"The WEMoE checkpoint does not match its config.json: {problems}.")
         model.check_task_record()
+        model.prepare_task_vectors()
         # Loading materialises fresh parameters (all trainable); restore "only routers train".
         model.freeze_all_but_routers()
         return (model, loading_info) if wants_info else model

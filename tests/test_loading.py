@@ -2,6 +2,8 @@
 
 import torch
 
+from modeling_wemoe import WEMoEForImageClassification
+from modeling_wemoe.modeling_wemoe import WEMoESparseTaskVectors
 from wemoe import default_image_processor, merge_clip
 
 
@@ -60,3 +62,16 @@ def test_a_full_clip_expert_with_a_changed_text_tower_is_reported(base, experts,
     with caplog.at_level("WARNING", logger="wemoe.clip"):
         merge_clip(base, experts, classnames, tokenizer=tokenizer)
     assert "text tower" not in caplog.text
+
+
+def test_from_pretrained_builds_the_e_wemoe_tile_index_so_forwards_reuse_it(
+    base, experts, classnames, tokenizer, pixel_values, tmp_path
+):
+    merge_clip(base, experts, classnames, tokenizer=tokenizer, variant="e-wemoe", keep=0.1).save_pretrained(tmp_path)
+    model = WEMoEForImageClassification.from_pretrained(tmp_path)
+    stores = [module for module in model.modules() if isinstance(module, WEMoESparseTaskVectors)]
+    assert stores and all(store._tile_layouts for store in stores), "the first forward would build the index"
+    built = [store._tile_layouts for store in stores]
+    with torch.no_grad():
+        model(pixel_values)
+    assert all(store._tile_layouts is layouts for store, layouts in zip(stores, built, strict=True))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 from modeling_wemoe.modeling_wemoe import (
+    TILE_ROWS,
     WEMoELinear,
     WEMoERouter,
     WEMoESparseTaskVectors,
@@ -63,14 +64,53 @@ def merged_linear(layer, weight_tv, bias_tv, routing, inputs):
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias):
+@pytest.mark.parametrize("seq", [7, 1], ids=["7-tokens", "1-token"])  # one token per sample takes another path
+def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias, seq):
     layer, weight_tv, bias_tv = make_linear(expert_format, bias)
-    inputs = torch.randn(5, 7, IN_FEATURES)
+    inputs = torch.randn(5, seq, IN_FEATURES)
     routing = torch.randn(5, NUM_EXPERTS)
     expected = torch.stack(
         [merged_linear(layer, weight_tv, bias_tv, r, x) for r, x in zip(routing, inputs, strict=True)]
     )
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("expert_format", ["dense", "sparse"])
+def test_per_sample_linear_gives_the_same_outputs_and_gradients_with_autograd(expert_format):
+    # Without autograd the tiles reuse two buffers (`out=`); with it (test-time adaptation) they cannot.
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias=True)
+    inputs = torch.randn(5, 7, IN_FEATURES)
+    routing = torch.randn(5, NUM_EXPERTS, requires_grad=True)
+    with torch.no_grad():
+        without_autograd = layer(inputs, routing)
+    outputs = layer(inputs, routing)
+    torch.testing.assert_close(outputs, without_autograd, atol=1e-5, rtol=0)
+    (gradient,) = torch.autograd.grad(outputs.square().sum(), routing)
+    reference_routing = routing.detach().requires_grad_()
+    expected = torch.stack(
+        [merged_linear(layer, weight_tv, bias_tv, r, x) for r, x in zip(reference_routing, inputs, strict=True)]
+    )
+    (expected_gradient,) = torch.autograd.grad(expected.square().sum(), reference_routing)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-3, rtol=1e-5)
+
+
+def test_a_prepared_sparse_tile_index_is_rebuilt_when_the_layer_moves_to_another_dtype():
+    layer, weight_tv, bias_tv = make_linear("sparse", bias=True)
+    store = layer.weight_task_vectors
+    store.prepare()
+    assert store._tile_layouts, "prepare() builds the tile index"
+    layer.to(torch.float64)
+    positions, values = store._tile_layouts[TILE_ROWS][0]
+    assert values.dtype == torch.float64 and positions.dtype == torch.int32
+    inputs = torch.randn(5, 7, IN_FEATURES, dtype=torch.float64)
+    routing = torch.randn(5, NUM_EXPERTS, dtype=torch.float64)
+    expected = torch.stack(
+        [
+            merged_linear(layer, weight_tv.double(), bias_tv.double(), r, x)
+            for r, x in zip(routing, inputs, strict=True)
+        ]
+    )
+    torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
