@@ -1,16 +1,20 @@
 """Forward speed and memory of WEMoE against the dense CLIP vision model (and T5) of the same shape.
 
-ViT-B/32-shaped random models (hidden 768, 12 layers, patch 32, 224 px), 8 experts, batch 16, fp32: the dense
-model, WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 and 32 (all experts, and each sample's top 2),
-and the naive per-sample loop. All models live in one process; each round times every model once, and the medians
-over rounds are printed as ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so
-that the machine's drift affects every row alike). Peak memory is measured for each row in a fresh child process:
-the resident-set growth over the loaded model during its first forward (which builds the sparse tile layouts) and
-during a warm one. Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped
-text classifier (128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
+ViT-B/32-shaped random models (hidden 768, 12 layers, patch 32, 224 px), 8 experts, batch 16, fp32: the dense model,
+WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 and 32 (all experts, and each sample's top 2), and
+the naive per-sample loop; then the dense, WEMoE, E-WEMoE and rank-64 rows in bfloat16 against the bfloat16 dense
+model. All models live in one process; each round times every model once, and the medians over rounds are printed as
+ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so that the machine's drift
+affects every row alike). Peak memory is measured for each row in a fresh child process: the resident-set growth
+over the loaded model during its first forward and during a warm one; and the model's own resident size once built
+(with E-WEMoE's tile index, which `from_pretrained` builds at load). `--profile` prints, for the dense model and
+WEMoE, the operators the forward spends its time in (torch.profiler), which is where to look for what WEMoE adds.
+Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped text classifier
+(128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
 
     python benchmarks/speed.py --threads 2
     python benchmarks/speed.py --repeats 9 --no-t5 --no-bert
+    python benchmarks/speed.py --no-t5 --no-bert --profile
 """
 
 import argparse
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 from speed_t5 import T5_BASE, interleaved_medians, randomize_, t5_speed_table
 from torch.func import functional_call
+from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModel
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification, WEMoEForSequenceClassification
@@ -43,6 +48,8 @@ ROWS = {
     "naive per-sample loop": "naive",
 }
 MIB = 2**20
+BFLOAT16_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1", "low-rank rank 64")
+PROFILED_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1")
 BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 BERT_ROWS = {
     "WEMoE dense": {},
@@ -56,7 +63,9 @@ def wemoe_model(num_experts: int, options: dict) -> WEMoEForImageClassification:
     config = WEMoEConfig(
         vision_config=VISION, projection_dim=512, tasks=tasks, task_labels={t: ["a", "b"] for t in tasks}, **options
     )
-    return randomize_(WEMoEForImageClassification(config).eval())
+    model = randomize_(WEMoEForImageClassification(config).eval())
+    model.prepare_task_vectors()  # what `from_pretrained` does at load: E-WEMoE's tile index
+    return model
 
 
 class NaivePerSampleLoop(torch.nn.Module):
@@ -123,13 +132,17 @@ def forward_peak_mib(model: torch.nn.Module, pixel_values: torch.Tensor) -> floa
     return status_mib("VmHWM") - before
 
 
-def peaks_in_a_fresh_process(row: str, num_experts: int, batch_size: int, threads: int) -> tuple[float, float]:
-    """First and warm forward peaks of one row, in a process that has run nothing else (freed memory of other rows
-    would otherwise be reused and hide a row's own peak)."""
+def peaks_in_a_fresh_process(
+    row: str, num_experts: int, batch_size: int, threads: int
+) -> tuple[float, float, float]:
+    """The model's resident size, and the first and warm forward peaks of one row, in a process that has run nothing
+    else (freed memory of other rows would otherwise be reused and hide a row's own peak)."""
     torch.set_num_threads(threads)
-    model = build(row, num_experts)
     pixel_values = torch.randn(batch_size, 3, 224, 224)
-    return forward_peak_mib(model, pixel_values), forward_peak_mib(model, pixel_values)
+    before = status_mib("VmRSS")
+    model = build(row, num_experts)
+    resident = status_mib("VmRSS") - before
+    return resident, forward_peak_mib(model, pixel_values), forward_peak_mib(model, pixel_values)
 
 
 def artifact_size(model: torch.nn.Module) -> float | None:
@@ -138,6 +151,51 @@ def artifact_size(model: torch.nn.Module) -> float | None:
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) / MIB
+
+
+def bfloat16_speed_table(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor, repeats: int) -> None:
+    """The rows again in bfloat16 (weights and inputs), as ratios to the bfloat16 dense model."""
+    models = {row: model.to(torch.bfloat16) for row, model in models.items() if row in BFLOAT16_ROWS}
+    pixel_values = pixel_values.to(torch.bfloat16)
+    with torch.no_grad():
+        timings = interleaved_medians({row: lambda m=model: m(pixel_values) for row, model in models.items()}, repeats)
+    print(f"{'row (bfloat16)':<24} {'forward':>9} {'x dense':>8}")
+    for row, (seconds, ratio) in timings.items():
+        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x")
+
+
+def profile_category(operator: str, shapes: list, num_experts: int) -> str:
+    """Which part of a forward an operator is: the merges W0 + sum_i r_i tau_i are the matmuls whose routing-weight
+    operand has one column per expert."""
+    routing_operand = {"aten::addmm": 1, "aten::mm": 0}.get(operator)
+    if routing_operand is not None and shapes[routing_operand][-1:] == [num_experts]:
+        return "merges (weight tiles and biases)"
+    if operator in ("aten::addmm", "aten::mm"):
+        return "linears (attention, routers, dense MLPs)"
+    if operator == "aten::bmm":
+        return "per-sample matmuls (tiles)"
+    if operator in ("aten::copy_", "aten::index_put_", "aten::_index_put_impl_", "aten::fill_", "aten::zero_"):
+        return "copies, fills, sparse scatters"
+    return "everything else"
+
+
+def print_profile(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor, num_experts: int) -> None:
+    """Where one warm forward of each model spends its time (self time per part, and operator calls)."""
+    for row, model in models.items():
+        with torch.no_grad():
+            model(pixel_values)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+                model(pixel_values)
+        parts: dict[str, list[float]] = {}
+        for event in profiler.key_averages(group_by_input_shape=True):
+            part = parts.setdefault(profile_category(event.key, event.input_shapes, num_experts), [0.0, 0])
+            part[0] += event.self_cpu_time_total / 1e3
+            part[1] += event.count
+        total = sum(milliseconds for milliseconds, _ in parts.values())
+        shares = ", ".join(
+            f"{part} {milliseconds:.0f} ms/{calls}" for part, (milliseconds, calls) in sorted(parts.items())
+        )
+        print(f"{row} ({pixel_values.dtype}, {total:.0f} ms): {shares}")
 
 
 def bert_speed_table(num_experts: int, batch: int, repeats: int, seq_len: int = 128) -> None:
@@ -179,6 +237,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Timed rounds; medians are reported (default: 5).")
     parser.add_argument("--no-t5", action="store_true", help="Skip the T5-base-shaped rows.")
     parser.add_argument("--no-bert", action="store_true", help="Skip the BERT-base-shaped rows.")
+    parser.add_argument("--no-bfloat16", action="store_true", help="Skip the bfloat16 rows.")
+    parser.add_argument(
+        "--profile", action="store_true", help="Print where the dense, WEMoE and E-WEMoE forwards spend their time."
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -195,13 +257,26 @@ def main() -> None:
         timings = interleaved_medians(
             {row: lambda m=model: m(pixel_values) for row, model in models.items()}, args.repeats
         )
-    print(f"{'row':<24} {'forward':>9} {'x dense':>8} {'peak MiB: first':>16} {'warm':>6} {'artifact MiB':>13}")
+    print(
+        f"{'row':<24} {'forward':>9} {'x dense':>8} {'resident MiB':>13} {'peak MiB: first':>16} {'warm':>6} "
+        f"{'artifact MiB':>13}"
+    )
     for row, model in models.items():
         seconds, ratio = timings[row]
         size = artifact_size(model)
         size_text = f"{size:13.0f}" if size is not None else f"{'-':>13}"
-        first_peak, warm_peak = peaks[row]
-        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x {first_peak:16.0f} {warm_peak:6.0f} {size_text}")
+        resident, first_peak, warm_peak = peaks[row]
+        print(
+            f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x {resident:13.0f} {first_peak:16.0f} {warm_peak:6.0f} "
+            f"{size_text}"
+        )
+    if args.profile:
+        print_profile({row: models[row] for row in PROFILED_ROWS}, pixel_values, args.experts)
+    if not args.no_bfloat16:
+        print(f"\nThe same in bfloat16, {args.threads} threads")
+        bfloat16_speed_table(models, pixel_values, args.repeats)
+        if args.profile:
+            print_profile({row: models[row] for row in PROFILED_ROWS}, pixel_values.to(torch.bfloat16), args.experts)
     del models
     if not args.no_t5:
         print(f"\nT5-base shape, {args.experts} experts, batch {args.batch_size}, 64-token prompts, fp32")
