@@ -46,9 +46,16 @@ def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :numel].bool()
 
 
-# Output rows merged and applied together per sample: a tile of 32 rows of a ViT-B/32 MLP weight, for 16 samples,
-# is 1.5-6 MB, which measured fastest on CPU (16 and 64 rows were slower on one matrix or the other).
-TILE_ROWS = 32
+# One sample's merged tile of a weight matrix, in bytes: 64 rows of a ViT-B/32 fc1 in float32, 128 in bfloat16. On CPU
+# this measured fastest for the whole model (fp32 1.45x the dense forward at 64 rows against 1.55x at 32 and 128;
+# bf16 1.68x at 128 against 1.75x at 64), with smaller tiles paying more in calls and larger ones falling out of
+# cache.
+TILE_BYTES = 192 * 1024
+
+
+def tile_size(row_width: int, dtype: torch.dtype) -> int:
+    """Rows (or, for column tiles, columns) of `row_width` entries merged and applied together per sample."""
+    return max(1, TILE_BYTES // (row_width * dtype.itemsize))
 
 
 class WEMoETaskVectors(nn.Module):
@@ -76,10 +83,15 @@ class WEMoETaskVectors(nn.Module):
 
     def prepare(self) -> None:
         """Build, ahead of the first forward, what forwards derive from the stored tensors (nothing here)."""
-
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
         `(num_experts, rows * row_width)`."""
+        raise NotImplementedError
+
+    def column_tile(self, index: int, columns: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every expert's task vector restricted to input columns `[index * columns, (index + 1) * columns)` of a
+        matrix, `(num_experts, out * width)` in (row, column) order; written into `out` `(num_experts, out, columns)`
+        (a full tile) when given."""
         raise NotImplementedError
 
     def merge_tile(
@@ -121,11 +133,13 @@ class WEMoETaskVectors(nn.Module):
     def _apply_per_sample(
         self, hidden_states: torch.Tensor, weight: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
+        if weight.shape[1] > weight.shape[0]:
+            return self._apply_in_column_tiles(hidden_states, weight, routing_weights)
         # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
         # in cache, and the task vectors are read once per batch, instead of writing and re-reading a whole merged
         # weight per sample (memory-bound: ~6x a dense linear at ViT-B/32 size against ~2x tiled).
         (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
-        tile_rows = TILE_ROWS
+        tile_rows = tile_size(in_features, hidden_states.dtype)
         routing_weights = routing_weights.to(hidden_states.dtype)
         output = hidden_states.new_empty(batch, seq, out_features)
         # Without autograd, every full tile reuses two buffers: a fresh allocation per tile (1.5 MB at ViT-B/32
@@ -139,6 +153,38 @@ class WEMoETaskVectors(nn.Module):
             merged = self.merge_tile(weight[rows], routing_weights, tile, tile_rows, merged_buffer if full else None)
             product = torch.matmul(hidden_states, merged.transpose(-1, -2), out=product_buffer if full else None)
             output[..., rows] = product
+        return output
+
+    def _apply_in_column_tiles(
+        self, hidden_states: torch.Tensor, weight: torch.Tensor, routing_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # More inputs than outputs (an MLP's down projection): per sample, a tile of output rows is a long thin
+        # matmul, which ran at half the dense speed. Go by tiles of input columns instead, adding
+        # x[:, cols] (W0 + sum_i r_i tau_i)[:, cols]^T into the output.
+        (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
+        columns = tile_size(out_features, hidden_states.dtype)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        num_experts = routing_weights.shape[-1]
+        output = hidden_states.new_zeros(batch, seq, out_features)
+        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, weight, routing_weights)))
+        if reuse:
+            column_buffer = weight.new_empty(num_experts, out_features, columns)
+            base_buffer = weight.new_empty(out_features, columns)
+            merged_buffer = hidden_states.new_empty(batch, out_features * columns)
+        for index in range(math.ceil(in_features / columns)):
+            tile = slice(index * columns, min((index + 1) * columns, in_features))
+            if reuse and tile.stop - tile.start == columns:
+                task_vectors = self.column_tile(index, columns, out=column_buffer)
+                base = base_buffer.copy_(weight[:, tile]).view(1, -1)
+                merged = torch.addmm(base, routing_weights, task_vectors, out=merged_buffer)
+            else:
+                task_vectors = self.column_tile(index, columns)
+                merged = torch.addmm(weight[:, tile].reshape(1, -1), routing_weights, task_vectors)
+            merged = merged.view(batch, out_features, -1).transpose(-1, -2)  # (batch, columns, out)
+            if reuse:
+                output.baddbmm_(hidden_states[..., tile], merged)
+            else:
+                output = torch.baddbmm(output, hidden_states[..., tile], merged)
         return output
 
     def _apply_per_token(
@@ -179,8 +225,13 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         rows = self.values[:, index * tile_rows : (index + 1) * tile_rows]
         return rows.reshape(rows.shape[0], -1)
 
+    def column_tile(self, index: int, columns: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        tile = self.values[:, :, index * columns : (index + 1) * columns]
+        return tile.reshape(tile.shape[0], -1) if out is None else out.copy_(tile).view(tile.shape[0], -1)
+
     def extra_repr(self) -> str:
         return f"num_experts={self.values.shape[0]}, shape={self.shape}"
+
 
 
 class WEMoESparseTaskVectors(WEMoETaskVectors):
@@ -199,7 +250,7 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         self.values = nn.Parameter(torch.zeros(num_experts, self.num_kept), requires_grad=False)
         self.register_buffer("bitmask", torch.zeros(num_experts, math.ceil(self.numel / 8), dtype=torch.uint8))
         self._derived_key = None
-        self._tile_layouts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._tile_layouts: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._csr: torch.Tensor | None = None
 
     @property
@@ -245,8 +296,14 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
 
     def prepare(self) -> None:
         # The tile index is about 0.65x the sparse store: built here, at load, a first forward allocates no more
-        # than a warm one.
-        self.tile_layout(TILE_ROWS)
+        # than a warm one. A bias is combined whole; a matrix goes by the tiles `_apply_per_sample` uses for inputs
+        # of its dtype (input columns when it has more inputs than outputs).
+        if len(self.shape) == 1:
+            self.tile_layout(self.shape[0])
+        elif self.shape[1] > self.shape[0]:
+            self.column_layout(tile_size(self.shape[0], self.values.dtype))
+        else:
+            self.tile_layout(tile_size(self.shape[1], self.values.dtype))
 
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`...: a prepared index is rebuilt for the moved tensors now, not in the next forward.
@@ -260,10 +317,18 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         """Per row tile: where each kept entry goes in a `(num_experts, tile_rows * row_width)` slab (int32), and
         the entries in that order. Derived from the stored tensors once per tile height, and again only when they
         change."""
+        return self._derived_layout(("rows", tile_rows), self._build_tile_layout)
+
+    def column_layout(self, columns: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per tile of input columns of a matrix: where each kept entry goes in a `(num_experts, out, columns)`
+        slab (int32), and the entries in that order."""
+        return self._derived_layout(("columns", columns), self._build_column_layout)
+
+    def _derived_layout(self, key: tuple[str, int], build) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self._forget_derived_if_changed()
-        if tile_rows not in self._tile_layouts:
-            self._tile_layouts[tile_rows] = self._build_tile_layout(tile_rows)
-        return self._tile_layouts[tile_rows]
+        if key not in self._tile_layouts:
+            self._tile_layouts[key] = build(key[1])
+        return self._tile_layouts[key]
 
     def _forget_derived_if_changed(self) -> None:
         key = tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in (self.bitmask, self.values))
@@ -327,6 +392,29 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
             filled = tile.stop
         self.check_kept_counts(offsets)
         return layout
+
+    def _build_column_layout(self, columns: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # From every kept entry's (row, column): its tile, and its place in the tile's (expert, row, column) slab;
+        # sorted by tile, then place. Transient int64 tensors of the size of the kept entries, one tensor at a time.
+        num_experts, (out_features, in_features) = self.values.shape[0], self.shape
+        indices = self.flat_indices()
+        experts = torch.arange(num_experts, device=indices.device).unsqueeze(1)
+        rows, in_columns = indices // in_features, indices % in_features
+        places = ((experts * out_features + rows) * columns + in_columns % columns).flatten()
+        tiles = (in_columns // columns).flatten()
+        order = torch.argsort(tiles * places.new_tensor(num_experts * out_features * columns) + places)
+        positions = places[order].to(torch.int32)
+        values = self.values.detach().flatten()[order]
+        counts = torch.bincount(tiles, minlength=math.ceil(in_features / columns)).tolist()
+        return list(zip(positions.split(counts), values.split(counts), strict=True))
+
+    def column_tile(self, index: int, columns: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        positions, tile_values = self.column_layout(columns)[index]
+        num_experts, out_features = self.values.shape[0], self.shape[0]
+        slab = self.values.new_zeros(num_experts, out_features, columns) if out is None else out.zero_()
+        slab.view(-1)[positions] = tile_values
+        width = min(columns, self.shape[1] - index * columns)
+        return slab.view(num_experts, -1) if width == columns else slab[:, :, :width].reshape(num_experts, -1)
 
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         positions, tile_values = self.tile_layout(tile_rows)[index]
@@ -431,6 +519,12 @@ class WEMoELinear(nn.Module):
         self.weight_task_vectors = build_task_vectors(config, (out_features, in_features))
         self.bias_task_vectors = build_task_vectors(config, (out_features,)) if bias else None
         self.top_k = config.router_top_k
+
+    def prepare(self) -> None:
+        """Build the task-vector stores' derived layouts (E-WEMoE's tile index) ahead of the first forward."""
+        for store in (self.weight_task_vectors, self.bias_task_vectors):
+            if store is not None:
+                store.prepare()
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         output = self.weight_task_vectors.apply(hidden_states, self.weight, routing_weights, self.top_k)
@@ -711,7 +805,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         """Build each task-vector store's derived layouts (E-WEMoE's tile index) now rather than in the first
         forward; `from_pretrained` does this."""
         for module in self.modules():
-            if isinstance(module, WEMoETaskVectors):
+            if isinstance(module, WEMoELinear):
                 module.prepare()
 
     def freeze_all_but_routers(self) -> None:
@@ -773,7 +867,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
 
 
 __all__ = [
-    "TILE_ROWS",
+    "TILE_BYTES",
     "WEMOE_MODEL_CLASSES",
     "WEMoEDenseTaskVectors",
     "WEMoELinear",

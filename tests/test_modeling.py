@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import modeling_wemoe.modeling_wemoe
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 from modeling_wemoe.modeling_wemoe import (
-    TILE_ROWS,
     WEMoELinear,
     WEMoERouter,
     WEMoESparseTaskVectors,
@@ -16,12 +16,22 @@ from modeling_wemoe.modeling_wemoe import (
     unpack_bitmask,
 )
 
-# 70 output rows: two full row tiles of the per-sample path and a partial third.
+# 70 output rows (or, for the wide layer, input columns): two full tiles of the per-sample path and a partial third,
+# with tiles of 32 float32 rows of 12 entries.
 NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 3, 12, 70
 
 
-def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELinear, torch.Tensor, torch.Tensor]:
-    """A WEMoELinear with random W0/b0 and task vectors; returns it with the dense task vectors it stores."""
+@pytest.fixture(autouse=True)
+def tiles_of_32_rows(monkeypatch):
+    monkeypatch.setattr(modeling_wemoe.modeling_wemoe, "TILE_BYTES", 32 * IN_FEATURES * 4)
+
+
+def make_linear(
+    expert_format: str, bias: bool, seed: int = 0, wide: bool = False
+) -> tuple[WEMoELinear, torch.Tensor, torch.Tensor]:
+    """A WEMoELinear with random W0/b0 and task vectors; returns it with the dense task vectors it stores. `wide`:
+    more inputs than outputs (a down projection, laid out by `prepare` for tiles of input columns)."""
+    in_features, out_features = (OUT_FEATURES, IN_FEATURES) if wide else (IN_FEATURES, OUT_FEATURES)
     config = WEMoEConfig(
         vision_config={"hidden_size": 16, "num_attention_heads": 4},
         projection_dim=8,
@@ -31,18 +41,18 @@ def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELin
         rank=5 if expert_format == "lowrank" else None,
     )
     generator = torch.Generator().manual_seed(seed)
-    layer = WEMoELinear(config, IN_FEATURES, OUT_FEATURES, bias=bias)
+    layer = WEMoELinear(config, in_features, out_features, bias=bias)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator))
-        stores = [("weight", (OUT_FEATURES, IN_FEATURES))] + ([("bias", (OUT_FEATURES,))] if bias else [])
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        stores = [("weight", (out_features, in_features))] + ([("bias", (out_features,))] if bias else [])
         for name, shape in stores:
             if name == "bias":
                 layer.bias.copy_(torch.randn(shape, generator=generator))
             task_vectors = torch.randn(NUM_EXPERTS, *shape, generator=generator)
             store = getattr(layer, f"{name}_task_vectors")
             if expert_format == "lowrank" and name == "weight":
-                factor_a = 0.3 * torch.randn(NUM_EXPERTS, 5, IN_FEATURES, generator=generator)
-                factor_b = 0.3 * torch.randn(NUM_EXPERTS, OUT_FEATURES, 5, generator=generator)
+                factor_a = 0.3 * torch.randn(NUM_EXPERTS, 5, in_features, generator=generator)
+                factor_b = 0.3 * torch.randn(NUM_EXPERTS, out_features, 5, generator=generator)
                 store.assign(factor_a, factor_b)
             elif expert_format == "sparse":
                 flat = task_vectors.flatten(1)
@@ -51,9 +61,16 @@ def make_linear(expert_format: str, bias: bool, seed: int = 0) -> tuple[WEMoELin
                 store.assign(task_vectors, mask.view_as(task_vectors))
             else:
                 store.assign(task_vectors)
+    layer.prepare()
     weight_tv = layer.weight_task_vectors.dense()
     bias_tv = layer.bias_task_vectors.dense() if bias else None
     return layer, weight_tv, bias_tv
+
+
+def random_inputs(layer: WEMoELinear, *leading: int) -> torch.Tensor:
+    """Inputs scaled so that every layer's outputs are about 3 (the merged weights' entries are about 2): 1e-5 is
+    then well above fp32 rounding for both layers, and far below any error in the math."""
+    return 0.5 * torch.randn(*leading, layer.in_features) * (IN_FEATURES / layer.in_features) ** 0.5
 
 
 def merged_linear(layer, weight_tv, bias_tv, routing, inputs):
@@ -65,9 +82,10 @@ def merged_linear(layer, weight_tv, bias_tv, routing, inputs):
 @pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("seq", [7, 1], ids=["7-tokens", "1-token"])  # one token per sample takes another path
-def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias, seq):
-    layer, weight_tv, bias_tv = make_linear(expert_format, bias)
-    inputs = torch.randn(5, seq, IN_FEATURES)
+@pytest.mark.parametrize("wide", [False, True], ids=["row-tiles", "column-tiles"])
+def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format, bias, seq, wide):
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias, wide=wide)
+    inputs = random_inputs(layer, 5, seq)
     routing = torch.randn(5, NUM_EXPERTS)
     expected = torch.stack(
         [merged_linear(layer, weight_tv, bias_tv, r, x) for r, x in zip(routing, inputs, strict=True)]
@@ -76,10 +94,11 @@ def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format
 
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse"])
-def test_per_sample_linear_gives_the_same_outputs_and_gradients_with_autograd(expert_format):
-    # Without autograd the tiles reuse two buffers (`out=`); with it (test-time adaptation) they cannot.
-    layer, weight_tv, bias_tv = make_linear(expert_format, bias=True)
-    inputs = torch.randn(5, 7, IN_FEATURES)
+@pytest.mark.parametrize("wide", [False, True], ids=["row-tiles", "column-tiles"])
+def test_per_sample_linear_gives_the_same_outputs_and_gradients_with_autograd(expert_format, wide):
+    # Without autograd the tiles reuse buffers (`out=`); with it (test-time adaptation) they cannot.
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias=True, wide=wide)
+    inputs = random_inputs(layer, 5, 7)
     routing = torch.randn(5, NUM_EXPERTS, requires_grad=True)
     with torch.no_grad():
         without_autograd = layer(inputs, routing)
@@ -100,7 +119,7 @@ def test_a_prepared_sparse_tile_index_is_rebuilt_when_the_layer_moves_to_another
     store.prepare()
     assert store._tile_layouts, "prepare() builds the tile index"
     layer.to(torch.float64)
-    positions, values = store._tile_layouts[TILE_ROWS][0]
+    (positions, values), *_ = next(iter(store._tile_layouts.values()))
     assert values.dtype == torch.float64 and positions.dtype == torch.int32
     inputs = torch.randn(5, 7, IN_FEATURES, dtype=torch.float64)
     routing = torch.randn(5, NUM_EXPERTS, dtype=torch.float64)
@@ -115,9 +134,10 @@ def test_a_prepared_sparse_tile_index_is_rebuilt_when_the_layer_moves_to_another
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse", "lowrank"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_per_token_linear_matches_a_weight_merged_for_each_token(expert_format, bias):
-    layer, weight_tv, bias_tv = make_linear(expert_format, bias)
-    inputs = torch.randn(2, 4, IN_FEATURES)
+@pytest.mark.parametrize("wide", [False, True], ids=["row-tiles", "column-tiles"])
+def test_per_token_linear_matches_a_weight_merged_for_each_token(expert_format, bias, wide):
+    layer, weight_tv, bias_tv = make_linear(expert_format, bias, wide=wide)
+    inputs = random_inputs(layer, 2, 4)
     routing = torch.randn(2, 4, NUM_EXPERTS)
     expected = torch.stack(
         [
@@ -248,3 +268,13 @@ def test_top_k_keeps_only_the_largest_routing_weights(granularity):
     largest_dropped = full.masked_fill(kept, float("-inf")).max(-1).values
     assert (largest_dropped <= smallest_kept).all()
     torch.testing.assert_close(compute_routing_weights(router, hidden, granularity, top_k=4), full)
+
+
+def test_a_down_projection_in_bfloat16_follows_float32():
+    # More inputs than outputs: the per-sample path goes by tiles of input columns, in either dtype.
+    layer, _, _ = make_linear("dense", bias=True, wide=True)
+    inputs, routing = random_inputs(layer, 5, 7), torch.randn(5, NUM_EXPERTS)
+    expected = layer(inputs, routing)
+    actual = layer.to(torch.bfloat16)(inputs.bfloat16(), routing.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.02)
