@@ -172,7 +172,7 @@ def profile_category(operator: str, shapes: list, num_experts: int) -> str:
         return "merges (weight tiles and biases)"
     if operator in ("aten::addmm", "aten::mm"):
         return "linears (attention, routers, dense MLPs)"
-    if operator in ("aten::bmm", "aten::baddbmm"):
+    if operator in ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"):
         return "per-sample matmuls (tiles)"
     if operator in ("aten::copy_", "aten::index_put_", "aten::_index_put_impl_", "aten::fill_", "aten::zero_"):
         return "copies, fills, sparse scatters"
