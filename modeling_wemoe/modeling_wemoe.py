@@ -297,7 +297,10 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
     def prepare(self) -> None:
         # The tile index is about 0.65x the sparse store: built here, at load, a first forward allocates no more
         # than a warm one. A bias is combined whole; a matrix goes by the tiles `_apply_per_sample` uses for inputs
-        # of its dtype (input columns when it has more inputs than outputs).
+        # of its dtype (input columns when it has more inputs than outputs). Offloaded (meta) tensors build theirs
+        # when they are loaded for a forward.
+        if self.values.is_meta or self.bitmask.is_meta:
+            return
         if len(self.shape) == 1:
             self.tile_layout(self.shape[0])
         elif self.shape[1] > self.shape[0]:

@@ -278,3 +278,10 @@ def test_a_down_projection_in_bfloat16_follows_float32():
     actual = layer.to(torch.bfloat16)(inputs.bfloat16(), routing.bfloat16())
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.02)
+
+
+def test_prepare_leaves_an_offloaded_meta_store_for_its_first_forward():
+    with torch.device("meta"):
+        store = WEMoESparseTaskVectors(NUM_EXPERTS, (OUT_FEATURES, IN_FEATURES), 0.3)
+    store.prepare()
+    assert store._tile_layouts == {}
