@@ -254,7 +254,8 @@ def choose_on_validation(candidates: list[float], validation_average: Callable[[
 
 
 def routing_table(report: dict, tasks: list[str]) -> str:
-    """Markdown: routing accuracy per layer (mean over the tasks with an expert), before and after adaptation."""
+    """Markdown: routing accuracy per layer (mean over the tasks with an expert), before and after adaptation; a row
+    with fewer routed layers than others (a T5 decoder routed per token routes no sample as a whole) ends in `-`."""
     rows = []
     for method, entry in report.items():
         if "routing_accuracy_before" not in entry:
@@ -263,6 +264,8 @@ def routing_table(report: dict, tasks: list[str]) -> str:
             per_task = {t: v for t, v in entry[f"routing_accuracy_{when}"].items() if t in tasks and v is not None}
             layers = len(next(iter(per_task.values())))
             means = [sum(values[layer] for values in per_task.values()) / len(per_task) for layer in range(layers)]
-            rows.append(f"| {method}, {when} adaptation | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+            rows.append((f"{method}, {when} adaptation", [f"{m:.2f}" for m in means]))
+    layers = max(len(means) for _, means in rows)
     header = ["| method | " + " | ".join(f"layer {i}" for i in range(layers)) + " |", "|---|" + "---|" * layers]
-    return "\n".join(header + rows)
+    lines = [f"| {name} | " + " | ".join(means + ["-"] * (layers - len(means))) + " |" for name, means in rows]
+    return "\n".join(header + lines)

@@ -21,16 +21,19 @@
 4. Rows, each through `wemoe-convert`, `wemoe-tta` and `wemoe-eval` (their `main(argv)`) on the test splits, scored by
    exact match of greedy generations: the pre-trained model; the individual fine-tunes; task arithmetic with lambda
    chosen from {0.1, ..., 1.0} on validation (the paper's protocol) and at 0.3; TIES; layer-wise AdaMerging; WEMoE;
-   E-WEMoE keep 0.1; the diagnostic oracle-routing row; and WEMoE adapted with the option
-   `--objective label-words-and-rest` (the entropy also counts the probability outside the label words).
+   E-WEMoE keep 0.1; the diagnostic oracle-routing row; WEMoE adapted with the option
+   `--objective label-words-and-rest` (the entropy also counts the probability outside the label words); and WEMoE
+   and E-WEMoE with the option `decoder_routing: prompt` (the decoder routed once per prompt, from the pooled encoder
+   output, instead of per token), converted, adapted and scored as their per-token rows are.
 5. Adaptation follows the paper (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) for WEMoE, E-WEMoE and
    AdaMerging, for 700 of the paper's 1000 steps (`Scale.tta_steps`): with one thread, next to another benchmark on
    a 2-core machine, a WEMoE step (16 prompts of each of the 4 tasks) took 0.57 s and an AdaMerging step 0.43 s, so
    1000 steps for the four adapted rows would take 38 minutes of the 45-minute budget alone. Fixed before any merge
    was scored. Nothing is chosen by looking at test accuracy: task arithmetic's lambda is chosen on validation.
 6. Diagnostics (`diagnostics.py`, shared with `accuracy_text.py`): routing accuracy per encoder layer before and after
-   adaptation (the encoder routes each prompt as a whole), the routing weights per layer and task, the task-vector
-   norms per layer, and validation entropy and accuracy along adaptation.
+   adaptation (the encoder routes each prompt as a whole; a decoder routed per prompt adds its layers after the
+   encoder's), the routing weights per layer and task, the task-vector norms per layer, and validation entropy and
+   accuracy along adaptation.
 
 The README's T5 section has the results and what the diagnostics show (the experts pass the regime check; the oracle
 row shows the static part and the learned routing each costing about half of the gap to the fine-tunes).
@@ -468,6 +471,8 @@ def build_checkpoints(cache: Path, tasks: TasksFile, scale: Scale, seed: int) ->
 PAPER_TTA_LR = 1e-4
 REST_OBJECTIVE = "label-words-and-rest"
 REST_ROW = f"WEMoE, objective {REST_OBJECTIVE} (option)"
+PROMPT_ROUTING = {"decoder_routing": "prompt"}
+PROMPT_ROWS = ("WEMoE, decoder routed per prompt (option)", "E-WEMoE keep=0.1, decoder routed per prompt (option)")
 ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 EVAL_ARGS = ("--max-new-tokens", "4", "--batch-size", "64")
 
@@ -501,15 +506,18 @@ def methods(lambda_star: float) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "WEMoE": ({"variant": "wemoe"}, ()),
         "E-WEMoE keep=0.1": ({"variant": "e-wemoe", "keep": 0.1}, ()),
         REST_ROW: ({"variant": "wemoe"}, ("--objective", REST_OBJECTIVE)),
+        PROMPT_ROWS[0]: ({"variant": "wemoe", "router": PROMPT_ROUTING}, ()),
+        PROMPT_ROWS[1]: ({"variant": "e-wemoe", "keep": 0.1, "router": PROMPT_ROUTING}, ()),
     }
 
 
-def recipe(checkpoints: dict[str, Path], tasks: TasksFile, **fields) -> dict:
-    """A conversion recipe over the full experts, each task's label words its ClassLabel names."""
+def recipe(checkpoints: dict[str, Path], tasks: TasksFile, router: dict | None = None, **fields) -> dict:
+    """A conversion recipe over the full experts, each task's label words its ClassLabel names; `router` adds to the
+    router's fields."""
     return {
         "base_model": str(checkpoints["base"]),
         "architecture": "t5",
-        "router": {"hidden_layers": 2, "init_lambda": 0.3},
+        "router": {"hidden_layers": 2, "init_lambda": 0.3, **(router or {})},
         "tasks": [
             {"name": name, "model": str(checkpoints[f"full/{name}"]), "classnames": class_names(name, files)}
             for name, files in tasks.tasks.items()
@@ -590,7 +598,8 @@ def t5_task_vector_norms(checkpoints: dict[str, Path], tasks: TasksFile) -> dict
 def diagnostics(checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy per encoder layer before and after adaptation, the routing and norm plots, and the
     adaptation curves (validation entropy over the label words, and accuracy)."""
-    adapted = {method: Path(results[method]["model"]) for method in ("WEMoE", "E-WEMoE keep=0.1", REST_ROW)}
+    methods_adapted = ("WEMoE", "E-WEMoE keep=0.1", REST_ROW, *PROMPT_ROWS)
+    adapted = {method: Path(results[method]["model"]) for method in methods_adapted}
     norms = t5_task_vector_norms(checkpoints, tasks)
     return write_diagnostics(adapted, data_config(tasks, "test"), data_config(tasks, "validation"), norms, output,
                              "accuracy_t5", "encoder routing weight")  # fmt: skip
@@ -619,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name}: {100 * experts[name]['full']:.1f} vs {100 * experts[name]['majority']:.1f}")
     print(f"task arithmetic's lambda on validation: {choice['lambda']:g}")
     print("\nrouting accuracy per encoder layer (share of test samples whose largest routing weight is their own "
-          "task's expert):")  # fmt: skip
+          "task's expert; the rows routing the decoder per prompt add its layers after the encoder's):")  # fmt: skip
     print(routing_table(report, names))
     print(f"\n{'tiny' if args.tiny else 'full'} run: {time.perf_counter() - start:.0f} s; results in {args.results}")
     return {"results": results, "experts": experts, "lambda": choice, "diagnostics": report}

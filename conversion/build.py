@@ -66,6 +66,7 @@ def wemoe_config_options(options: MergeOptions) -> dict:
         "router_normalization": options.router.normalization,
         "router_top_k": options.router.top_k,
         "routing_granularity": options.router.granularity,
+        "decoder_routing": options.router.decoder_routing,
         "static_merge": options.static_merge.model_dump(),
     }
 

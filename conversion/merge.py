@@ -164,7 +164,8 @@ def merge(
         **options: `MergeOptions` fields: `variant` ("wemoe": a router per layer, dense task vectors; "e-wemoe": one
             shared router, task vectors pruned to `keep`), `keep`, `expert_format` ("dense", "sparse", "lowrank"),
             `rank`, `static_merge` (for the non-MLP tensors, e.g. `{"method": "ties", "density": 0.2}`) and
-            `router` (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `seed`).
+            `router` (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `decoder_routing` (T5: "token" or
+            "prompt"), `seed`).
 
     Returns:
         The family's WEMoE model in eval mode, only its routers trainable; before adaptation it equals task
@@ -172,6 +173,7 @@ def merge(
     """
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)
+    backbone.check_router(options.router, "router")
     config_options = wemoe_config_options(options)
     inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
     tokenizer = base_tokenizer(backbone, base, tokenizer)

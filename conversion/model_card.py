@@ -33,6 +33,15 @@ def hub_lineage(recipe: MergeRecipe) -> list[str]:
     return list(dict.fromkeys(source for source in map(hub_id_or_none, sources) if source is not None))
 
 
+def decoder_routing_text(config) -> str:
+    """How an encoder-decoder's decoder routes, for the card's router description; nothing for other models."""
+    if not config.is_encoder_decoder:
+        return ""
+    if config.decoder_routing == "prompt":
+        return "; the decoder once per prompt, from the pooled encoder output"
+    return "; the decoder per token"
+
+
 def render_model_card(
     model: WEMoEPreTrainedModel,
     recipe: MergeRecipe,
@@ -47,7 +56,7 @@ def render_model_card(
     variant = VARIANT_NAMES[recipe.variant] + (f", keep {recipe.keep:g}" if recipe.variant == "e-wemoe" else "")
     router = (
         "router in every layer" if config.router_mode == "per_layer" else "single router shared by all layers"
-    ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing)"
+    ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing{decoder_routing_text(config)})"
     task_labels = config.task_labels or {}
     tasks = [
         {"name": task.name, "model": task.model, "labels": task_labels.get(task.name, [])} for task in recipe.tasks

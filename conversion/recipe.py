@@ -98,6 +98,9 @@ class RouterSpec(Strict):
     top_k: int | None = Field(None, ge=1)
     init_lambda: FiniteFloat = DEFAULT_LAMBDA
     granularity: Literal["sample", "token"] = "sample"
+    # How a decoder (T5) routes: "token" (the paper) or "prompt", once per prompt from the pooled encoder output
+    # (an option; WEMoEConfig.decoder_routing says more). Only for families with a decoder.
+    decoder_routing: Literal["token", "prompt"] = "token"
     seed: int = 0  # of the routers' random initialisation: converting a recipe twice gives the same artifact
 
 
@@ -165,6 +168,7 @@ base_model: google/flan-t5-base
 architecture: t5
 variant: wemoe
 router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}   # encoder routing; the decoder routes per token
+# (add `decoder_routing: prompt` to route the decoder once per prompt, from the pooled encoder output)
 tasks:
   - name: sst2
     model: tanganke/flan-t5-base_glue-sst2
@@ -230,6 +234,13 @@ class MergeRecipe(MergeOptions):
         backbone = get_backbone(self.architecture)
         for index, task in enumerate(self.tasks):
             backbone.check_recipe_task(task, f"tasks.{index} ({task.name})")
+        return self
+
+    @model_validator(mode="after")
+    def router_fits_the_architecture(self) -> "MergeRecipe":
+        from .backbones import get_backbone
+
+        get_backbone(self.architecture).check_router(self.router, "router")
         return self
 
     @model_validator(mode="after")

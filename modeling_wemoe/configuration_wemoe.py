@@ -33,8 +33,7 @@ class WEMoEConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The text model the experts were fine-tuned from; a dict is read as the config of its `model_type`
             (`"t5"` when it has none, as in artifacts saved before other text families existed). A T5 has plain
-            `wi`/`wo` or gated `wi_0`/`wi_1`/`wo` feed-forward blocks; its decoder always routes per token (see
-            `routing_granularity`).
+            `wi`/`wo` or gated `wi_0`/`wi_1`/`wo` feed-forward blocks; its decoder routes as `decoder_routing` says.
         tie_word_embeddings (`bool`, defaults to `False`):
             T5 only: whether `lm_head` shares the weight of the `shared` input embedding (as in the original T5) or
             has its own (Flan-T5, T5 v1.1). Set by the converter from the base checkpoint.
@@ -76,8 +75,14 @@ class WEMoEConfig(PreTrainedConfig):
         routing_granularity (`"sample"` or `"token"`, defaults to `"sample"`):
             `"sample"`: one routing vector per sample, the router outputs averaged over its tokens (padding
             excluded). `"token"`: one routing vector per token (exact per-token weight ensembling). This applies
-            to CLIP and to the T5 encoder; the T5 decoder always routes per token, because a generated sample is
-            not known until it ends, and per-token routing gives the same result with and without the KV cache.
+            to CLIP, BERT and the T5 encoder; the T5 decoder routes as `decoder_routing` says.
+        decoder_routing (`"token"` or `"prompt"`, defaults to `"token"`):
+            T5 only: how the decoder's WEMoE layers route. `"token"` (the paper): each layer routes every decoded
+            token from the hidden states entering its feed-forward block (a generated sample is not known until it
+            ends). `"prompt"` (an option, not the paper's method): each layer's router reads the prompt's pooled
+            encoder output (the encoder's final hidden states averaged over the real tokens) and gives one routing
+            vector per sample, the same at every decoding step: each generated sequence is decoded by one merged
+            model, like the encoder's per-sample routing. Both give the same result with and without the KV cache.
         expert_format (`"dense"`, `"sparse"` or `"lowrank"`, defaults to `"dense"`):
             How task vectors are stored. `"sparse"` keeps the `keep` fraction of largest-magnitude entries of each
             tensor, stored as values plus a packed bitmask. `"lowrank"` stores each weight matrix's task vector as
@@ -130,6 +135,7 @@ class WEMoEConfig(PreTrainedConfig):
     router_top_k: int | None = None
     init_lambda: float | int = 0.3
     routing_granularity: Literal["sample", "token"] = "sample"
+    decoder_routing: Literal["token", "prompt"] = "token"
     expert_format: Literal["dense", "sparse", "lowrank"] = "dense"
     keep: float | int | None = None
     rank: int | None = None
@@ -218,6 +224,15 @@ class WEMoEConfig(PreTrainedConfig):
             raise ValueError(f"`router_normalization` must be 'none' or 'softmax', got {self.router_normalization!r}.")
         if not math.isfinite(self.init_lambda):
             raise ValueError(f"`init_lambda` must be a finite number, got {self.init_lambda}.")
+
+    def validate_decoder_routing(self):
+        if self.decoder_routing not in ("token", "prompt"):
+            raise ValueError(f"`decoder_routing` must be 'token' or 'prompt', got {self.decoder_routing!r}.")
+        if self.decoder_routing == "prompt" and not self.is_encoder_decoder:
+            raise ValueError(
+                "`decoder_routing='prompt'` routes a decoder once per prompt, from the encoder's output: it needs an "
+                f"encoder-decoder backbone (T5), and this config's is {self.backbone!r}."
+            )
 
     def validate_expert_format(self):
         if self.expert_format == "sparse":

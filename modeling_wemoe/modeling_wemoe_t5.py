@@ -232,8 +232,21 @@ class WEMoET5DenseActDense(nn.Module):
         return self.wo(self.dropout(activated), routing_weights)
 
 
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, seq, d)` hidden states averaged over each sample's real tokens (all of them without a mask): `(batch,
+    d)`. Each sample is reduced on its own: padding and batch mates never change it."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
 class WEMoET5LayerFF(nn.Module):
-    """T5's pre-norm feed-forward sub-layer with a WEMoE `DenseReluDense` and its router."""
+    """T5's pre-norm feed-forward sub-layer with a WEMoE `DenseReluDense` and its router.
+
+    `granularity` says what the router reads: `"sample"` / `"token"` the hidden states entering the block (one
+    routing vector per sample, averaged over its real tokens, or per token); `"prompt"` (decoder only) the pooled
+    encoder output of the sample's prompt, one routing vector per sample for every decoded token."""
 
     def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig, granularity: str):
         super().__init__()
@@ -249,10 +262,15 @@ class WEMoET5LayerFF(nn.Module):
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         shared_router: WEMoERouter | None = None,
+        prompt_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(hidden_states)
         router = self.router if self.router is not None else shared_router
-        routing_weights = compute_routing_weights(router, normed, self.granularity, token_mask, self.top_k)
+        if self.granularity == "prompt":
+            # The pooled prompt `(batch, d)` as a one-token sequence: one routing vector `(batch, experts)` per sample.
+            routing_weights = compute_routing_weights(router, prompt_states.unsqueeze(1), "sample", top_k=self.top_k)
+        else:
+            routing_weights = compute_routing_weights(router, normed, self.granularity, token_mask, self.top_k)
         forwarded = self.DenseReluDense(normed, routing_weights)
         return hidden_states + self.dropout(forwarded), routing_weights
 
@@ -285,6 +303,7 @@ class WEMoET5Block(nn.Module):
         cross_attention_bias: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         shared_router: WEMoERouter | None = None,
+        prompt_states: torch.Tensor | None = None,
     ) -> WEMoET5BlockOutput:
         hidden_states, self_attention_weights = self.layer[0](hidden_states, self_attention_bias, cache=cache)
         hidden_states = clamp_inf_for_fp16(hidden_states)
@@ -294,7 +313,7 @@ class WEMoET5Block(nn.Module):
                 hidden_states, encoder_hidden_states, cross_attention_bias, cache=cache
             )
             hidden_states = clamp_inf_for_fp16(hidden_states)
-        hidden_states, routing_weights = self.layer[-1](hidden_states, token_mask, shared_router)
+        hidden_states, routing_weights = self.layer[-1](hidden_states, token_mask, shared_router, prompt_states)
         return WEMoET5BlockOutput(
             clamp_inf_for_fp16(hidden_states), routing_weights, self_attention_weights, cross_attention_weights
         )
@@ -334,7 +353,8 @@ class WEMoET5Stack(nn.Module):
     def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig):
         super().__init__()
         self.is_decoder = text_config.is_decoder
-        granularity = "token" if self.is_decoder else config.routing_granularity
+        granularity = config.decoder_routing if self.is_decoder else config.routing_granularity
+        self.routes_per_prompt = granularity == "prompt"
         self.block = nn.ModuleList(
             [WEMoET5Block(config, text_config, i, granularity) for i in range(text_config.num_layers)]
         )
@@ -360,12 +380,13 @@ class WEMoET5Stack(nn.Module):
                 query_length, past_length, attention_mask, dtype, inputs_embeds.device
             )
             cross_attention_bias = padding_mask(encoder_attention_mask, dtype)
-            token_mask = None  # decoder routing is per token and needs no mask
+            token_mask = None  # decoder routing is per token or per prompt: it averages no decoder tokens
         else:
             self_attention_bias = first_attention.compute_bias(query_length, query_length).to(dtype)
             mask = padding_mask(attention_mask, dtype)
             self_attention_bias = self_attention_bias if mask is None else self_attention_bias + mask
             cross_attention_bias, token_mask = None, attention_mask  # encoder routing averages over real tokens only
+        prompt_states = self.pooled_prompt(encoder_hidden_states, encoder_attention_mask)
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states, all_routing_weights, all_attentions, all_cross_attentions = (hidden_states,), (), (), ()
@@ -378,6 +399,7 @@ class WEMoET5Stack(nn.Module):
                 cross_attention_bias=cross_attention_bias,
                 cache=cache,
                 shared_router=shared_router,
+                prompt_states=prompt_states,
             )
             hidden_states = output.hidden_states
             all_hidden_states += (hidden_states,)
@@ -388,6 +410,18 @@ class WEMoET5Stack(nn.Module):
         return WEMoET5StackOutput(
             hidden_states, all_hidden_states, all_routing_weights, all_attentions, all_cross_attentions
         )
+
+    def pooled_prompt(
+        self, encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """What a decoder routed per prompt routes from: the encoder's final hidden states averaged over each prompt's
+        real tokens, `(batch, d_model)`; recomputed at every decoding step from the same encoder output, so the
+        routing never depends on the step or on the cache. None for a stack that routes from its own states."""
+        if not self.routes_per_prompt:
+            return None
+        if encoder_hidden_states is None:
+            raise ValueError("A decoder routed per prompt (`decoder_routing='prompt'`) needs the encoder's output.")
+        return masked_mean(encoder_hidden_states, encoder_attention_mask)
 
 
 @dataclass
@@ -423,7 +457,8 @@ class WEMoESeq2SeqLMOutput(ModelOutput):
     encoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
         Per encoder layer, `(batch_size, num_experts)` per sample or `(batch_size, seq_len, num_experts)` per token.
     decoder_routing_weights (`tuple(torch.FloatTensor)`, *optional*, returned when `output_routing_weights=True`):
-        Per decoder layer, `(batch_size, target_len, num_experts)`: the decoder routes every token.
+        Per decoder layer, `(batch_size, target_len, num_experts)` with `decoder_routing="token"` (every token
+        routed), `(batch_size, num_experts)` with `decoder_routing="prompt"` (one routing per prompt).
     """
 
     loss: torch.FloatTensor | None = None
@@ -472,7 +507,8 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
 
     Parameter names match `T5ForConditionalGeneration` (`shared`, `encoder.block.{i}.layer...`, `decoder...`,
     `lm_head`), plus each linear's `*_task_vectors` and the routers. The encoder routes per sample (its real tokens
-    averaged) or per token; the decoder per token, so `generate()` gives the same output with and without the cache.
+    averaged) or per token; the decoder per token (the paper) or, with `decoder_routing="prompt"`, once per prompt
+    from the pooled encoder output. Either way `generate()` gives the same output with and without the cache.
     """
 
     backbone = "t5"
@@ -588,7 +624,8 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
                 Target token ids (-100 is ignored); a cross-entropy loss is returned with them.
             output_routing_weights (`bool`, *optional*, defaults to `False`):
-                Return every encoder and decoder layer's routing weights, for analysis.
+                Return every encoder and decoder layer's routing weights, for analysis (their shapes: see
+                `WEMoESeq2SeqLMOutput`).
 
         Other arguments are those of `T5ForConditionalGeneration.forward`.
 

@@ -75,13 +75,18 @@ def test_tiny_benchmark_runs_every_row_and_diagnostic_end_to_end(tmp_path):
     for slug, objective in (
         ("wemoe", "label-words"),
         (benchmark.method_slug(benchmark.REST_ROW), "label-words-and-rest"),
+        *((benchmark.method_slug(row), "label-words") for row in benchmark.PROMPT_ROWS),
     ):
         record = (cache / "models" / f"{slug}_tta" / "merge_config.yaml").read_text()
         assert f"objective: {objective}" in record and "lr: 0.0001" in record
+        assert ("decoder_routing: prompt" in record) == ("per prompt" in slug.replace("_", " ")), slug
     assert not (cache / "models" / "ties_tta").exists()
     # The diagnostics: routing per encoder layer before and after, curves, and the plots.
     report = run["diagnostics"]
     assert len(report["WEMoE"]["routing_accuracy_before"]["emoji_groups"]) == benchmark.TINY.layers
+    # Routed per prompt, the decoder's layers route each sample as a whole too: they follow the encoder's.
+    per_prompt = report[benchmark.PROMPT_ROWS[0]]["routing_accuracy_after"]["emoji_groups"]
+    assert len(per_prompt) == 2 * benchmark.TINY.layers
     assert report["WEMoE"]["curve"][0]["step"] == 0 and report["WEMoE"]["curve"][-1]["step"] == benchmark.TINY.tta_steps
     for stem in ("adaptation", "task_vector_norms", "routing_wemoe"):
         assert (results_dir / f"accuracy_t5_{stem}.png").is_file(), stem

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..adaptation import TaskStream
     from ..checkpoints import ModelSource, TensorSource
     from ..evaluation import EvaluationResults
-    from ..recipe import TaskSpec
+    from ..recipe import RouterSpec, TaskSpec
 
 
 class Backbone:
@@ -41,6 +41,7 @@ class Backbone:
         needs_tokenizer: whether finishing a merged model needs the base's tokenizer (to build heads).
         serves_tasks_without_experts: whether a task may have no expert, only a head built from the base (CLIP's
             zero-shot heads). BERT's heads are its experts' classifiers; T5 has no per-task head at all.
+        has_decoder: whether the model has a decoder whose routing `router.decoder_routing` chooses (T5).
         architecture_fields: config fields that must agree between the base and every expert.
         tensor_hints: what a missing or extra tensor usually means, by merge key.
         card_summary: one paragraph on what the artifact is, for its model card (`{n}`: the number of experts).
@@ -61,6 +62,7 @@ class Backbone:
     templates_allowed: bool = False
     needs_tokenizer: bool = False
     serves_tasks_without_experts: bool = False
+    has_decoder: bool = False
     architecture_fields: tuple[str, ...] = ()
     tensor_hints: Mapping[str, str] = {}
     card_summary: str = ""
@@ -185,6 +187,14 @@ class Backbone:
             )
         if not self.templates_allowed and task.templates is not None:
             raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a {self.display_name} task has none")
+
+    def check_router(self, router: "RouterSpec", where: str) -> None:
+        """Router options that depend on the family, named by `where` (`router`): only a decoder routes per prompt."""
+        if router.decoder_routing != "token" and not self.has_decoder:
+            raise ValueError(
+                f"{where}.decoder_routing: {router.decoder_routing!r} routes a decoder once per prompt; a "
+                f"{self.display_name} model has no decoder (leave decoder_routing unset)"
+            )
 
     def check_task_without_expert(self, has_labels: bool, where: str) -> None:
         """A task without an expert (no `model`) is served by a head built from its labels alone: only where the

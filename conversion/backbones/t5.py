@@ -125,6 +125,7 @@ class T5Backbone(Backbone):
     pipeline_tag = "text2text-generation"
     labels_name = "label words"
     labels_required = False
+    has_decoder = True
     architecture_fields = T5_ARCHITECTURE_FIELDS
     tensor_hints = {
         LM_HEAD: "The base model and this expert disagree on tying lm_head to the shared embedding: one has its own "
@@ -134,7 +135,7 @@ class T5Backbone(Backbone):
     objectives = ("label-words", "label-words-and-rest")
     card_summary = (
         "A multi-task T5 text-to-text model: {n} fine-tuned T5 models merged into one. The encoder routes each prompt "
-        "as a whole (its real tokens averaged), the decoder every token."
+        "as a whole (its real tokens averaged), the decoder every token or once per prompt (see the router below)."
     )
 
     def key_of(self, checkpoint_key: str) -> str | None:
@@ -300,7 +301,8 @@ def merge_t5(
     """Merge fine-tuned T5 / Flan-T5 models into one WEMoE (or E-WEMoE) text-to-text model: `wemoe.merge` for
     the T5 family. `classnames` are tasks' label words (e.g. `["negative", "positive"]`), to which test-time
     adaptation restricts its entropy; tasks left out adapt on the whole vocabulary. `options` are `MergeOptions`
-    fields; `router.granularity` applies to the encoder (the decoder routes per token).
+    fields; `router.granularity` applies to the encoder, `router.decoder_routing` to the decoder (`"token"`, the
+    paper's, or `"prompt"`: once per prompt, from the pooled encoder output).
 
     Example:
 
