@@ -83,6 +83,10 @@ class WEMoETaskVectors(nn.Module):
 
     def prepare(self) -> None:
         """Build, ahead of the first forward, what forwards derive from the stored tensors (nothing here)."""
+
+    def per_token_read_fraction(self) -> float:
+        """What `expert_outputs` reads per token, as a fraction of the dense task vectors."""
+        return 1.0
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
         `(num_experts, rows * row_width)`."""
@@ -124,9 +128,11 @@ class WEMoETaskVectors(nn.Module):
     ) -> torch.Tensor:
         """`x (W0 + sum_i r_i tau_i)^T` for inputs `(batch, seq, in)` and routing weights `(batch, num_experts)`
         (one weight per sample) or `(batch, seq, num_experts)` (one per token); no bias."""
-        if routing_weights.dim() == 2 and hidden_states.shape[-2] > 1:
+        if routing_weights.dim() == 2 and hidden_states.shape[-2] * self.per_token_read_fraction() > 1:
             return self._apply_per_sample(hidden_states, weight, routing_weights)
-        if routing_weights.dim() == 2:  # one token per sample (a decoding step): merging a weight for it costs more
+        if routing_weights.dim() == 2:
+            # Few tokens per sample (decoding steps): x tau_i^T for every expert reads the stored entries once per
+            # token, which costs less than merging a weight for each sample.
             routing_weights = routing_weights.unsqueeze(-2)
         return self._apply_per_token(hidden_states, weight, routing_weights)
 
@@ -338,10 +344,16 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         if key != self._derived_key:
             self._derived_key, self._tile_layouts, self._csr = key, {}, None
 
+    def per_token_read_fraction(self) -> float:
+        return self.num_kept / self.numel if self.uses_sparse_matmul() else 1.0
+
+    def uses_sparse_matmul(self) -> bool:
+        return self.values.dtype in (torch.float32, torch.float64) and len(self.shape) == 2
+
     def expert_outputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Few tokens at a time (a generation step): one sparse matmul reads only the kept entries, ~5x faster than
         # expanding the task vectors. torch's CPU sparse matmul has no half-precision kernels: expand there.
-        if self.values.dtype not in (torch.float32, torch.float64) or len(self.shape) != 2:
+        if not self.uses_sparse_matmul():
             return super().expert_outputs(hidden_states)
         per_expert = (self.csr() @ hidden_states.reshape(-1, self.shape[1]).t()).t()
         return per_expert.reshape(*hidden_states.shape[:-1], -1, self.shape[0])
