@@ -618,6 +618,15 @@ def build_router(config: WEMoEConfig, hidden_size: int, owner: str) -> WEMoERout
     return WEMoERouter(hidden_size, config.num_experts, config.router_hidden_layers, config.router_normalization)
 
 
+def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, seq, d)` averaged over each sample's real tokens (all of them without a mask): `(batch, d)`. Each
+    sample is reduced on its own: padding and batch mates never change it."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
 def compute_routing_weights(
     router: WEMoERouter,
     hidden_states: torch.Tensor,
@@ -630,11 +639,7 @@ def compute_routing_weights(
     a sample's routing never depends on the rest of its batch."""
     routing_weights = router(hidden_states)
     if granularity == "sample":
-        if token_mask is None:
-            routing_weights = routing_weights.mean(dim=1)
-        else:
-            mask = token_mask.to(routing_weights.dtype).unsqueeze(-1)
-            routing_weights = (routing_weights * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        routing_weights = masked_mean(routing_weights, token_mask)
     if top_k is None:
         return routing_weights
     kept = torch.zeros_like(routing_weights).scatter_(-1, routing_weights.topk(top_k, dim=-1).indices, 1.0)
@@ -898,6 +903,7 @@ __all__ = [
     "compute_routing_weights",
     "is_router_parameter",
     "loading_problems",
+    "masked_mean",
     "model_class_for",
     "num_kept_entries",
     "pack_bitmask",

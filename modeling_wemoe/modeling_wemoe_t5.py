@@ -36,6 +36,7 @@ from .modeling_wemoe import (
     attention,
     build_router,
     compute_routing_weights,
+    masked_mean,
     padding_mask,
     register_wemoe_model,
     returned_attentions,
@@ -230,15 +231,6 @@ class WEMoET5DenseActDense(nn.Module):
         else:
             activated = self.act(self.wi(hidden_states, routing_weights))
         return self.wo(self.dropout(activated), routing_weights)
-
-
-def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """`(batch, seq, d)` hidden states averaged over each sample's real tokens (all of them without a mask): `(batch,
-    d)`. Each sample is reduced on its own: padding and batch mates never change it."""
-    if attention_mask is None:
-        return hidden_states.mean(dim=1)
-    mask = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
 class WEMoET5LayerFF(nn.Module):
