@@ -96,10 +96,9 @@ def test_routing_matches_a_reference_that_merges_feed_forward_weights_per_sample
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
 
 
-def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer):
-    base, experts = family
-    model = merge_t5(base, experts)
-    randomize_routers(model)
+def alone_and_padded_in_a_batch(model, tokenizer):
+    """The inputs and outputs (routing weights included) for the last prompt alone, and for it padded in a batch of
+    all the prompts; the logits must agree."""
     alone = tokenizer(PROMPTS[3:], return_tensors="pt")
     padded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert padded["attention_mask"][3].sum() < padded["attention_mask"].shape[1], "the sample must be padded"
@@ -108,6 +107,14 @@ def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer):
         single = model(**alone, decoder_input_ids=decoder_input_ids, output_routing_weights=True)
         in_batch = model(**padded, decoder_input_ids=decoder_input_ids.expand(4, -1), output_routing_weights=True)
     torch.testing.assert_close(in_batch.logits[3], single.logits[0], atol=1e-5, rtol=0)
+    return (alone, single), (padded, in_batch)
+
+
+def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer):
+    base, experts = family
+    model = merge_t5(base, experts)
+    randomize_routers(model)
+    (_, single), (_, in_batch) = alone_and_padded_in_a_batch(model, tokenizer)
     for batched, solo in zip(in_batch.encoder_routing_weights, single.encoder_routing_weights, strict=True):
         torch.testing.assert_close(batched[3], solo[0], atol=1e-5, rtol=0)
 

@@ -12,7 +12,7 @@ from huggingface_hub.errors import StrictDataclassError
 from reference import randomize_routers
 from reference_t5 import task_arithmetic_t5, task_vector
 from safetensors.torch import load_file
-from test_t5 import PROMPTS, TASKS, build_family
+from test_t5 import PROMPTS, TASKS, alone_and_padded_in_a_batch, build_family
 from test_t5_convert import t5_checkpoints, t5_recipe  # noqa: F401 (t5_checkpoints: a fixture)
 from toy_t5 import toy_t5_tokenizer
 from transformers import AutoModelForSeq2SeqLM
@@ -68,14 +68,7 @@ def test_generation_is_the_same_with_and_without_the_cache(family, tokenizer, va
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_sample_does_not_depend_on_its_batch_mates_or_padding(family, tokenizer, variant):
     model = prompt_routed(family, variant)
-    alone = tokenizer(PROMPTS[3:], return_tensors="pt")
-    padded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    assert padded["attention_mask"][3].sum() < padded["attention_mask"].shape[1], "the sample must be padded"
-    decoder_input_ids = torch.tensor([[0, 5, 7]])
-    with torch.no_grad():
-        single = model(**alone, decoder_input_ids=decoder_input_ids, output_routing_weights=True)
-        in_batch = model(**padded, decoder_input_ids=decoder_input_ids.expand(4, -1), output_routing_weights=True)
-    torch.testing.assert_close(in_batch.logits[3], single.logits[0], atol=1e-5, rtol=0)
+    (alone, single), (padded, in_batch) = alone_and_padded_in_a_batch(model, tokenizer)
     routing = torch.stack(in_batch.decoder_routing_weights)  # (layers, batch, experts): one vector per prompt
     assert routing.shape == (3, len(PROMPTS), len(TASKS))
     assert routing.std(dim=1).amax(dim=-1).min() > 1e-2, "routing must differ between prompts"
