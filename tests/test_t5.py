@@ -96,9 +96,9 @@ def test_routing_matches_a_reference_that_merges_feed_forward_weights_per_sample
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
 
 
-def alone_and_padded_in_a_batch(model, tokenizer):
+def alone_and_padded_in_a_batch(model, tokenizer, atol: float = 1e-5):
     """The inputs and outputs (routing weights included) for the last prompt alone, and for it padded in a batch of
-    all the prompts; the logits must agree."""
+    all the prompts; the logits must agree (a padding or batch-mate leak moves them by about 3)."""
     alone = tokenizer(PROMPTS[3:], return_tensors="pt")
     padded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert padded["attention_mask"][3].sum() < padded["attention_mask"].shape[1], "the sample must be padded"
@@ -106,7 +106,7 @@ def alone_and_padded_in_a_batch(model, tokenizer):
     with torch.no_grad():
         single = model(**alone, decoder_input_ids=decoder_input_ids, output_routing_weights=True)
         in_batch = model(**padded, decoder_input_ids=decoder_input_ids.expand(4, -1), output_routing_weights=True)
-    torch.testing.assert_close(in_batch.logits[3], single.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(in_batch.logits[3], single.logits[0], atol=atol, rtol=0)
     return (alone, single), (padded, in_batch)
 
 

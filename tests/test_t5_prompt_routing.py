@@ -68,11 +68,14 @@ def test_generation_is_the_same_with_and_without_the_cache(family, tokenizer, va
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_sample_does_not_depend_on_its_batch_mates_or_padding(family, tokenizer, variant):
     model = prompt_routed(family, variant)
-    (alone, single), (padded, in_batch) = alone_and_padded_in_a_batch(model, tokenizer)
+    # E-WEMoE under torch 2.6 (the lowest supported) differs by up to 2.3e-5 between the two batch sizes (logits and
+    # routing weights), fp32 rounding in the kernels a batch size selects; a leak from padding or batch mates moves
+    # the logits by about 3.
+    (alone, single), (padded, in_batch) = alone_and_padded_in_a_batch(model, tokenizer, atol=1e-4)
     routing = torch.stack(in_batch.decoder_routing_weights)  # (layers, batch, experts): one vector per prompt
     assert routing.shape == (3, len(PROMPTS), len(TASKS))
     assert routing.std(dim=1).amax(dim=-1).min() > 1e-2, "routing must differ between prompts"
-    torch.testing.assert_close(routing[:, 3], torch.stack(single.decoder_routing_weights)[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(routing[:, 3], torch.stack(single.decoder_routing_weights)[:, 0], atol=1e-4, rtol=0)
     options = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
     assert torch.equal(model.generate(**padded, **options)[3], model.generate(**alone, **options)[0])
 
