@@ -58,6 +58,11 @@ def tile_size(row_width: int, dtype: torch.dtype) -> int:
     return max(1, TILE_BYTES // (row_width * dtype.itemsize))
 
 
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether an operation on `tensors` is recorded for backward (test-time adaptation), where `out=` cannot be."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 class WEMoETaskVectors(nn.Module):
     """The task vectors of one tensor, in some storage format, and the products WEMoE needs from them.
 
@@ -88,6 +93,15 @@ class WEMoETaskVectors(nn.Module):
     def per_token_read_fraction(self) -> float:
         """What `expert_outputs` reads per token, as a fraction of the dense task vectors."""
         return 1.0
+
+    def goes_by_columns(self) -> bool:
+        """Whether the per-sample path tiles this matrix by input columns (more inputs than outputs) or by rows."""
+        return len(self.shape) == 2 and self.shape[1] > self.shape[0]
+
+    def per_sample_tile(self, dtype: torch.dtype) -> int:
+        """Rows, or input columns, per tile of the per-sample path for inputs of `dtype`."""
+        return tile_size(self.shape[0] if self.goes_by_columns() else self.shape[-1], dtype)
+
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
         `(num_experts, rows * row_width)`."""
@@ -140,18 +154,18 @@ class WEMoETaskVectors(nn.Module):
     def _apply_per_sample(
         self, hidden_states: torch.Tensor, weight: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
-        if weight.shape[1] > weight.shape[0]:
+        if self.goes_by_columns():
             return self._apply_in_column_tiles(hidden_states, weight, routing_weights)
         # Merge and apply one tile of output rows at a time: each sample's merged tile (W0 + sum_i r_i tau_i) stays
         # in cache, and the task vectors are read once per batch, instead of writing and re-reading a whole merged
         # weight per sample (memory-bound: ~6x a dense linear at ViT-B/32 size against ~2x tiled).
         (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
-        tile_rows = tile_size(in_features, hidden_states.dtype)
+        tile_rows = self.per_sample_tile(hidden_states.dtype)
         routing_weights = routing_weights.to(hidden_states.dtype)
         output = hidden_states.new_empty(batch, seq, out_features)
         # Without autograd, every full tile reuses two buffers: a fresh allocation per tile (1.5 MB at ViT-B/32
         # size) costs page faults that measured as much as the merge itself.
-        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, weight, routing_weights)))
+        reuse = not needs_autograd(hidden_states, weight, routing_weights)
         merged_buffer = hidden_states.new_empty(batch, tile_rows * in_features) if reuse else None
         product_buffer = hidden_states.new_empty(batch, seq, tile_rows) if reuse else None
         for tile in range(math.ceil(out_features / tile_rows)):
@@ -169,11 +183,11 @@ class WEMoETaskVectors(nn.Module):
         # matmul, which ran at half the dense speed. Go by tiles of input columns instead, adding
         # x[:, cols] (W0 + sum_i r_i tau_i)[:, cols]^T into the output.
         (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
-        columns = tile_size(out_features, hidden_states.dtype)
+        columns = self.per_sample_tile(hidden_states.dtype)
         routing_weights = routing_weights.to(hidden_states.dtype)
         num_experts = routing_weights.shape[-1]
         output = hidden_states.new_zeros(batch, seq, out_features)
-        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, weight, routing_weights)))
+        reuse = not needs_autograd(hidden_states, weight, routing_weights)
         if reuse:
             column_buffer = weight.new_empty(num_experts, out_features, columns)
             base_buffer = weight.new_empty(out_features, columns)
@@ -238,7 +252,6 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.values.shape[0]}, shape={self.shape}"
-
 
 
 class WEMoESparseTaskVectors(WEMoETaskVectors):
@@ -310,10 +323,10 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
             return
         if len(self.shape) == 1:
             self.tile_layout(self.shape[0])
-        elif self.shape[1] > self.shape[0]:
-            self.column_layout(tile_size(self.shape[0], self.values.dtype))
+        elif self.goes_by_columns():
+            self.column_layout(self.per_sample_tile(self.values.dtype))
         else:
-            self.tile_layout(tile_size(self.shape[1], self.values.dtype))
+            self.tile_layout(self.per_sample_tile(self.values.dtype))
 
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`...: a prepared index is rebuilt for the moved tensors now, not in the next forward.
