@@ -153,15 +153,20 @@ def artifact_size(model: torch.nn.Module) -> float | None:
         return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) / MIB
 
 
+def print_forward_table(timings: dict[str, tuple[float, float]], heading: str = "row") -> None:
+    """One line per row: its median forward time and its ratio to the first row."""
+    print(f"{heading:<24} {'forward':>9} {'x dense':>8}")
+    for row, (seconds, ratio) in timings.items():
+        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x")
+
+
 def bfloat16_speed_table(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor, repeats: int) -> None:
     """The rows again in bfloat16 (weights and inputs), as ratios to the bfloat16 dense model."""
     models = {row: model.to(torch.bfloat16) for row, model in models.items() if row in BFLOAT16_ROWS}
     pixel_values = pixel_values.to(torch.bfloat16)
     with torch.no_grad():
         timings = interleaved_medians({row: lambda m=model: m(pixel_values) for row, model in models.items()}, repeats)
-    print(f"{'row (bfloat16)':<24} {'forward':>9} {'x dense':>8}")
-    for row, (seconds, ratio) in timings.items():
-        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x")
+    print_forward_table(timings, "row (bfloat16)")
 
 
 def profile_category(operator: str, shapes: list, num_experts: int) -> str:
@@ -220,9 +225,7 @@ def bert_speed_table(num_experts: int, batch: int, repeats: int, seq_len: int = 
             },
             repeats,
         )
-    print(f"{'row':<24} {'forward':>9} {'x dense':>8}")
-    for row, (seconds, ratio) in timings.items():
-        print(f"{row:<24} {seconds * 1e3:7.0f}ms {ratio:7.2f}x")
+    print_forward_table(timings)
 
 
 def main() -> None:
