@@ -222,7 +222,7 @@ def test_a_bitmask_marking_an_extra_entry_after_all_stored_values_is_reported(gr
         if granularity == "sample":
             store.merge_tile(torch.zeros(32, IN_FEATURES), torch.randn(2, NUM_EXPERTS), 0, 32)
         else:
-            store.expert_outputs(inputs)
+            store.expert_outputs(inputs.reshape(-1, IN_FEATURES))
 
 
 @pytest.mark.parametrize("granularity", ["sample", "token"])
