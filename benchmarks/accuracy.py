@@ -84,9 +84,10 @@ from wemoe import default_image_processor
 from wemoe.backbones.clip import DEFAULT_TEMPLATES, zero_shot_head
 from wemoe.cli.evaluate import main as wemoe_eval
 from wemoe.corruptions import PAPER_CORRUPTIONS
-from wemoe.evaluation import evaluate, scores_from_json
+from wemoe.evaluation import evaluate
 from wemoe.merge import merge_static
 from wemoe.recipe import load_validated
+from wemoe.results import scores_from_json
 from wemoe.toy import toy_tokenizer
 
 logger = logging.getLogger("accuracy")

@@ -20,9 +20,9 @@ from wemoe.cli.convert import main as wemoe_convert
 from wemoe.cli.evaluate import main as wemoe_eval
 from wemoe.cli.tta import main as wemoe_tta
 from wemoe.data import open_dataset
-from wemoe.evaluation import scores_from_json
 from wemoe.outputs import staged_output
 from wemoe.recipe import DatasetSource
+from wemoe.results import scores_from_json
 
 logger = logging.getLogger("accuracy")
 # Task arithmetic's scaling is chosen from these on the validation splits (the paper's protocol).

@@ -20,11 +20,12 @@ import torch
 from accuracy_common import method_slug
 from safetensors.torch import load_file
 
-from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.adaptation import task_streams
 from wemoe.artifact import load_artifact_model, write_artifact
 from wemoe.backbones import backbone_for_config
-from wemoe.evaluation import class_indices, class_names_of
+from wemoe.data import load_task_datasets
 from wemoe.recipe import RECIPE_FILE
+from wemoe.results import class_indices, class_names_of
 from wemoe.streams import entropy_loss
 
 CARRIED_FILES = ("README.md", RECIPE_FILE)

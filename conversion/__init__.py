@@ -10,11 +10,10 @@ from .adaptation import adapt, adapt_artifact
 from .add_task import add_task
 from .artifact import load_artifact_model, save_artifact
 from .backbones import BACKBONES, get_backbone
-from .backbones.clip import default_image_processor, merge_clip
-from .backbones.t5 import merge_t5
+from .backbones.clip import default_image_processor
 from .convert import convert
 from .evaluation import evaluate
-from .merge import merge, merge_static
+from .merge import merge, merge_bert, merge_clip, merge_static, merge_t5
 from .merge_methods import STATIC_MERGE_METHODS, magnitude_keep_mask, task_arithmetic
 from .recipe import MergeOptions, MergeRecipe, load_recipe
 
@@ -36,6 +35,7 @@ __all__ = [
     "load_recipe",
     "magnitude_keep_mask",
     "merge",
+    "merge_bert",
     "merge_clip",
     "merge_static",
     "merge_t5",

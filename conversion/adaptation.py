@@ -27,7 +27,7 @@ from modeling_wemoe.modeling_wemoe import is_router_parameter
 from .artifact import load_artifact_model, write_artifact
 from .backbones import Backbone, backbone_for_config
 from .corruptions import Corruption
-from .data import check_tasks_known, data_inputs, load_data_config, load_task_dataset, with_corruption
+from .data import data_inputs, load_task_datasets, with_corruption
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
 from .recipe import RECIPE_FILE, MergeRecipe, artifact_recipe, recipe_file_text
@@ -229,16 +229,6 @@ def check_batch_size(batch_size: int, num_processes: int) -> None:
         raise ValueError(f"--batch-size must be a positive number of samples per task, got {batch_size}.")
     if batch_size % num_processes:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes ({num_processes}).")
-
-
-def load_task_datasets(data_config, tasks: list[str], input_kind: str) -> dict[str, tuple]:
-    """Each task's checked dataset and its spec (`(dataset, TaskData)`), for the tasks the data config names;
-    `input_kind` is what the family reads (`"image"` or `"text"`)."""
-    data_config = load_data_config(data_config)
-    check_tasks_known(list(data_config.tasks), tasks)
-    return {
-        task: (load_task_dataset(task, spec, input_kind=input_kind), spec) for task, spec in data_config.tasks.items()
-    }
 
 
 def task_streams(

@@ -23,7 +23,7 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from .corruptions import Corruption, library
-from .recipe import DatasetSource, dataset_paths, load_validated
+from .specs import DatasetSource, dataset_paths, load_validated
 
 
 class TaskData(DatasetSource):
@@ -119,6 +119,16 @@ def load_task_dataset(
         dataset = keep_images_undecoded(dataset, spec.image_column)
         check_images(dataset, spec.image_column, task)
     return dataset
+
+
+def load_task_datasets(data_config, tasks: list[str], input_kind: str) -> dict[str, tuple]:
+    """Each task's checked dataset and its spec (`(dataset, TaskData)`), for the tasks the data config names;
+    `input_kind` is what the family reads (`"image"` or `"text"`)."""
+    data_config = load_data_config(data_config)
+    check_tasks_known(list(data_config.tasks), tasks)
+    return {
+        task: (load_task_dataset(task, spec, input_kind=input_kind), spec) for task, spec in data_config.tasks.items()
+    }
 
 
 def check_corruptible(task: str, input_kind: str) -> None:

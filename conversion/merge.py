@@ -13,12 +13,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from modeling_wemoe import WEMoEConfig, WEMoEPreTrainedModel
+from modeling_wemoe import (
+    WEMoEConfig,
+    WEMoEForConditionalGeneration,
+    WEMoEForImageClassification,
+    WEMoEForSequenceClassification,
+    WEMoEPreTrainedModel,
+)
 
 from .adamerging import train_layer_wise_merge
-from .adaptation import load_task_datasets, task_streams
+from .adaptation import task_streams
 from .backbones import Backbone, get_backbone
 from .build import (
     check_experts_given,
@@ -29,7 +35,9 @@ from .build import (
     wemoe_config_options,
 )
 from .checkpoints import InMemoryTensors, ModelSource, TensorSource, load_tokenizer
-from .recipe import MergeOptions, load_validated
+from .data import load_task_datasets
+from .recipe import MergeOptions, check_router_fits
+from .specs import load_validated
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +181,7 @@ def merge(
     """
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)
-    backbone.check_router(options.router, "router")
+    check_router_fits(backbone, options.router, "router")
     config_options = wemoe_config_options(options)
     inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
     tokenizer = base_tokenizer(backbone, base, tokenizer)
@@ -192,6 +200,74 @@ def merge(
                     templates=templates)
     model.freeze_all_but_routers()
     return model.eval()
+
+
+def merge_clip(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    templates: Mapping[str, Sequence[str]] | None = None,
+    **options,
+) -> WEMoEForImageClassification:
+    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier: `wemoe.merge` for
+    the CLIP family. `classnames` build each task's zero-shot head from the base text tower (with `tokenizer`,
+    loaded from `base` when that is a path or Hub id); `options` are `MergeOptions` fields.
+
+    Example:
+
+    ```python
+    >>> from wemoe import merge_clip
+    >>> model = merge_clip(
+    ...     "openai/clip-vit-base-patch32",
+    ...     {"eurosat": "tanganke/clip-vit-base-patch32_eurosat", "gtsrb": "tanganke/clip-vit-base-patch32_gtsrb"},
+    ...     {"eurosat": eurosat_classnames, "gtsrb": gtsrb_classnames},
+    ...     variant="e-wemoe",
+    ... )
+    ```
+    """
+    return merge("clip", base, experts, classnames, tokenizer=tokenizer, templates=templates,
+                 **options)
+
+
+def merge_t5(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]] | None = None,
+    **options,
+) -> WEMoEForConditionalGeneration:
+    """Merge fine-tuned T5 / Flan-T5 models into one WEMoE (or E-WEMoE) text-to-text model: `wemoe.merge` for
+    the T5 family. `classnames` are tasks' label words (e.g. `["negative", "positive"]`), to which test-time
+    adaptation restricts its entropy; tasks left out adapt on the whole vocabulary. `options` are `MergeOptions`
+    fields; `router.granularity` applies to the encoder, `router.decoder_routing` to the decoder (`"token"`, the
+    paper's, or `"prompt"`: once per prompt, from the pooled encoder output).
+
+    Example:
+
+    ```python
+    >>> from wemoe import merge_t5
+    >>> model = merge_t5(
+    ...     "google/flan-t5-base",
+    ...     {"sst2": "tanganke/flan-t5-base_glue-sst2", "qqp": "tanganke/flan-t5-base_glue-qqp"},
+    ...     classnames={"sst2": ["negative", "positive"], "qqp": ["not_duplicate", "duplicate"]},
+    ...     variant="e-wemoe",
+    ... )
+    ```
+    """
+    return merge("t5", base, experts, classnames, **options)
+
+
+def merge_bert(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    classnames: Mapping[str, Sequence[str]] | None = None,
+    **options,
+) -> WEMoEForSequenceClassification:
+    """Merge BERT-style classifiers fine-tuned from one encoder into one WEMoE (or E-WEMoE) multi-task classifier:
+    `wemoe.merge` for the BERT family. Each task keeps its expert's pooler and classifier; `classnames` name a
+    task's classes where its expert's `id2label` does not (LoRA adapters). `options` are `MergeOptions` fields."""
+    return merge("bert", base, experts, classnames, **options)
 
 
 def merge_static(
@@ -235,4 +311,4 @@ def merge_static(
     return backbone.static_model(inputs.base_model, merged, experts, inputs.expert_tensors, inputs.task_labels)
 
 
-__all__ = ["merge", "merge_options", "merge_static"]
+__all__ = ["merge", "merge_bert", "merge_clip", "merge_options", "merge_static", "merge_t5"]

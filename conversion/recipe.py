@@ -9,19 +9,14 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
+
+from .backbone import BACKBONES, Backbone, get_backbone
+from .specs import DatasetSource, RecipeError, Strict, dataset_paths, load_validated
 
 # The merging coefficient that task arithmetic, TIES, AdaMerging's start and WEMoE's routers use unless told otherwise
 # (the papers' choice for 8 ViT-B/32 tasks).
 DEFAULT_LAMBDA = 0.3
-
-
-class RecipeError(ValueError):
-    """A conversion recipe that cannot be used; the message names every offending key."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TaskArithmeticSpec(Strict):
@@ -104,18 +99,6 @@ class RouterSpec(Strict):
     seed: int = 0  # of the routers' random initialisation: converting a recipe twice gives the same artifact
 
 
-class DatasetSource(Strict):
-    """A dataset as `datasets.load_dataset(path, config_name, data_dir=..., data_files=..., split=...)` and its label
-    column (a ClassLabel gives class names)."""
-
-    path: str
-    config_name: str | None = None
-    data_dir: str | None = None
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    split: str = "test"
-    label_column: str = "label"
-
-
 class TaskSpec(Strict):
     """One task and its expert. CLIP: its class names, given or from a dataset's ClassLabel (exactly one), and optional
     prompt templates; without `model`, a task without an expert (only its zero-shot head, from the base's text
@@ -178,6 +161,27 @@ tasks:
 """
 
 
+def check_task_fits(backbone: Backbone, task: TaskSpec, where: str) -> None:
+    """Recipe rules that depend on the family, named by `where` (`tasks.0 (sst2)`)."""
+    if task.model is None:
+        backbone.check_task_without_expert(task.classnames is not None or task.dataset is not None, where)
+    if backbone.labels_required and task.classnames is None and task.dataset is None:
+        raise ValueError(
+            f"{where}: a {backbone.display_name} task needs `classnames` or a `dataset` with a ClassLabel column"
+        )
+    if not backbone.templates_allowed and task.templates is not None:
+        raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a {backbone.display_name} task has none")
+
+
+def check_router_fits(backbone: Backbone, router: RouterSpec, where: str) -> None:
+    """Router options that depend on the family, named by `where` (`router`): only a decoder routes per prompt."""
+    if router.decoder_routing != "token" and not backbone.has_decoder:
+        raise ValueError(
+            f"{where}.decoder_routing: {router.decoder_routing!r} routes a decoder once per prompt; a "
+            f"{backbone.display_name} model has no decoder (leave decoder_routing unset)"
+        )
+
+
 class MergeOptions(Strict):
     """How experts are merged; every default is declared here once. `MergeRecipe` adds what is merged. The Python
     API (`wemoe.merge`, `merge_clip`, `merge_t5`) takes these fields as keyword arguments, validated the same
@@ -221,26 +225,20 @@ class MergeRecipe(MergeOptions):
     @field_validator("architecture")
     @classmethod
     def registered_architecture(cls, architecture: str) -> str:
-        from .backbones import BACKBONES
-
         if architecture not in BACKBONES:
             raise ValueError(f"unknown architecture {architecture!r}; registered: {sorted(BACKBONES)}")
         return architecture
 
     @model_validator(mode="after")
     def tasks_fit_the_architecture(self) -> "MergeRecipe":
-        from .backbones import get_backbone
-
         backbone = get_backbone(self.architecture)
         for index, task in enumerate(self.tasks):
-            backbone.check_recipe_task(task, f"tasks.{index} ({task.name})")
+            check_task_fits(backbone, task, f"tasks.{index} ({task.name})")
         return self
 
     @model_validator(mode="after")
     def router_fits_the_architecture(self) -> "MergeRecipe":
-        from .backbones import get_backbone
-
-        get_backbone(self.architecture).check_router(self.router, "router")
+        check_router_fits(get_backbone(self.architecture), self.router, "router")
         return self
 
     @model_validator(mode="after")
@@ -279,41 +277,6 @@ class MergeRecipe(MergeOptions):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def format_validation_error(error: ValidationError, what: str) -> str:
-    lines = []
-    for problem in error.errors():
-        parts = [str(part) for part in problem["loc"]]
-        if parts[:1] == ["static_merge"] and len(parts) > 1:
-            del parts[1]  # the union's tag (`ties`, ...) pydantic puts in the path
-        location = ".".join(parts) or "(top)"
-        lines.append(f"  {location}: {problem['msg']}")
-    return f"Invalid {what}:\n" + "\n".join(lines)
-
-
-def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
-    """`schema` validated from an instance, a mapping or a YAML file path; every problem named by its key path.
-    `what` says what the value is in messages (e.g. "conversion recipe")."""
-    if isinstance(value, schema):
-        return value
-    name = what
-    if isinstance(value, (str, os.PathLike)):
-        name = f"{what} {str(value)!r}"
-        try:
-            value = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-        except OSError as error:
-            raise RecipeError(f"Cannot read {name}: {error.strerror or error}.") from error
-        except UnicodeDecodeError:
-            raise RecipeError(f"The {name} is not a text file (it is not UTF-8); give a YAML file.") from None
-        except yaml.YAMLError as error:
-            raise RecipeError(f"The {name} is not valid YAML: {error}") from error
-    if not isinstance(value, dict):
-        raise RecipeError(f"The {name} must be a mapping of keys, got {type(value).__name__}.")
-    try:
-        return schema.model_validate(value)
-    except ValidationError as error:
-        raise RecipeError(format_validation_error(error, name)) from None
-
-
 def check_model_source(value: str, field: str) -> None:
     """A model named in a recipe must be a local directory or, failing that, something that can be a Hub repo id:
     said before anything is loaded, naming the recipe field."""
@@ -333,17 +296,6 @@ def check_recipe_sources(recipe: "MergeRecipe") -> None:
     for index, task in enumerate(recipe.tasks):
         if task.model is not None:
             check_model_source(task.model, f"tasks.{index}.model ({task.name})")
-
-
-def dataset_paths(source: DatasetSource) -> list[str]:
-    """The local files and directories a dataset spec reads."""
-    files = source.data_files
-    if isinstance(files, dict):
-        files = [path for value in files.values() for path in ([value] if isinstance(value, str) else value)]
-    elif isinstance(files, str):
-        files = [files]
-    paths = [source.path, source.data_dir, *(files or [])]
-    return [path for path in paths if path and Path(path).expanduser().exists()]
 
 
 def recipe_inputs(recipe: "MergeRecipe") -> list[str]:

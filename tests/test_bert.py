@@ -13,8 +13,7 @@ from reference import randomize_routers
 from toy_bert import TASK_LABELS, build_toy_bert_base, build_toy_bert_expert, toy_bert_tokenizer
 from transformers import BertForSequenceClassification
 
-from wemoe import convert, save_artifact
-from wemoe.backbones.bert import merge_bert
+from wemoe import convert, merge_bert, save_artifact
 from wemoe.cli.evaluate import main as eval_main
 from wemoe.cli.tta import main as tta_main
 

@@ -8,7 +8,7 @@ import torch
 from test_tta import all_tensors, write_yaml
 
 from wemoe.cli.evaluate import main as wemoe_eval
-from wemoe.evaluation import EvaluationResults
+from wemoe.results import EvaluationResults
 
 
 def test_eval_prints_a_table_with_metric_and_samples_and_writes_them_as_json(artifact, task_data, tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_spearman_is_shown_as_a_correlation_and_an_average_of_unlike_metrics_as_
 
 
 def test_results_json_of_either_layout_reads_as_scores():
-    from wemoe.evaluation import scores_from_json
+    from wemoe.results import scores_from_json
 
     old = {"shapes": 0.5, "average": 0.5}
     new = {"shapes": {"metric": "accuracy", "score": 0.5, "num_samples": 4}, "average": {"score": 0.5}}

@@ -15,9 +15,7 @@ from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, 
 from transformers.image_processing_utils import BaseImageProcessor
 
 from modeling_wemoe import WEMoEConfig, WEMoELinear, WEMoERouter
-from wemoe import default_image_processor, merge_clip, save_artifact
-from wemoe.backbones.bert import merge_bert
-from wemoe.backbones.t5 import merge_t5
+from wemoe import default_image_processor, merge_bert, merge_clip, merge_t5, save_artifact
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ from transformers import AutoImageProcessor, CLIPModel
 
 from wemoe import convert
 from wemoe.adamerging import LayerWiseAdaMerging
-from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.adaptation import task_streams
 from wemoe.backbones import get_backbone
 from wemoe.backbones.clip import ZeroShotCLIP
 from wemoe.checkpoints import InMemoryTensors
+from wemoe.data import load_task_datasets
 from wemoe.evaluation import evaluate
 from wemoe.merge_methods import dare_ties, tensor_seed, ties_merging
 from wemoe.recipe import RecipeError, load_recipe

@@ -9,8 +9,9 @@ from test_tta import streams_entropy
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
 from wemoe import convert
-from wemoe.adaptation import load_task_datasets, task_streams
+from wemoe.adaptation import task_streams
 from wemoe.backbones import get_backbone
+from wemoe.data import load_task_datasets
 
 
 def static_t5_recipe(paths: dict, static_merge: dict) -> dict:

@@ -21,9 +21,7 @@ from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 from transformers_common_suite import load_common_tests
 
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification, WEMoEForSequenceClassification
-from wemoe.backbones.bert import merge_bert
-from wemoe.backbones.clip import merge_clip
-from wemoe.backbones.t5 import merge_t5
+from wemoe import merge_bert, merge_clip, merge_t5
 from wemoe.toy import build_toy_base, build_toy_expert, toy_tokenizer
 
 try:

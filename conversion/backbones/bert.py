@@ -9,7 +9,7 @@ expert's `id2label`, or from the recipe's `classnames`.
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from modeling_wemoe.modeling_wemoe_bert import WEMoEBertHead, WEMoEForSequenceClassification
 
 from ..artifact import is_artifact, load_artifact_model, write_artifact
+from ..backbone import Backbone, register_backbone
 from ..checkpoints import (
     CheckpointTensors,
     ModelSource,
@@ -36,10 +37,8 @@ from ..checkpoints import (
     load_tokenizer,
 )
 from ..data import check_tasks_known
-from ..evaluation import EvaluationResults, class_names_of, classification_accuracy, task_model_dirs
+from ..results import EvaluationResults, class_names_of, classification_accuracy, task_model_dirs
 from ..streams import TaskStream
-from . import register_backbone
-from .base import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -339,18 +338,4 @@ classify("some text", task="{task}")
 ```"""
 
 
-def merge_bert(
-    base: ModelSource,
-    experts: Mapping[str, ModelSource],
-    classnames: Mapping[str, Sequence[str]] | None = None,
-    **options,
-) -> WEMoEForSequenceClassification:
-    """Merge BERT-style classifiers fine-tuned from one encoder into one WEMoE (or E-WEMoE) multi-task classifier:
-    `wemoe.merge` for the BERT family. Each task keeps its expert's pooler and classifier; `classnames` name a
-    task's classes where its expert's `id2label` does not (LoRA adapters). `options` are `MergeOptions` fields."""
-    from ..merge import merge
-
-    return merge(BertBackbone.architecture, base, experts, classnames, **options)
-
-
-__all__ = ["BertBackbone", "merge_bert"]
+__all__ = ["BertBackbone"]

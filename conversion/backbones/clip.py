@@ -31,12 +31,11 @@ from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification
 from modeling_wemoe.modeling_wemoe import TASK_RECORD
 
 from ..artifact import load_artifact_model, write_artifact
+from ..backbone import Backbone, register_backbone
 from ..checkpoints import ModelSource, check_same_architecture, load_base_model, load_tokenizer
 from ..data import check_tasks_known, pixel_values_of
-from ..evaluation import EvaluationResults, class_names_of, classification_accuracy
+from ..results import EvaluationResults, class_names_of, classification_accuracy
 from ..streams import TaskStream
-from . import register_backbone
-from .base import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -398,34 +397,3 @@ logits = model(pixel_values, task="{task}").logits  # that task's classes only
 classify = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
 classify("image.jpg", task="{task}")  # that task's classes; without task, every task's best class
 ```"""
-
-
-def merge_clip(
-    base: ModelSource,
-    experts: Mapping[str, ModelSource],
-    classnames: Mapping[str, Sequence[str]],
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    templates: Mapping[str, Sequence[str]] | None = None,
-    **options,
-) -> WEMoEForImageClassification:
-    """Merge fine-tuned CLIP vision towers into one WEMoE (or E-WEMoE) image classifier: `wemoe.merge` for
-    the CLIP family. `classnames` build each task's zero-shot head from the base text tower (with `tokenizer`,
-    loaded from `base` when that is a path or Hub id); `options` are `MergeOptions` fields.
-
-    Example:
-
-    ```python
-    >>> from wemoe import merge_clip
-    >>> model = merge_clip(
-    ...     "openai/clip-vit-base-patch32",
-    ...     {"eurosat": "tanganke/clip-vit-base-patch32_eurosat", "gtsrb": "tanganke/clip-vit-base-patch32_gtsrb"},
-    ...     {"eurosat": eurosat_classnames, "gtsrb": gtsrb_classnames},
-    ...     variant="e-wemoe",
-    ... )
-    ```
-    """
-    from ..merge import merge
-
-    return merge(CLIPBackbone.architecture, base, experts, classnames, tokenizer=tokenizer, templates=templates,
-                 **options)

@@ -7,7 +7,7 @@ decides, and an expert that disagrees is an error rather than a silently dropped
 """
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -23,12 +23,11 @@ from transformers import (
 from modeling_wemoe import WEMoEForConditionalGeneration
 
 from ..artifact import is_artifact, load_artifact_model, write_artifact
+from ..backbone import Backbone, register_backbone
 from ..checkpoints import ModelSource, load_base_model, load_tokenizer
 from ..data import TaskData, check_tasks_known
-from ..evaluation import EvaluationResults, check_label_names, class_names_of
+from ..results import EvaluationResults, check_label_names, class_names_of
 from ..streams import DEFAULT_OBJECTIVE, TaskStream, label_words_and_rest
-from . import register_backbone
-from .base import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -290,32 +289,3 @@ def evaluate_text(
         logger.info("%s: %s %.4f on %d samples", task, metrics[task], scores[task], len(dataset))
     num_samples = {task: len(dataset) for task, dataset in datasets.items()}
     return EvaluationResults(scores, metrics, "text2text-generation", num_samples)
-
-
-def merge_t5(
-    base: ModelSource,
-    experts: Mapping[str, ModelSource],
-    classnames: Mapping[str, Sequence[str]] | None = None,
-    **options,
-) -> WEMoEForConditionalGeneration:
-    """Merge fine-tuned T5 / Flan-T5 models into one WEMoE (or E-WEMoE) text-to-text model: `wemoe.merge` for
-    the T5 family. `classnames` are tasks' label words (e.g. `["negative", "positive"]`), to which test-time
-    adaptation restricts its entropy; tasks left out adapt on the whole vocabulary. `options` are `MergeOptions`
-    fields; `router.granularity` applies to the encoder, `router.decoder_routing` to the decoder (`"token"`, the
-    paper's, or `"prompt"`: once per prompt, from the pooled encoder output).
-
-    Example:
-
-    ```python
-    >>> from wemoe import merge_t5
-    >>> model = merge_t5(
-    ...     "google/flan-t5-base",
-    ...     {"sst2": "tanganke/flan-t5-base_glue-sst2", "qqp": "tanganke/flan-t5-base_glue-qqp"},
-    ...     classnames={"sst2": ["negative", "positive"], "qqp": ["not_duplicate", "duplicate"]},
-    ...     variant="e-wemoe",
-    ... )
-    ```
-    """
-    from ..merge import merge
-
-    return merge(T5Backbone.architecture, base, experts, classnames, **options)

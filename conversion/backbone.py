@@ -1,23 +1,25 @@
-"""What a backbone family plug-in says: everything about a model family that building, adapting and evaluating WEMoE
-models needs, in one object. The rest of `wemoe` asks the registry (`wemoe.backbones`) for it and never
+"""What a backbone family plug-in says, and the registry of plug-ins: everything about a model family that building,
+adapting and evaluating WEMoE models needs, in one object. The rest of `wemoe` asks the registry for it and never
 tests which family it holds.
 
-A family plug-in subclasses `Backbone`, sets its class attributes and implements the methods marked as such, then
-registers an instance with `register_backbone`. Its modeling code is a `modeling_wemoe/modeling_wemoe_<family>.py`.
+A family plug-in (a module of `wemoe.backbones`) subclasses `Backbone`, sets its class attributes and implements the
+methods marked as such, then registers an instance with `register_backbone`. Its modeling code is a
+`modeling_wemoe/modeling_wemoe_<family>.py`. `docs/adding-a-backbone.md` walks through adding one.
+
+The interface lives at the bottom of the library, beside the types it names, so that everything above it (the
+recipe's validation included) can ask the registry without importing the plug-ins themselves.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-if TYPE_CHECKING:
-    from ..adaptation import TaskStream
-    from ..checkpoints import ModelSource, TensorSource
-    from ..evaluation import EvaluationResults
-    from ..recipe import RouterSpec, TaskSpec
+from .checkpoints import ModelSource, TensorSource
+from .results import EvaluationResults
+from .streams import TaskStream
 
 
 class Backbone:
@@ -84,7 +86,7 @@ class Backbone:
 
     # Building ----------------------------------------------------------------------------------------------------
 
-    def load_base(self, source: "ModelSource") -> PreTrainedModel:
+    def load_base(self, source: ModelSource) -> PreTrainedModel:
         """The pre-trained base model, in memory, from a local directory or from the Hub."""
         raise NotImplementedError
 
@@ -103,7 +105,7 @@ class Backbone:
     def task_labels(
         self,
         classnames: Mapping[str, Sequence[str]] | None,
-        experts: Mapping[str, "ModelSource"],
+        experts: Mapping[str, ModelSource],
         expert_configs: Mapping[str, PreTrainedConfig | None],
         tasks: Sequence[str] | None = None,
     ) -> dict[str, list[str]] | None:
@@ -130,15 +132,15 @@ class Backbone:
         self,
         model: nn.Module,
         base: PreTrainedModel,
-        experts: Mapping[str, "ModelSource"],
-        expert_tensors: Mapping[str, "TensorSource"],
+        experts: Mapping[str, ModelSource],
+        expert_tensors: Mapping[str, TensorSource],
         task_labels: Mapping[str, list[str]] | None,
         tokenizer=None,
         templates: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """Write what the merge does not (classification heads, projections, generation settings)."""
 
-    def load_processor(self, source: "ModelSource", config: PreTrainedConfig | None = None):
+    def load_processor(self, source: ModelSource, config: PreTrainedConfig | None = None):
         """The processor (image processor or tokenizer) that a base model or an artifact prepares inputs with."""
         raise NotImplementedError
 
@@ -146,8 +148,8 @@ class Backbone:
         self,
         base: PreTrainedModel,
         merged: Mapping[str, torch.Tensor],
-        experts: Mapping[str, "ModelSource"],
-        expert_tensors: Mapping[str, "TensorSource"],
+        experts: Mapping[str, ModelSource],
+        expert_tensors: Mapping[str, TensorSource],
         task_labels: Mapping[str, list[str]] | None,
     ):
         """The static baseline: the base with `merged` written into its merged part; for families whose tasks keep
@@ -160,7 +162,7 @@ class Backbone:
         """Save `static_model`'s result into `directory` as ordinary checkpoints, in `dtype`."""
         raise NotImplementedError
 
-    def static_processor(self, source: "ModelSource", tokenizer=None):
+    def static_processor(self, source: ModelSource, tokenizer=None):
         """The processor saved with a static baseline."""
         return self.load_processor(source)
 
@@ -168,33 +170,14 @@ class Backbone:
         self,
         base: PreTrainedModel,
         task_labels: Mapping[str, list[str]] | None,
-        experts: Mapping[str, "ModelSource"],
-        expert_tensors: Mapping[str, "TensorSource"],
+        experts: Mapping[str, ModelSource],
+        expert_tensors: Mapping[str, TensorSource],
         tokenizer=None,
         templates: Mapping[str, Sequence[str]] | None = None,
     ) -> tuple[nn.Module, str]:
         """A classifier `(**inputs, task=...) -> .logits` over the base, and the prefix of the merged tensors in it,
         for layer-wise AdaMerging."""
         raise NotImplementedError
-
-    def check_recipe_task(self, task: "TaskSpec", where: str) -> None:
-        """Recipe rules that depend on the family, named by `where` (`tasks.0 (sst2)`)."""
-        if task.model is None:
-            self.check_task_without_expert(task.classnames is not None or task.dataset is not None, where)
-        if self.labels_required and task.classnames is None and task.dataset is None:
-            raise ValueError(
-                f"{where}: a {self.display_name} task needs `classnames` or a `dataset` with a ClassLabel column"
-            )
-        if not self.templates_allowed and task.templates is not None:
-            raise ValueError(f"{where}: `templates` build CLIP zero-shot heads; a {self.display_name} task has none")
-
-    def check_router(self, router: "RouterSpec", where: str) -> None:
-        """Router options that depend on the family, named by `where` (`router`): only a decoder routes per prompt."""
-        if router.decoder_routing != "token" and not self.has_decoder:
-            raise ValueError(
-                f"{where}.decoder_routing: {router.decoder_routing!r} routes a decoder once per prompt; a "
-                f"{self.display_name} model has no decoder (leave decoder_routing unset)"
-            )
 
     def check_task_without_expert(self, has_labels: bool, where: str) -> None:
         """A task without an expert (no `model`) is served by a head built from its labels alone: only where the
@@ -211,7 +194,7 @@ class Backbone:
             )
 
     def with_task_without_expert(
-        self, model: nn.Module, base: "ModelSource", task: str, labels: list[str], templates: list[str] | None
+        self, model: nn.Module, base: ModelSource, task: str, labels: list[str], templates: list[str] | None
     ) -> nn.Module:
         """`model` (an artifact's, loaded) plus a task without an expert: its head built from `labels` (and
         `templates`) with the `base` the model was merged from; every other tensor as it was. Only for families that
@@ -222,7 +205,7 @@ class Backbone:
 
     def task_stream(
         self, dataset, spec, processor, batch_size: int, task: str, labels: Sequence[str] | None
-    ) -> "TaskStream":
+    ) -> TaskStream:
         """One task's unlabeled samples as model inputs, and the logits whose entropy adaptation minimises."""
         raise NotImplementedError
 
@@ -236,7 +219,7 @@ class Backbone:
         *,
         device: torch.device,
         base: str | None = None,
-    ) -> "EvaluationResults":
+    ) -> EvaluationResults:
         """Scores per task of a WEMoE artifact or a plain model of this family on labeled data, run on `device`; a
         model of `partial_model_types` is scored inside `base`."""
         raise NotImplementedError
@@ -249,4 +232,32 @@ class Backbone:
         return f"<{self.display_name} backbone {self.architecture!r}: {self.model_class.__name__}>"
 
 
-__all__ = ["Backbone"]
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(backbone_class: type[Backbone]) -> type[Backbone]:
+    """Class decorator: register one instance of a family's `Backbone` under its `architecture`."""
+    BACKBONES[backbone_class.architecture] = backbone_class()
+    return backbone_class
+
+
+def get_backbone(architecture: str) -> Backbone:
+    if architecture not in BACKBONES:
+        raise ValueError(f"Unknown architecture {architecture!r}; registered: {sorted(BACKBONES)}.")
+    return BACKBONES[architecture]
+
+
+def backbone_for_config(config: PreTrainedConfig) -> Backbone:
+    """The family of a WEMoE artifact's config (its `backbone`) or of a plain model's (its `model_type`)."""
+    if config.model_type == "wemoe":
+        # Configs saved by 0.1.0 code name no backbone: a vision tower is CLIP, a text model T5.
+        backbone = getattr(config, "backbone", None) or ("clip" if config.vision_config is not None else "t5")
+        return get_backbone(backbone)
+    for backbone in BACKBONES.values():
+        if config.model_type in backbone.plain_model_types:
+            return backbone
+    known = sorted(model_type for backbone in BACKBONES.values() for model_type in backbone.plain_model_types)
+    raise ValueError(f"No backbone family handles {config.model_type!r} models; known model types: {known}.")
+
+
+__all__ = ["BACKBONES", "Backbone", "backbone_for_config", "get_backbone", "register_backbone"]
