@@ -17,8 +17,6 @@ from modeling_wemoe import WEMoEConfig
 from modeling_wemoe.modeling_wemoe import (
     TASK_RECORD,
     WEMoELinear,
-    WEMoELowRankTaskVectors,
-    WEMoESparseTaskVectors,
     is_router_parameter,
 )
 
@@ -31,7 +29,7 @@ from .checkpoints import (
     check_same_architecture,
     open_expert,
 )
-from .merge_methods import low_rank_factors, magnitude_keep_mask, static_merger
+from .merge_methods import static_merger
 from .recipe import MergeOptions
 
 logger = logging.getLogger(__name__)
@@ -86,19 +84,6 @@ def open_experts(
     return sources, configs
 
 
-def assign_task_vectors(store: nn.Module, task_vectors: torch.Tensor, config: WEMoEConfig) -> torch.Tensor | None:
-    """Store task vectors in the layer's format; for low-rank, return each expert's relative reconstruction error."""
-    if isinstance(store, WEMoESparseTaskVectors):
-        store.assign(task_vectors, magnitude_keep_mask(task_vectors, config.keep))
-    elif isinstance(store, WEMoELowRankTaskVectors):
-        factor_a, factor_b, error = low_rank_factors(task_vectors, config.rank)
-        store.assign(factor_a, factor_b)
-        return error
-    else:
-        store.assign(task_vectors)
-    return None
-
-
 def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, TensorSource]) -> torch.Tensor:
     """`(num_experts, *shape)` task vectors of one tensor, in float32, each expert's tensor read and checked once."""
     pretrained = base[key].float()
@@ -141,7 +126,7 @@ def fill_backbone(
         task_vectors = stacked_task_vectors(key, base, experts)
         if key in ensembled:
             module, kind = ensembled[key]
-            error = assign_task_vectors(getattr(module, f"{kind}_task_vectors"), task_vectors, config)
+            error = getattr(module, f"{kind}_task_vectors").assign_task_vectors(task_vectors)
             if error is not None:
                 reconstruction_errors[key] = error.tolist()
             merged_state[key] = base[key]

@@ -23,7 +23,7 @@ from .checkpoints import (
     resolve_checkpoint_dir,
 )
 from .data import data_inputs, open_dataset
-from .merge import MergeInputs, merge, merge_static, open_inputs, wemoe_config
+from .merge import MergeInputs, merge, open_inputs, wemoe_config
 from .model_card import render_model_card
 from .outputs import check_output_target, push_folder, staged_output
 from .recipe import (
@@ -129,60 +129,23 @@ def recipe_classnames(recipe: MergeRecipe) -> dict[str, list[str]]:
 
 
 def build_artifact(recipe: MergeRecipe, directory: Path, dtype: str, max_shard_size: str | int, repo_id: str | None):
-    """Merge what the recipe names and write the artifact into `directory` (a staging directory)."""
+    """Merge what the recipe names, as its variant says, and write the artifact into `directory` (a staging
+    directory): a WEMoE model with its card, or the static baseline's plain model(s)."""
     backbone = get_backbone(recipe.architecture)
-    classnames = recipe_classnames(recipe)
     experts, templates = recipe_experts(recipe)
-    if recipe.variant == "static":
-        convert_static(backbone, recipe, classnames, experts, templates, directory, dtype, max_shard_size)
-        return
-    options = {name: getattr(recipe, name) for name in MergeOptions.model_fields}
-    model = merge(backbone, recipe.base_model, experts, classnames or None, templates=templates,
-                  tasks=recipe_tasks(recipe), **options)
-    model = model.to(DTYPES[dtype])
-    card = render_model_card(model, recipe, backbone, repo_id=repo_id)
-    write_artifact(
-        model,
-        directory,
-        backbone.load_processor(recipe.base_model),
-        extra_files={"README.md": str(card), RECIPE_FILE: recipe_file_text(recipe)},
-        max_shard_size=max_shard_size,
-    )
-
-
-def convert_static(
-    backbone: Backbone,
-    recipe: MergeRecipe,
-    classnames: dict[str, list[str]],
-    experts: dict[str, str],
-    templates: dict[str, list[str]],
-    directory: Path,
-    dtype: str,
-    max_shard_size: str | int,
-) -> None:
-    """`variant: static`: plain models of the base's family, merged by the recipe's static method alone."""
-    static_merge = recipe.static_merge.model_dump()
+    processor = backbone.load_processor(recipe.base_model)
     tokenizer = load_tokenizer(recipe.base_model) if backbone.needs_tokenizer else None
-    static = merge_static(
-        backbone,
-        recipe.base_model,
-        experts,
-        static_merge,
-        classnames=classnames or None,
-        data=static_merge.get("data"),
-        processor=backbone.load_processor(recipe.base_model),
-        tokenizer=tokenizer,
-        templates=templates,
-        tasks=recipe_tasks(recipe),
-    )
-    backbone.write_static(
-        static,
-        directory,
-        backbone.static_processor(recipe.base_model, tokenizer),
-        extra_files={RECIPE_FILE: recipe_file_text(recipe)},
-        max_shard_size=max_shard_size,
-        dtype=DTYPES[dtype],
-    )
+    options = {name: getattr(recipe, name) for name in MergeOptions.model_fields}
+    merged = merge(backbone, recipe.base_model, experts, recipe_classnames(recipe) or None, tokenizer=tokenizer,
+                   templates=templates, tasks=recipe_tasks(recipe), processor=processor, **options)  # fmt: skip
+    files = {RECIPE_FILE: recipe_file_text(recipe)}
+    if recipe.variant == "static":
+        backbone.write_static(merged, directory, backbone.static_processor(recipe.base_model, tokenizer),
+                              extra_files=files, max_shard_size=max_shard_size, dtype=DTYPES[dtype])  # fmt: skip
+        return
+    model = merged.to(DTYPES[dtype])
+    files["README.md"] = str(render_model_card(model, recipe, backbone, repo_id=repo_id))
+    write_artifact(model, directory, processor, extra_files=files, max_shard_size=max_shard_size)
 
 
 # A dry run does not open datasets: a task whose labels come from one is planned with this one stand-in label where

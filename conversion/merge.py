@@ -20,7 +20,6 @@ from modeling_wemoe import (
     WEMoEForConditionalGeneration,
     WEMoEForImageClassification,
     WEMoEForSequenceClassification,
-    WEMoEPreTrainedModel,
 )
 
 from .adamerging import train_layer_wise_merge
@@ -36,7 +35,7 @@ from .build import (
 )
 from .checkpoints import InMemoryTensors, ModelSource, TensorSource, load_tokenizer
 from .data import load_task_datasets
-from .recipe import MergeOptions, check_router_fits
+from .recipe import MergeOptions, StaticMergeSpec, check_router_fits
 from .specs import load_validated
 
 logger = logging.getLogger(__name__)
@@ -153,9 +152,12 @@ def merge(
     tokenizer=None,
     templates: Mapping[str, Sequence[str]] | None = None,
     tasks: Sequence[str] | None = None,
+    data=None,
+    processor=None,
     **options,
-) -> WEMoEPreTrainedModel:
-    """Merge fine-tuned models of one family into a WEMoE (or E-WEMoE) model.
+):
+    """Merge fine-tuned models of one family, as `variant` says: into a WEMoE (or E-WEMoE) model, or into the static
+    baseline WEMoE is compared with (`variant="static"`).
 
     Args:
         backbone: the family, a registered architecture name (`"clip"`, `"t5"`, ...) or its `Backbone`.
@@ -169,23 +171,30 @@ def merge(
         tasks: every task of the model, in order (default: the experts'). CLIP only: a task listed here but not in
             `experts` has no expert and no routing slot, only its zero-shot head from `classnames` (the papers'
             unseen tasks; `wemoe.add_task` adds one to an existing artifact).
+        data: static AdaMerging only: the unlabeled task data its coefficients train on (a DATA.yaml path, dict or
+            `DataConfig`; default: the spec's `data`), prepared by `processor` (default: the base's).
         **options: `MergeOptions` fields: `variant` ("wemoe": a router per layer, dense task vectors; "e-wemoe": one
-            shared router, task vectors pruned to `keep`), `keep`, `expert_format` ("dense", "sparse", "lowrank"),
-            `rank`, `static_merge` (for the non-MLP tensors, e.g. `{"method": "ties", "density": 0.2}`) and
-            `router` (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `decoder_routing` (T5: "token" or
-            "prompt"), `seed`).
+            shared router, task vectors pruned to `keep`; "static": no experts, every tensor merged by
+            `static_merge`), `keep`, `expert_format` ("dense", "sparse", "lowrank"), `rank`, `static_merge` (the
+            method for the tensors merged once, e.g. `{"method": "ties", "density": 0.2}`) and `router`
+            (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `decoder_routing` (T5: "token" or "prompt"),
+            `seed`).
 
     Returns:
         The family's WEMoE model in eval mode, only its routers trainable; before adaptation it equals task
-        arithmetic at `router.init_lambda` on the experts' blocks.
+        arithmetic at `router.init_lambda` on the experts' blocks. With `variant="static"`, a plain model of the
+        base's class; for families whose tasks keep their own heads, one per task (task name -> model).
     """
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)
     check_router_fits(backbone, options.router, "router")
-    config_options = wemoe_config_options(options)
     inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
+    if options.variant == "static":
+        merged = statically_merged_tensors(backbone, base, experts, inputs, options.static_merge, tokenizer=tokenizer,
+                                           templates=templates, data=data, processor=processor)  # fmt: skip
+        return backbone.static_model(inputs.base_model, merged, experts, inputs.expert_tensors, inputs.task_labels)
     tokenizer = base_tokenizer(backbone, base, tokenizer)
-    config = wemoe_config(backbone, inputs, config_options)
+    config = wemoe_config(backbone, inputs, wemoe_config_options(options))
     with torch.random.fork_rng(devices=[]):  # seeded router initialisation, the caller's RNG untouched
         torch.manual_seed(options.router.seed)
         model = backbone.model_class(config)
@@ -200,6 +209,36 @@ def merge(
                     templates=templates)
     model.freeze_all_but_routers()
     return model.eval()
+
+
+def statically_merged_tensors(
+    backbone: Backbone,
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    inputs: MergeInputs,
+    static_merge: StaticMergeSpec,
+    *,
+    tokenizer,
+    templates: Mapping[str, Sequence[str]] | None,
+    data,
+    processor,
+) -> dict[str, torch.Tensor]:
+    """Every merged tensor of the static baseline: by a data-free method (task arithmetic, TIES, DARE, ...), or by
+    layer-wise AdaMerging, whose coefficients train on the tasks' unlabeled `data`."""
+    logger.info("Merging %d %s experts by %s (%s).", len(inputs.expert_tensors), backbone.display_name,
+                static_merge.method, ", ".join(inputs.expert_tensors))  # fmt: skip
+    spec = static_merge.model_dump()
+    if static_merge.method != "adamerging":
+        return static_merge_tensors(inputs.base_tensors, inputs.expert_tensors, spec)
+    tokenizer = base_tokenizer(backbone, base, tokenizer)
+    classifier, prefix = backbone.adamerging_classifier(
+        inputs.base_model, inputs.task_labels, experts, inputs.expert_tensors,
+        tokenizer=tokenizer, templates=templates
+    )
+    datasets = load_task_datasets(static_merge.data if data is None else data, inputs.tasks, backbone.input_kind)
+    processor = backbone.load_processor(base) if processor is None else processor
+    streams = task_streams(backbone, datasets, processor, static_merge.batch_size, inputs.task_labels)
+    return train_layer_wise_merge(classifier, prefix, inputs.base_tensors, inputs.expert_tensors, streams, spec)
 
 
 def merge_clip(
@@ -283,32 +322,13 @@ def merge_static(
     templates: Mapping[str, Sequence[str]] | None = None,
     tasks: Sequence[str] | None = None,
 ):
-    """The static baseline WEMoE is compared with: the base with its merged part replaced by a static merge of the
-    experts' (`static_merge`, validated as a recipe's: a data-free method such as task arithmetic, TIES or DARE, or
-    layer-wise AdaMerging, whose coefficients train on the unlabeled task data `data` names, prepared by
-    `processor`, for any of `tasks`: see `merge`). A plain model of the base's class; for families whose tasks keep
-    their own heads, one per task (task name -> model)."""
-    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
-    static_merge = merge_options({"variant": "static", "static_merge": static_merge}).static_merge.model_dump()
-    inputs = open_inputs(backbone, base, experts, classnames, templates, tasks)
-    logger.info("Merging %d %s experts by %s (%s).", len(experts), backbone.display_name, static_merge["method"],
-                ", ".join(experts))
-    if static_merge["method"] == "adamerging":
-        if data is None or processor is None:
-            raise ValueError("static_merge adamerging needs `data` (unlabeled task inputs) and the `processor`.")
-        tokenizer = base_tokenizer(backbone, base, tokenizer)
-        classifier, prefix = backbone.adamerging_classifier(
-            inputs.base_model, inputs.task_labels, experts, inputs.expert_tensors, tokenizer=tokenizer,
-            templates=templates
-        )
-        datasets = load_task_datasets(data, inputs.tasks, backbone.input_kind)
-        streams = task_streams(backbone, datasets, processor, static_merge["batch_size"], inputs.task_labels)
-        merged = train_layer_wise_merge(
-            classifier, prefix, inputs.base_tensors, inputs.expert_tensors, streams, static_merge
-        )
-    else:
-        merged = static_merge_tensors(inputs.base_tensors, inputs.expert_tensors, static_merge)
-    return backbone.static_model(inputs.base_model, merged, experts, inputs.expert_tensors, inputs.task_labels)
+    """`merge` with `variant="static"`: the static baseline WEMoE is compared with, the base with its merged part
+    replaced by a static merge of the experts' (`static_merge`, validated as a recipe's: a data-free method such as
+    task arithmetic, TIES or DARE, or layer-wise AdaMerging, whose coefficients train on the unlabeled task data
+    `data` names, prepared by `processor`). A plain model of the base's class; for families whose tasks keep their
+    own heads, one per task (task name -> model)."""
+    return merge(backbone, base, experts, classnames, tokenizer=tokenizer, templates=templates, tasks=tasks,
+                 data=data, processor=processor, variant="static", static_merge=static_merge)  # fmt: skip
 
 
 __all__ = ["merge", "merge_bert", "merge_clip", "merge_options", "merge_static", "merge_t5"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from peft.utils import merge_utils
 
-from modeling_wemoe.modeling_wemoe import num_kept_entries
+from modeling_wemoe.modeling_wemoe import magnitude_keep_mask
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,6 @@ def get_static_merge(name: str) -> StaticMergeMethod:
 def task_arithmetic(pretrained: torch.Tensor, task_vectors: torch.Tensor, scaling: float = 0.3) -> torch.Tensor:
     """theta_0 + scaling * sum_i tau_i, for task vectors stacked as `(num_experts, *shape)`."""
     return pretrained + scaling * task_vectors.sum(dim=0)
-
-
-def magnitude_keep_mask(task_vectors: torch.Tensor, keep: float) -> torch.Tensor:
-    """For each expert's tensor in `(num_experts, *shape)`, mark exactly round(keep * numel) entries of largest
-    magnitude (E-WEMoE's per-tensor magnitude pruning)."""
-    flat = task_vectors.reshape(task_vectors.shape[0], -1)
-    num_kept = num_kept_entries(flat.shape[1], keep)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, flat.abs().topk(num_kept, dim=1).indices, True)
-    return mask.view(task_vectors.shape)
 
 
 @register_static_merge("ties", "TIES-Merging", "https://arxiv.org/abs/2306.01708")
@@ -145,18 +135,3 @@ def static_merger(static_merge: Mapping[str, Any]) -> Callable[[str, torch.Tenso
         return method.merge(pretrained, task_vectors, **{**options, **seed})
 
     return merge_tensor
-
-
-def low_rank_factors(task_vectors: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors of each expert's task-vector matrix in `(num_experts, out, in)` (truncated SVD):
-    `A` `(num_experts, rank, in)`, `B` `(num_experts, out, rank)`, and each expert's relative reconstruction error
-    ||tau - B A||_F / ||tau||_F. Ranks above the matrix size are zero-padded (exact)."""
-    u, s, vh = torch.linalg.svd(task_vectors.float(), full_matrices=False)
-    kept = min(rank, s.shape[-1])
-    factor_b = task_vectors.new_zeros(task_vectors.shape[0], task_vectors.shape[1], rank, dtype=torch.float32)
-    factor_a = task_vectors.new_zeros(task_vectors.shape[0], rank, task_vectors.shape[2], dtype=torch.float32)
-    factor_b[..., :kept] = u[..., :kept] * s[..., None, :kept]
-    factor_a[:, :kept] = vh[:, :kept]
-    residual = torch.linalg.matrix_norm(task_vectors.float() - factor_b @ factor_a)
-    error = residual / torch.linalg.matrix_norm(task_vectors.float()).clamp_min(torch.finfo(torch.float32).tiny)
-    return factor_a, factor_b, error

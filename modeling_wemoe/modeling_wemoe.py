@@ -31,6 +31,16 @@ def num_kept_entries(numel: int, keep: float) -> int:
     return round(keep * numel)
 
 
+def magnitude_keep_mask(task_vectors: torch.Tensor, keep: float) -> torch.Tensor:
+    """For each expert's tensor in `(num_experts, *shape)`, mark exactly round(keep * numel) entries of largest
+    magnitude (E-WEMoE's per-tensor magnitude pruning)."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    num_kept = num_kept_entries(flat.shape[1], keep)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(1, flat.abs().topk(num_kept, dim=1).indices, True)
+    return mask.view(task_vectors.shape)
+
+
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean `(..., n)` mask into `(..., ceil(n / 8))` bytes, least significant bit first."""
     padded = F.pad(mask.to(torch.uint8), (0, -mask.shape[-1] % 8))
@@ -77,6 +87,12 @@ class WEMoETaskVectors(nn.Module):
     @property
     def num_stored_entries(self) -> int:
         """How many numbers the storage holds (for the parameter report)."""
+        raise NotImplementedError
+
+    def assign_task_vectors(self, task_vectors: torch.Tensor) -> torch.Tensor | None:
+        """Store dense `(num_experts, *shape)` task vectors in this format, compressing them as the format does
+        (the converter hands every format the same dense stack). Returns each expert's relative reconstruction error
+        where the format approximates a task vector by factors (low-rank), else None."""
         raise NotImplementedError
 
     def dense(self) -> torch.Tensor:
@@ -243,6 +259,9 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         with torch.no_grad():
             self.values.copy_(task_vectors)
 
+    def assign_task_vectors(self, task_vectors: torch.Tensor) -> None:
+        self.assign(task_vectors)
+
     def dense(self) -> torch.Tensor:
         return self.values
 
@@ -296,6 +315,10 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         with torch.no_grad():
             self.values.copy_(task_vectors.reshape(flat_mask.shape)[flat_mask].view_as(self.values))
             self.bitmask.copy_(pack_bitmask(flat_mask))
+
+    def assign_task_vectors(self, task_vectors: torch.Tensor) -> None:
+        """E-WEMoE's pruning: each expert keeps its `round(keep * numel)` largest-magnitude entries."""
+        self.assign(task_vectors, magnitude_keep_mask(task_vectors, self.keep))
 
     def zero_(self) -> None:
         init.zeros_(self.values)
@@ -464,6 +487,21 @@ class WEMoESparseTaskVectors(WEMoETaskVectors):
         return f"num_experts={self.values.shape[0]}, shape={self.shape}, keep={self.keep:g} ({kept})"
 
 
+def low_rank_factors(task_vectors: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of each expert's task-vector matrix in `(num_experts, out, in)` (truncated SVD):
+    `A` `(num_experts, rank, in)`, `B` `(num_experts, out, rank)`, and each expert's relative reconstruction error
+    ||tau - B A||_F / ||tau||_F. Ranks above the matrix size are zero-padded (exact)."""
+    u, s, vh = torch.linalg.svd(task_vectors.float(), full_matrices=False)
+    kept = min(rank, s.shape[-1])
+    factor_b = task_vectors.new_zeros(task_vectors.shape[0], task_vectors.shape[1], rank, dtype=torch.float32)
+    factor_a = task_vectors.new_zeros(task_vectors.shape[0], rank, task_vectors.shape[2], dtype=torch.float32)
+    factor_b[..., :kept] = u[..., :kept] * s[..., None, :kept]
+    factor_a[:, :kept] = vh[:, :kept]
+    residual = torch.linalg.matrix_norm(task_vectors.float() - factor_b @ factor_a)
+    error = residual / torch.linalg.matrix_norm(task_vectors.float()).clamp_min(torch.finfo(torch.float32).tiny)
+    return factor_a, factor_b, error
+
+
 class WEMoELowRankTaskVectors(WEMoETaskVectors):
     """The task vectors of one weight matrix as rank-`rank` factors: tau_i = B[i] @ A[i], with `A`
     `(num_experts, rank, in)` and `B` `(num_experts, out, rank)`. Applied to inputs without ever forming tau_i."""
@@ -482,6 +520,12 @@ class WEMoELowRankTaskVectors(WEMoETaskVectors):
         with torch.no_grad():
             self.A.copy_(factor_a)
             self.B.copy_(factor_b)
+
+    def assign_task_vectors(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """Each expert's best rank-`rank` factors (truncated SVD), and their relative reconstruction errors."""
+        factor_a, factor_b, error = low_rank_factors(task_vectors, self.A.shape[1])
+        self.assign(factor_a, factor_b)
+        return error
 
     def dense(self) -> torch.Tensor:
         return self.B @ self.A
@@ -923,6 +967,8 @@ __all__ = [
     "compute_routing_weights",
     "is_router_parameter",
     "loading_problems",
+    "low_rank_factors",
+    "magnitude_keep_mask",
     "masked_mean",
     "model_class_for",
     "num_kept_entries",

@@ -5,9 +5,8 @@ import torch
 from reference import randomize_routers, stacked_task_vectors
 from test_checkpoints import lora_expert
 
-from modeling_wemoe.modeling_wemoe import WEMoELowRankTaskVectors
+from modeling_wemoe.modeling_wemoe import WEMoELowRankTaskVectors, low_rank_factors
 from wemoe import merge_clip
-from wemoe.merge_methods import low_rank_factors
 from wemoe.recipe import RecipeError, load_recipe
 
 
