@@ -23,7 +23,7 @@ from wemoe.convert import plan_conversion
 from wemoe.merge_methods import STATIC_MERGE_METHODS
 from wemoe.recipe import STATIC_MERGE_SPECS
 
-README = Path(__file__).parent.parent / "README.md"
+CONVERTING_GUIDE = Path(__file__).parent.parent / "docs" / "converting.md"
 
 
 def stored_tensor_bytes(directory: Path) -> int:
@@ -218,14 +218,14 @@ def test_dry_run_of_hub_ids_downloads_no_weights(saved_checkpoints, classnames, 
 # --list-methods -------------------------------------------------------------------------------------------------
 
 
-def test_list_methods_shows_every_method_with_its_parameters_and_the_readme_lists_them(capsys):
+def test_list_methods_shows_every_method_with_its_parameters_and_the_converting_guide_lists_them(capsys):
     main(["--list-methods"])
     listed = capsys.readouterr().out
-    readme = README.read_text()
+    guide = CONVERTING_GUIDE.read_text()
     for spec in STATIC_MERGE_SPECS:
         name = spec.model_fields["method"].annotation.__args__[0]
         assert re.search(rf"^  {name}: \S.*\.", listed, re.MULTILINE), name
-        assert f"`{name}`" in readme, name
+        assert f"`{name}`" in guide, name
         for field in spec.model_fields.keys() - {"method"}:
             assert re.search(rf"^  {name}: .*\n(      .*\n)*      {field} \(", listed, re.MULTILINE), (name, field)
     assert "      density (float, > 0, < 1, default 0.5)" in listed  # bounds and defaults from the schema
