@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .adaptation import adapt
-from .build import stacked_task_vectors
+from .build import task_vector_stacks
 from .checkpoints import TensorSource
 from .recipe import DEFAULT_LAMBDA
 from .streams import TaskStream
@@ -45,12 +45,12 @@ class LayerWiseAdaMerging(nn.Module):
         super().__init__()
         self.classifier = classifier.requires_grad_(False)
         self.prefix = prefix
-        self.keys = [key for key in base.shapes if base[key].is_floating_point()]
-        for key in self.keys:
-            self.register_buffer(f"pretrained__{buffer_name(key)}", base[key].float(), persistent=False)
-            self.register_buffer(
-                f"task_vectors__{buffer_name(key)}", stacked_task_vectors(key, base, dict(experts)), persistent=False
-            )
+        self.keys = []
+        for key, task_vectors in task_vector_stacks(base, dict(experts)):
+            if base[key].is_floating_point():
+                self.keys.append(key)
+                self.register_buffer(f"pretrained__{buffer_name(key)}", base[key].float(), persistent=False)
+                self.register_buffer(f"task_vectors__{buffer_name(key)}", task_vectors, persistent=False)
         self.merge_coefficients = nn.Parameter(torch.full((len(self.keys), len(experts)), init_lambda))
 
     @property

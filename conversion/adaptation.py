@@ -20,11 +20,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from modeling_wemoe.modeling_wemoe import is_router_parameter
 
-from .artifact import load_artifact_model, write_artifact
+from .artifact import load_artifact_model, load_config, write_artifact
 from .backbones import Backbone, backbone_for_config
 from .corruptions import Corruption
 from .data import data_inputs, load_task_datasets, with_corruption
@@ -295,7 +294,7 @@ def adapt_artifact(
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
     check_output_target(Path(output), overwrite, [path for path in inputs if Path(path).exists()])
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    config = load_config(model_dir, "The artifact")
     if config.model_type != "wemoe":
         raise ValueError(f"{str(model_dir)!r} is a {config.model_type!r} model; wemoe-tta adapts WEMoE artifacts.")
     backbone = backbone_for_config(config)

@@ -15,9 +15,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
-from .artifact import check_max_shard_size, is_artifact, load_artifact_model, write_artifact
+from .artifact import check_max_shard_size, is_artifact, load_artifact_model, load_config, write_artifact
 from .backbones import Backbone, backbone_for_config
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import push_folder, staged_output
@@ -118,7 +118,7 @@ def artifact_config(artifact: Path) -> PreTrainedConfig:
             "(`hf download ORG/NAME --local-dir DIR`)."
         )
     try:
-        config = AutoConfig.from_pretrained(artifact, trust_remote_code=True)
+        config = load_config(artifact, "The artifact")
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot read the artifact {str(artifact)!r}: {error}") from None
     if not is_artifact(config):

@@ -7,11 +7,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
 from modeling_wemoe.modeling_wemoe import loading_problems
 
+from .checkpoints import naming_load_errors
 from .outputs import staged_output
 
 logger = logging.getLogger(__name__)
@@ -22,12 +23,21 @@ def is_artifact(config: PreTrainedConfig | None) -> bool:
     return config is not None and config.model_type == "wemoe"
 
 
+def load_config(model_dir: str | os.PathLike, what: str = "The model") -> PreTrainedConfig:
+    """A model's config, an artifact's read with its own code; a damaged config.json is an error naming it."""
+    with naming_load_errors(model_dir, what):
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+
+
 def load_artifact_model(model_dir: str | os.PathLike, auto_class: type = AutoModel) -> PreTrainedModel:
     """A WEMoE artifact's model with its own code, refused unless its tensors match its config exactly (transformers
     would only report it, and leave missing tensors uninitialised). Checked here as well as in the model code, so
     that artifacts whose code predates that check are refused too."""
     try:
-        model, loading_info = auto_class.from_pretrained(model_dir, trust_remote_code=True, output_loading_info=True)
+        with naming_load_errors(model_dir, "The model"):
+            model, loading_info = auto_class.from_pretrained(
+                model_dir, trust_remote_code=True, output_loading_info=True
+            )
     except OSError as error:
         raise ValueError(f"Cannot load the model {str(model_dir)!r}: {error}") from None
     problems = loading_problems(loading_info)

@@ -6,7 +6,7 @@ tensor per expert is in memory.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -96,14 +96,31 @@ def stacked_task_vectors(key: str, base: TensorSource, experts: dict[str, Tensor
     return torch.stack(rows)
 
 
+def task_vector_stacks(base: TensorSource, experts: dict[str, TensorSource]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each of the base's tensors with its stacked task vectors (`stacked_task_vectors`), one key at a time. Once
+    every tensor is read, an expert whose task vectors are all zero is named in a warning: it is the base itself
+    (a checkpoint given by mistake, or one that was never trained), and its expert adds nothing to the merge."""
+    moved = torch.zeros(len(experts), dtype=torch.bool)
+    for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
+        task_vectors = stacked_task_vectors(key, base, experts)
+        moved |= task_vectors.flatten(1).ne(0).any(dim=1)
+        yield key, task_vectors
+    for task, expert_moved in zip(experts, moved.tolist(), strict=True):
+        if not expert_moved:
+            logger.warning(
+                "Expert %r equals the base model: every tensor merged is the base's (its task vectors are zero), so "
+                "it adds nothing to the merge. Check that its checkpoint is the fine-tuned model.", task
+            )
+
+
 @torch.no_grad()
 def static_merge_tensors(base: TensorSource, experts: dict[str, TensorSource], static_merge: Mapping) -> dict:
     """Every tensor of the base merged by a data-free static method (task arithmetic, TIES, ...), keyed as in
     `base`."""
     merge_tensor = static_merger(static_merge)
     return {
-        key: merge_tensor(key, base[key].float(), stacked_task_vectors(key, base, experts)).to(base[key].dtype)
-        for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor")
+        key: merge_tensor(key, base[key].float(), task_vectors).to(base[key].dtype)
+        for key, task_vectors in task_vector_stacks(base, experts)
     }
 
 
@@ -122,8 +139,7 @@ def fill_backbone(
     ensembled = {f"{name}.{kind}": (module, kind) for name, module in linears.items() for kind in ("weight", "bias")}
 
     merged_state, reconstruction_errors = {}, {}
-    for key in tqdm(base.shapes, desc="Merging tensors", unit="tensor"):
-        task_vectors = stacked_task_vectors(key, base, experts)
+    for key, task_vectors in task_vector_stacks(base, experts):
         if key in ensembled:
             module, kind = ensembled[key]
             error = getattr(module, f"{kind}_task_vectors").assign_task_vectors(task_vectors)

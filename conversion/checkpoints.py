@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
@@ -34,7 +35,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from modeling_wemoe.modeling_wemoe import damaged_weight_files
+
 logger = logging.getLogger(__name__)
+
 
 ModelSource = PreTrainedModel | str | os.PathLike
 
@@ -75,6 +79,34 @@ def safetensors_shapes(path: Path) -> dict[str, torch.Size]:
         return remote[path]
     with safe_open(str(path), framework="pt") as handle:
         return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def damaged_files(directory: Path) -> list[str]:
+    """What is broken in a checkpoint directory, file by file, in words: safetensors files whose header cannot be read
+    (truncated or corrupt) and JSON files that do not parse."""
+    problems = damaged_weight_files(directory)
+    for file in sorted(directory.glob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            problems.append(f"{str(file)!r} is not valid JSON ({error})")
+    return problems
+
+
+@contextmanager
+def naming_load_errors(source: "ModelSource", what: str) -> Iterator[None]:
+    """Turn what safetensors, json and huggingface_hub raise for a damaged checkpoint, which names no file, into one
+    `ValueError` that names it: a truncated or corrupt weights file, a JSON file that does not parse, a config.json
+    whose values its config class refuses. `what` says what `source` is (`"base_model"`, `"The artifact"`)."""
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError) as error:
+        local = isinstance(source, (str, os.PathLike)) and Path(source).is_dir()
+        problems = damaged_files(Path(source)) if local else []
+        found = "; ".join(problems) or f"a file cannot be read ({error})"
+        raise ValueError(f"{what} {str(source)!r}: {found}.") from None
+    except StrictDataclassError as error:
+        raise ValueError(f"{what} {str(source)!r}: its config.json is refused: {error.__cause__ or error}") from None
 
 
 def hub_metadata_snapshot(repo_id: str) -> Path:
@@ -349,7 +381,8 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, owner: str) -> Path:
 def read_backbone_config(directory: Path, owner: str, layout: CheckpointLayout) -> PreTrainedConfig:
     if not (directory / "config.json").is_file():
         raise ValueError(f"{owner}: {str(directory)!r} has no config.json.")
-    config = AutoConfig.from_pretrained(directory)
+    with naming_load_errors(directory, owner):
+        config = AutoConfig.from_pretrained(directory)
     backbone_config = layout.config_of(config)
     if backbone_config is None:
         raise ValueError(
@@ -372,7 +405,8 @@ def load_base_model(source: ModelSource, model_class: type[PreTrainedModel], wha
     if reading_metadata_only():
         return meta_base_model(resolve_checkpoint_dir(source, "base_model"), model_class, what)
     try:
-        model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
+        with naming_load_errors(source, "base_model"):
+            model, loading_info = model_class.from_pretrained(source, output_loading_info=True)
     except OSError as error:  # missing path, unknown or unreachable Hub id, no weights
         raise ValueError(f"base_model {str(source)!r} cannot be loaded: {error}") from None
     # transformers 5 leaves tensors absent from a checkpoint uninitialised: that would be a silently wrong model.
@@ -388,7 +422,8 @@ def meta_base_model(directory: Path, model_class: type[PreTrainedModel], what: s
     untied, as transformers does for a separately saved one."""
     if not (directory / "config.json").is_file():
         raise ValueError(f"base_model: {str(directory)!r} has no config.json.")
-    config = AutoConfig.from_pretrained(directory)
+    with naming_load_errors(directory, "base_model"):
+        config = AutoConfig.from_pretrained(directory)
     if not isinstance(config, model_class.config_class):
         raise ValueError(
             f"base_model {str(directory)!r} is a {config.model_type!r} checkpoint; expected a "
@@ -408,7 +443,8 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False) -
     """The base model's tokenizer, refused when it has no vocabulary: transformers 5 builds a tokenizer of special
     tokens only from a directory without tokenizer files, and every class name would then read the same."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with naming_load_errors(source, "base_model"):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ValueError(f"base_model {str(source)!r}: cannot load its tokenizer ({error}).") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):

@@ -14,6 +14,7 @@ from accelerate.utils import parse_flag_from_env
 from huggingface_hub import EvalResult, ModelCard
 from transformers import AutoConfig, PreTrainedConfig
 
+from .artifact import load_config
 from .backbones import backbone_for_config
 from .data import TaskData, load_data_config, load_task_dataset
 from .model_card import add_eval_results, model_index_of, set_model_index
@@ -33,7 +34,7 @@ def model_config(model_dir: str | os.PathLike) -> PreTrainedConfig:
     if per_task:
         return AutoConfig.from_pretrained(next(iter(per_task.values())))
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+        return load_config(model_dir)
     except (OSError, ValueError) as error:
         from peft import PeftConfig
 

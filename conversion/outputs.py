@@ -82,6 +82,11 @@ def check_output_target(target: Path, overwrite: bool, inputs: Iterable[str | os
                 f"Output {str(target)!r} is, or contains, the input {str(source)!r}; writing it would destroy what "
                 "it is built from. Write the output somewhere else."
             )
+        if source_path.is_dir() and real.is_relative_to(source_path):
+            raise OutputError(
+                f"Output {str(target)!r} is inside the input {str(source)!r}; a run must not write into the "
+                "checkpoints and data it reads. Write the output somewhere else."
+            )
     parent = nearest_existing_parent(real)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"Cannot write output {str(target)!r}: directory {str(parent)!r} is not writable.")

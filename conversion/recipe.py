@@ -12,7 +12,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from pydantic import Field, FiniteFloat, field_validator, model_validator
 
 from .backbone import BACKBONES, Backbone, get_backbone
-from .specs import DatasetSource, RecipeError, Strict, dataset_paths, load_validated
+from .specs import DatasetSource, RecipeError, Strict, dataset_paths, load_validated, read_yaml
 
 # The merging coefficient that task arithmetic, TIES, AdaMerging's start and WEMoE's routers use unless told otherwise
 # (the papers' choice for 8 ViT-B/32 tasks).
@@ -315,7 +315,9 @@ def artifact_recipe(directory: str | os.PathLike) -> tuple[MergeRecipe | None, d
     """The recipe a local artifact was converted with (its `merge_config.yaml`) and the adaptation record it holds, if
     any; (None, None) where it has none. Read before any weight: a broken recipe is an error naming its keys."""
     path = Path(directory) / RECIPE_FILE
-    fields = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    fields = (read_yaml(path, f"recipe {str(path)!r}") or {}) if path.is_file() else {}
+    if not isinstance(fields, dict):
+        raise RecipeError(f"The recipe {str(path)!r} must be a mapping of keys, got {type(fields).__name__}.")
     adaptation = fields.pop("adaptation", None)
     recipe = load_validated(MergeRecipe, fields, f"recipe {str(path)!r}") if fields else None
     return recipe, adaptation

@@ -40,6 +40,21 @@ def format_validation_error(error: ValidationError, what: str) -> str:
     return f"Invalid {what}:\n" + "\n".join(lines)
 
 
+def read_yaml(path: Path, name: str) -> Any:
+    """A YAML file's content; a file that cannot be read or parsed is a `RecipeError` of one line naming it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RecipeError(f"Cannot read {name}: {error.strerror or error}.") from error
+    except UnicodeDecodeError:
+        raise RecipeError(f"The {name} is not a text file (it is not UTF-8); give a YAML file.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise RecipeError(f"The {name} is not valid YAML: {problem}{where}.") from None
+
+
 def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
     """`schema` validated from an instance, a mapping or a YAML file path; every problem named by its key path.
     `what` says what the value is in messages (e.g. "conversion recipe")."""
@@ -48,14 +63,7 @@ def load_validated(schema: type[BaseModel], value: Any, what: str) -> BaseModel:
     name = what
     if isinstance(value, (str, os.PathLike)):
         name = f"{what} {str(value)!r}"
-        try:
-            value = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-        except OSError as error:
-            raise RecipeError(f"Cannot read {name}: {error.strerror or error}.") from error
-        except UnicodeDecodeError:
-            raise RecipeError(f"The {name} is not a text file (it is not UTF-8); give a YAML file.") from None
-        except yaml.YAMLError as error:
-            raise RecipeError(f"The {name} is not valid YAML: {error}") from error
+        value = read_yaml(Path(value), name)
     if not isinstance(value, dict):
         raise RecipeError(f"The {name} must be a mapping of keys, got {type(value).__name__}.")
     try:

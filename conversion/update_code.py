@@ -22,6 +22,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from modeling_wemoe import WEMoEConfig
 from modeling_wemoe.modeling_wemoe import model_class_for
 
+from .checkpoints import naming_load_errors
 from .outputs import write_file_atomically
 
 logger = logging.getLogger(__name__)
@@ -64,13 +65,14 @@ def update_code_in_directory(directory: str | os.PathLike) -> tuple[list[str], l
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{str(directory)!r} has no config.json: not a model artifact.")
-    config_dict = json.loads(config_path.read_text())
-    if config_dict.get("model_type") != WEMoEConfig.model_type:
-        raise ValueError(
-            f"{str(config_path)!r} is a {config_dict.get('model_type')!r} model, not a WEMoE artifact; only WEMoE "
-            "artifacts carry WEMoE code."
-        )
-    config = WEMoEConfig.from_dict(config_dict)
+    with naming_load_errors(directory, "The artifact"):
+        config_dict = json.loads(config_path.read_text())
+        if config_dict.get("model_type") != WEMoEConfig.model_type:
+            raise ValueError(
+                f"{str(config_path)!r} is a {config_dict.get('model_type')!r} model, not a WEMoE artifact; only WEMoE "
+                "artifacts carry WEMoE code."
+            )
+        config = WEMoEConfig.from_dict(config_dict)
     files = code_files_for(config)
     for file in files:
         write_file_atomically(directory / file.name, file.read_bytes())

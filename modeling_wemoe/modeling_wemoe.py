@@ -13,9 +13,11 @@ that a published artifact keeps working when transformers changes the internals 
 import json
 import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -795,6 +797,20 @@ def loading_problems(loading_info: dict) -> str | None:
     return "; ".join(found) or None
 
 
+def damaged_weight_files(name_or_path) -> list[str]:
+    """The safetensors files of a local checkpoint directory whose header cannot be read (truncated or corrupt), each
+    with safetensors' reason, in words; nothing for a Hub id."""
+    directory = Path(str(name_or_path))
+    problems = []
+    for file in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as error:
+            problems.append(f"{str(file)!r} is truncated or corrupt ({error})")
+    return problems
+
+
 # Model classes by backbone (`WEMoEConfig.backbone`), filled by each family's modeling file as it is imported.
 WEMOE_MODEL_CLASSES: dict[str, type["WEMoEPreTrainedModel"]] = {}
 
@@ -920,7 +936,13 @@ class WEMoEPreTrainedModel(PreTrainedModel):
             return artifact_model_class(config, name_or_path, kwargs).from_pretrained(*args, **kwargs)
         # transformers reports tensors that do not match the config, and leaves missing ones uninitialised: refuse.
         wants_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:  # it names no file: name it
+            name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            found = "; ".join(damaged_weight_files(name_or_path)) or f"a safetensors file is damaged ({error})"
+            message = f"The WEMoE checkpoint {str(name_or_path)!r}: {found}. Download or convert it again."
+            raise OSError(message) from None
         problems = loading_problems(loading_info)
         if problems:
             raise ValueError(f"The WEMoE checkpoint does not match its config.json: {problems}.")
@@ -964,6 +986,7 @@ __all__ = [
     "attention",
     "build_router",
     "build_task_vectors",
+    "damaged_weight_files",
     "compute_routing_weights",
     "is_router_parameter",
     "loading_problems",

@@ -38,6 +38,11 @@ def fails_with(capsys, run, message: str) -> str:
     return error
 
 
+def on_one_line(error: str, message: str) -> bool:
+    """`message` stands on one line of stderr, the command's own (progress bars of the libraries aside)."""
+    return any(message in line for line in error.splitlines() if line.startswith("wemoe-"))
+
+
 def tree_digest(root) -> dict[str, int]:
     """Every file under `root` with its size: what must survive a refused command untouched."""
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
@@ -356,3 +361,122 @@ def test_stale_staging_is_removed_and_artifacts_follow_the_umask(workspace, capl
     assert not stale.exists() and "left by an interrupted run" in caplog.text
     assert stat.S_IMODE((workspace / "out").stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in (workspace / "out").iterdir()} == {0o644}
+
+
+# Damaged files, and inputs that add nothing ---------------------------------------------------------------------
+
+
+def truncate(path) -> None:
+    """Cut a file in half, as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def commands_reading(artifact_dir: str, data: str, tmp_path) -> dict:
+    """Every command that opens an artifact, as a user runs it."""
+    from wemoe.cli.update_code import main as update_code_main
+
+    return {
+        "eval": lambda: eval_main([artifact_dir, data]),
+        "tta": lambda: tta_main([artifact_dir, data, "--output", str(tmp_path / "adapted"), "--steps", "1"]),
+        "add-task": lambda: convert_main([artifact_dir, str(tmp_path / "added"), "--add-task", "pets", "--classnames",
+                                          "cat", "dog"]),  # fmt: skip
+        "update-code": lambda: update_code_main([artifact_dir]),
+    }
+
+
+@pytest.mark.parametrize("command", ["eval", "tta", "add-task"])
+def test_a_truncated_weights_file_is_named_in_one_line(artifact, task_data, tmp_path, capsys, command):
+    broken = broken_artifact(artifact, tmp_path, lambda d: truncate(d / "model.safetensors"))
+    run = commands_reading(broken, write_yaml(task_data, tmp_path / "data.yaml"), tmp_path)[command]
+    message = f"{broken}/model.safetensors' is truncated or corrupt"
+    assert on_one_line(fails_with(capsys, run, message), message)
+
+
+def test_a_truncated_weights_file_is_named_when_transformers_loads_the_artifact(artifact, tmp_path):
+    """The artifact's own code names the file for `from_pretrained` and the pipelines, which load through it."""
+    from transformers import AutoModel
+
+    broken = broken_artifact(artifact, tmp_path, lambda d: truncate(d / "model.safetensors"))
+    with pytest.raises(OSError, match=r"model\.safetensors' is truncated or corrupt"):
+        AutoModel.from_pretrained(broken, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("command", ["eval", "tta", "add-task", "update-code"])
+def test_a_config_its_class_refuses_is_one_line(artifact, task_data, tmp_path, capsys, command):
+    broken = broken_artifact(artifact, tmp_path, lambda d: edit_config(d, num_experts=4))
+    run = commands_reading(broken, write_yaml(task_data, tmp_path / "data.yaml"), tmp_path)[command]
+    message = "its config.json is refused: `num_experts` (4) must equal the number of tasks (3)"
+    assert on_one_line(fails_with(capsys, run, message), message)
+
+
+def test_a_config_that_is_not_json_is_named(artifact, tmp_path, capsys):
+    from wemoe.cli.update_code import main as update_code_main
+
+    broken = broken_artifact(artifact, tmp_path, lambda d: (d / "config.json").write_text("{not json"))
+    fails_with(capsys, lambda: update_code_main([broken]), f"'{broken}/config.json' is not valid JSON")
+
+
+def test_an_unreadable_image_processor_is_an_error_not_the_default(artifact, task_data, tmp_path, capsys):
+    """A preprocessor_config.json that is there but cannot be read is not taken as missing (which falls back to CLIP's
+    default preprocessing, silently wrong for an artifact saved with its own)."""
+    broken = broken_artifact(artifact, tmp_path, lambda d: (d / "preprocessor_config.json").write_text("{"))
+    data = write_yaml(task_data, tmp_path / "data.yaml")
+    fails_with(capsys, lambda: eval_main([broken, data]), f"'{broken}/preprocessor_config.json' cannot be read")
+
+
+def test_a_broken_recipe_file_in_an_artifact_is_one_line(artifact, task_data, tmp_path, capsys):
+    broken = broken_artifact(artifact, tmp_path, lambda d: (d / "merge_config.yaml").write_text("tasks: [\n"))
+    data = write_yaml(task_data, tmp_path / "data.yaml")
+    run = commands_reading(broken, data, tmp_path)["tta"]
+    message = f"The recipe '{broken}/merge_config.yaml' is not valid YAML"
+    assert on_one_line(fails_with(capsys, run, message), message)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda w: truncate(w / "base" / "model.safetensors"), "base/model.safetensors' is truncated or corrupt"),
+        (lambda w: (w / "base" / "config.json").write_text("{"), "base/config.json' is not valid JSON"),
+        (lambda w: (w / "base" / "tokenizer.json").write_text("{"), "base/tokenizer.json' is not valid JSON"),
+        (lambda w: edit_config(w / "shapes", hidden_size=-3), "Expert 'shapes' 'shapes': its config.json is refused"),
+    ],
+    ids=["truncated-base", "base-config-not-json", "base-tokenizer-not-json", "expert-config-refused"],
+)
+def test_damaged_checkpoints_are_named_in_one_line(workspace, capsys, damage, message):
+    damage(workspace)
+    assert on_one_line(fails_with(capsys, lambda: convert_main(["recipe.yaml", "out"]), message), message)
+    assert not (workspace / "out").exists()
+
+
+def test_an_expert_that_is_the_base_itself_is_named_in_a_warning(workspace, caplog):
+    shutil.rmtree(workspace / "shapes")
+    shutil.copytree(workspace / "base", workspace / "shapes")
+    convert_main(["recipe.yaml", "out"])
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [message for message in warnings if "equals the base model" in message] == [
+        "Expert 'shapes' equals the base model: every tensor merged is the base's (its task vectors are zero), so it "
+        "adds nothing to the merge. Check that its checkpoint is the fine-tuned model."
+    ]
+
+
+@pytest.mark.parametrize("output", ["./shapes/out", "./base/sub/out"], ids=["in-an-expert", "in-the-base"])
+def test_convert_refuses_an_output_inside_an_input(workspace, capsys, output):
+    before = tree_digest(workspace)
+    fails_with(capsys, lambda: convert_main(["recipe.yaml", output]), "is inside the input")
+    assert tree_digest(workspace) == before
+
+
+def test_tta_refuses_an_output_inside_its_artifact_or_data(artifact, tmp_path, capsys):
+    copied = shutil.copytree(artifact, tmp_path / "artifact")
+    images = tmp_path / "images" / "circle"
+    images.mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(images / f"{index}.png")
+    data = write_yaml({"tasks": {"shapes": {"path": "imagefolder", "data_dir": str(tmp_path / "images"),
+                                            "split": "train"}}}, tmp_path / "data.yaml")  # fmt: skip
+    before = tree_digest(tmp_path)
+    for output in (copied / "adapted", tmp_path / "images" / "adapted"):
+        run = lambda output=output: tta_main([str(copied), data, "--output", str(output), "--steps", "1"])  # noqa: E731
+        fails_with(capsys, run, "is inside the input")
+    assert tree_digest(tmp_path) == before

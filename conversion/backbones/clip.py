@@ -7,6 +7,7 @@ visual projection, the logit scale and the text tower are the base's, as in the 
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,13 @@ from modeling_wemoe.modeling_wemoe import TASK_RECORD
 
 from ..artifact import load_artifact_model, write_artifact
 from ..backbone import Backbone, register_backbone
-from ..checkpoints import ModelSource, check_same_architecture, load_base_model, load_tokenizer
+from ..checkpoints import (
+    ModelSource,
+    check_same_architecture,
+    load_base_model,
+    load_tokenizer,
+    naming_load_errors,
+)
 from ..data import check_tasks_known, pixel_values_of
 from ..results import EvaluationResults, class_names_of, classification_accuracy
 from ..streams import TaskStream
@@ -40,6 +47,7 @@ from ..streams import TaskStream
 logger = logging.getLogger(__name__)
 
 VISION_TOWER_ROOTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
+PROCESSOR_FILE = "preprocessor_config.json"
 
 # A few of CLIP's ImageNet prompt templates; tasks may bring their own.
 DEFAULT_TEMPLATES = (
@@ -289,8 +297,11 @@ class CLIPBackbone(Backbone):
         if isinstance(source, PreTrainedModel):
             return default_image_processor(self.config_of(source.config))
         try:
-            return AutoImageProcessor.from_pretrained(source)
-        except OSError:
+            with naming_load_errors(source, "The model"):
+                return AutoImageProcessor.from_pretrained(source)
+        except OSError as error:
+            if (Path(source) / PROCESSOR_FILE).is_file():  # there, but unreadable: not the same as absent
+                raise ValueError(f"{str(Path(source) / PROCESSOR_FILE)!r} cannot be read ({error}).") from None
             logger.warning("No image processor found with %s; using CLIP's default preprocessing.", source)
         config = config or CLIPConfig.from_pretrained(source)
         return default_image_processor(self.config_of(config) or config.vision_config)
