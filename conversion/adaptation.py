@@ -1,10 +1,12 @@
-"""Test-time adaptation of the routers on unlabeled task data (entropy minimisation), on accelerate; the library
-behind `wemoe-tta` (`wemoe.cli.tta`) and AdaMerging.
+"""Test-time adaptation of the routers on unlabeled task data, on accelerate; the library behind `wemoe-tta`
+(`wemoe.cli.tta`) and AdaMerging.
 
 Only router parameters train. Each step draws one batch per task (round-robin over every task, from shuffled,
-endlessly cycling data) and minimises the mean Shannon entropy of each task's predicted distribution, over what
-the family's task stream (`Backbone.task_stream`) says: a task's classes, or a T5's first decoded token.
-Runs unchanged on several processes (DDP): every process takes an equal share of each global batch.
+endlessly cycling data) and minimises the objective's loss (`wemoe.streams`): the paper's mean Shannon entropy of
+each task's predicted distribution, over what the family's task stream (`Backbone.task_stream`) says (a task's
+classes, or a T5's first decoded token), or the task-routing loss, which pulls each input's routing weights toward
+its own task's expert. Runs unchanged on several processes (DDP): every process takes an equal share of each global
+batch.
 """
 
 import contextlib
@@ -30,14 +32,23 @@ from .data import data_inputs, load_task_datasets, with_corruption
 from .model_card import model_index_of, render_model_card, set_model_index
 from .outputs import OutputError, check_output_target, push_folder, staged_output, write_file_atomically
 from .recipe import RECIPE_FILE, MergeRecipe, artifact_recipe, recipe_file_text
-from .streams import DEFAULT_OBJECTIVE, OBJECTIVES, TaskStream, entropy_loss
+from .streams import (
+    DEFAULT_OBJECTIVE,
+    ENTROPY_OBJECTIVES,
+    OBJECTIVES,
+    TASK_ROUTING,
+    AdaptationLoss,
+    TaskStream,
+    adaptation_loss,
+    check_entropy_weight,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 STEP_FILE = "wemoe_tta_step.json"
-# The adapted model's card reports its entropy as the mean over this many last steps (one step's is noisy).
-FINAL_ENTROPY_STEPS = 10
+# The adapted model's card reports its final loss as the mean over this many last steps (one step's is noisy).
+FINAL_LOSS_STEPS = 10
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -107,19 +118,21 @@ def adapt(
     keep_checkpoints: int | None = None,
     trainable: Callable[[str], bool] = is_router_parameter,
     run_settings: Mapping | None = None,
-    entropy_log: list[float] | None = None,
+    loss_log: list[float] | None = None,
+    loss: AdaptationLoss | None = None,
 ):
-    """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) by
-    entropy minimisation.
+    """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) to
+    minimise `loss` (default: the paper's entropy; `wemoe.streams.adaptation_loss`).
 
     Returns the unwrapped model. With `checkpoint_dir`, the routers, optimizer and RNG state are saved every
     `checkpointing_steps` and at the end; `resume` continues from the latest such checkpoint and ends with the
     same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
-    `run_settings` (batch size, data, ...); resuming with other values is refused. `entropy_log`, if given, receives
-    each step's mean entropy. With `keep_checkpoints`, only that many of the newest checkpoints stay on disk (the one
+    `run_settings` (batch size, data, ...); resuming with other values is refused. `loss_log`, if given, receives
+    each step's mean loss. With `keep_checkpoints`, only that many of the newest checkpoints stay on disk (the one
     resumed from included): older ones are deleted as new ones are complete.
     """
     run = {"lr": lr, "seed": seed, **(run_settings or {})}
+    loss = loss or adaptation_loss()
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
     set_seed(seed)
     for name, parameter in model.named_parameters():
@@ -161,7 +174,7 @@ def adapt(
         unit="step",
         disable=not accelerator.is_local_main_process,
     )
-    step_entropy = float("nan")
+    step_mean = float("nan")
     for step in progress:
         step_loss = torch.zeros((), device=accelerator.device)
         for task_index, stream in enumerate(tasks.values()):
@@ -170,19 +183,19 @@ def adapt(
             # One backward per task keeps one task's graph in memory; gradients are synchronised once per step.
             with accelerator.no_sync(model) if not last_task else contextlib.nullcontext():
                 with accelerator.autocast():
-                    logits = stream.logits(model, {key: value.to(accelerator.device) for key, value in inputs.items()})
-                    loss = entropy_loss(logits) / len(tasks)
-                accelerator.backward(loss)
-            step_loss += loss.detach()
+                    inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
+                    task_loss = loss(stream, model, inputs) / len(tasks)
+                accelerator.backward(task_loss)
+            step_loss += task_loss.detach()
         optimizer.step()
         optimizer.zero_grad()
-        # Each process saw its share of every batch: the mean over processes is the whole batch's entropy.
-        step_entropy = accelerator.reduce(step_loss, reduction="mean").item()
-        progress.set_postfix(entropy=f"{step_entropy:.4f}")
-        if entropy_log is not None:
-            entropy_log.append(step_entropy)
+        # Each process saw its share of every batch: the mean over processes is the whole batch's loss.
+        step_mean = accelerator.reduce(step_loss, reduction="mean").item()
+        progress.set_postfix({loss.name: f"{step_mean:.4f}"})
+        if loss_log is not None:
+            loss_log.append(step_mean)
         if report_to:
-            accelerator.log({"entropy": step_entropy}, step=step + 1)
+            accelerator.log({loss.name: step_mean}, step=step + 1)
         if checkpoint_dir is not None and (
             step + 1 == steps or (checkpointing_steps and (step + 1) % checkpointing_steps == 0)
         ):
@@ -191,10 +204,11 @@ def adapt(
         accelerator.end_training()
     if accelerator.is_main_process:
         logger.info(
-            "Adapted for %d steps on %d process(es); mean entropy at the last step %.6f",
+            "Adapted for %d steps on %d process(es); mean %s at the last step %.6f",
             steps,
             accelerator.num_processes,
-            step_entropy,
+            loss.name,
+            step_mean,
         )
     return accelerator.unwrap_model(model)
 
@@ -239,10 +253,10 @@ def task_streams(
     objective: str = DEFAULT_OBJECTIVE,
 ) -> dict[str, TaskStream]:
     """A stream per task of `load_task_datasets`' result, as the family turns its data into model inputs; its logits
-    are those of the adaptation `objective` (checked with `check_objective`; only a family that offers another than
-    the default is passed it)."""
+    are those of the adaptation `objective` (checked with `check_objective`; only a family that offers another entropy
+    than the default is passed it: the task-routing objective's entropy term is the default's)."""
     check_objective(backbone, objective)
-    extra = {} if objective == DEFAULT_OBJECTIVE else {"objective": objective}
+    extra = {"objective": objective} if objective in ENTROPY_OBJECTIVES[1:] else {}
     return {
         task: backbone.task_stream(dataset, spec, processor, batch_size, task, (task_labels or {}).get(task), **extra)
         for task, (dataset, spec) in datasets.items()
@@ -278,6 +292,7 @@ def adapt_artifact(
     keep_checkpoints: int | None = None,
     corruption: Corruption | None = None,
     objective: str = DEFAULT_OBJECTIVE,
+    entropy_weight: float = 0.0,
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `wemoe.outputs`), its card and
@@ -289,8 +304,10 @@ def adapt_artifact(
     `keep_checkpoints`: see `adapt`. `corruption` corrupts every task's images (`wemoe.corruptions`); the run
     records it with the data. `objective` (`wemoe.streams.OBJECTIVES`): the paper's entropy over each task's classes
     or label words (default), or, for T5, over the label words plus one bin for every other token
-    (`"label-words-and-rest"`); recorded with the run."""
+    (`"label-words-and-rest"`), or `"task-routing"`, which pulls each input's routing weights toward its own task's
+    expert, plus `entropy_weight` times the paper's entropy; recorded with the run."""
     check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
+    check_entropy_weight(objective, entropy_weight)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
     inputs = [model_dir, *data_inputs(data), checkpoint_dir]
     check_output_target(Path(output), overwrite, [path for path in inputs if Path(path).exists()])
@@ -306,10 +323,12 @@ def adapt_artifact(
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
     if objective != DEFAULT_OBJECTIVE:  # recorded only when not the default: older checkpoints still resume
         run_settings["objective"] = objective
+    if objective == TASK_ROUTING:
+        run_settings["entropy_weight"] = entropy_weight
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
     recipe = source_recipe(model_dir)
-    entropies: list[float] = []
+    losses: list[float] = []
     with contextlib.ExitStack() as stack:
         staging = lock_output_on_main_process(stack, accelerator, output, overwrite, inputs)
         model = load_artifact_model(model_dir)
@@ -327,11 +346,14 @@ def adapt_artifact(
             report_to=report_to,
             accelerator=accelerator,
             run_settings=run_settings,
-            entropy_log=entropies,
+            loss_log=losses,
             keep_checkpoints=keep_checkpoints,
+            loss=adaptation_loss(objective, model.config, entropy_weight),
         )
         if accelerator.is_main_process:
-            record = adaptation_record(model_dir, datasets, steps, lr, batch_size, seed, entropies, objective)
+            record = adaptation_record(
+                model_dir, datasets, steps, lr, batch_size, seed, losses, objective, entropy_weight
+            )
             files = adapted_files(model_dir, recipe, record, model, backbone, push_to_hub)
             write_artifact(model, staging, processor, extra_files=files)
     accelerator.wait_for_everyone()
@@ -354,13 +376,16 @@ def adaptation_record(
     lr: float,
     batch_size: int,
     seed: int,
-    entropies: list[float],
+    losses: list[float],
     objective: str = DEFAULT_OBJECTIVE,
+    entropy_weight: float = 0.0,
 ) -> dict:
     """What the adapted artifact says about its run: which model it adapted (the name its card gives it, under which
-    its results are filed), the settings, the data, and where the entropy ended."""
-    last = entropies[-FINAL_ENTROPY_STEPS:]
+    its results are filed), the settings, the data, and where the loss ended (`final_entropy` for the entropy
+    objectives, `final_loss` for task-routing, with its `entropy_weight`)."""
+    last = losses[-FINAL_LOSS_STEPS:]
     source = model_identity(model_dir)
+    final = "final_loss" if objective == TASK_ROUTING else "final_entropy"
     return {
         "adapted_from": model_index_of(Path(model_dir) / "README.md")[0] or source,
         "source": source,
@@ -369,9 +394,10 @@ def adaptation_record(
         "batch_size": batch_size,
         "seed": seed,
         "objective": objective,
+        **({"entropy_weight": entropy_weight} if objective == TASK_ROUTING else {}),
         # None when a resumed run had no step left to take.
-        "final_entropy": sum(last) / len(last) if last else None,
-        "final_entropy_steps": len(last),
+        final: sum(last) / len(last) if last else None,
+        f"{final}_steps": len(last),
         "data": {task: spec.model_dump(mode="json", exclude_none=True) for task, (_, spec) in datasets.items()},
     }
 

@@ -68,7 +68,7 @@ class Backbone:
     architecture_fields: tuple[str, ...] = ()
     tensor_hints: Mapping[str, str] = {}
     card_summary: str = ""
-    objectives: tuple[str, ...] = ("label-words",)
+    objectives: tuple[str, ...] = ("label-words", "task-routing")
 
     # Checkpoints -------------------------------------------------------------------------------------------------
 

@@ -1,17 +1,30 @@
-"""Task data as adaptation sees it: one task's unlabeled samples, batch by batch, as model inputs, and the logits
-whose entropy adaptation minimises. Each backbone family subclasses `TaskStream` (`Backbone.task_stream`)."""
+"""Task data as adaptation sees it: one task's unlabeled samples, batch by batch, as model inputs, and what
+adaptation minimises on them. Each backbone family subclasses `TaskStream` (`Backbone.task_stream`).
+
+The objectives:
+- "label-words" (the paper's): the entropy of the softmax over the task's classes, or, for a text-to-text model, over
+  its label words at the first decoding step.
+- "label-words-and-rest" (text-to-text models only): that softmax with one more bin holding the probability of every
+  other token (the logsumexp of the other logits), so that mass the model puts outside the label words counts too.
+- "task-routing": every routed layer's routing weights pulled toward the expert of the task whose stream the input
+  came from (`task_routing_loss`); optionally plus a weighted entropy term. The data carries that signal unlabeled:
+  each task's inputs arrive as that task's stream. At inference the routers still route each input from its own
+  hidden states, with no task id.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .data import batch_indices
 
-# Test-time adaptation objectives. "label-words" (the paper's, every family's default): the entropy of the softmax over
-# the task's classes, or, for a text-to-text model, over its label words at the first decoding step.
-# "label-words-and-rest" (text-to-text models only): that softmax with one more bin holding the probability of every
-# other token (the logsumexp of the other logits), so that mass the model puts outside the label words counts too.
 DEFAULT_OBJECTIVE = "label-words"
-OBJECTIVES = (DEFAULT_OBJECTIVE, "label-words-and-rest")
+TASK_ROUTING = "task-routing"
+ENTROPY_OBJECTIVES = (DEFAULT_OBJECTIVE, "label-words-and-rest")
+OBJECTIVES = (*ENTROPY_OBJECTIVES, TASK_ROUTING)
 
 
 def label_words_and_rest(logits: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
@@ -29,9 +42,59 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
 
+# A routed layer's routing weights, `(batch, experts)` per sample or `(batch, tokens, experts)` per token, with the
+# `(batch, tokens)` mask of the tokens that count (None: all of them).
+RoutedLayer = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def routed_layers(weights: Sequence[torch.Tensor] | None, mask: torch.Tensor | None = None) -> list[RoutedLayer]:
+    """A model output's routing weights per layer (None: a model that does not route) with the mask of the tokens that
+    count."""
+    return [(layer, mask) for layer in weights or ()]
+
+
+@dataclass
+class StreamOutput:
+    """What a task stream's forward gives adaptation: the logits the entropy is taken over, and, when asked for,
+    every routed layer's routing weights."""
+
+    logits: torch.Tensor
+    routing: list[RoutedLayer]
+
+
+def task_routing_loss(routing: Sequence[RoutedLayer], expert: int | None, normalization: str) -> torch.Tensor:
+    """How far every layer's routing weights are from routing to `expert` (the input's own task's), as the router
+    gives them: raw weights (the paper's routing) are pulled to the one-hot vector, that expert at full strength and
+    the others at 0, by the squared distance; with `expert` None (a task without an expert) to all zeros, the
+    pre-trained base its zero-shot head was built for. Softmax weights (`router.normalization: softmax`) take the
+    cross-entropy to `expert`; they have no slot for the base, so a task without an expert adds nothing. Averaged
+    over samples (or real tokens) and layers."""
+    losses = []
+    for weights, mask in routing:
+        weights = weights.float()
+        if normalization == "softmax":
+            if expert is None:
+                continue
+            per_input = -weights[..., expert].clamp_min(torch.finfo(torch.float32).tiny).log()
+        else:
+            target = torch.zeros(weights.shape[-1], device=weights.device)
+            if expert is not None:
+                target[expert] = 1.0
+            per_input = (weights - target).square().sum(dim=-1)
+        if mask is None or per_input.dim() == 1:
+            losses.append(per_input.mean())
+        else:
+            mask = mask.to(per_input.dtype)
+            losses.append((per_input * mask).sum() / mask.sum().clamp_min(1.0))
+    if not losses:  # zero, but still reaching every router: a process's backward must touch what the others' do
+        return sum(weights.sum() * 0.0 for weights, _ in routing)
+    return torch.stack(losses).mean()
+
+
 class TaskStream:
     """One task's unlabeled samples, served as the batch `batch_indices` picks for each step; a subclass turns rows
-    into model inputs and says which logits adaptation takes the entropy of."""
+    into model inputs (`encode`) and runs the model on them (`outputs`): the logits adaptation takes the entropy of,
+    and, for the task-routing objective, every routed layer's routing weights."""
 
     def __init__(self, dataset, column: str, batch_size: int, task: str):
         if len(dataset) < batch_size:
@@ -50,5 +113,52 @@ class TaskStream:
     def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def outputs(self, model, inputs: dict[str, torch.Tensor], routing: bool = False) -> StreamOutput:
+        """The model's logits on `inputs`, and with `routing` its routing weights per routed layer (a WEMoE model)."""
         raise NotImplementedError
+
+    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.outputs(model, inputs).logits
+
+
+def check_entropy_weight(objective: str, entropy_weight: float) -> None:
+    if not (math.isfinite(entropy_weight) and entropy_weight >= 0):
+        raise ValueError(f"--entropy-weight must be a number >= 0, got {entropy_weight}.")
+    if entropy_weight and objective != TASK_ROUTING:
+        raise ValueError(
+            f"--entropy-weight adds the paper's entropy to the {TASK_ROUTING} objective; the objective {objective} is "
+            "an entropy already."
+        )
+
+
+@dataclass(frozen=True)
+class AdaptationLoss:
+    """What adaptation minimises on one task's batch: `loss(stream, model, inputs)`, and its `name` in logs and
+    records ("entropy" for the entropy objectives)."""
+
+    name: str
+    compute: Callable[[TaskStream, object, dict[str, torch.Tensor]], torch.Tensor]
+
+    def __call__(self, stream: TaskStream, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compute(stream, model, inputs)
+
+
+def adaptation_loss(objective: str = DEFAULT_OBJECTIVE, config=None, entropy_weight: float = 0.0) -> AdaptationLoss:
+    """The loss of `objective`: the entropy of the stream's logits, or, for "task-routing", `task_routing_loss`
+    toward the stream's task's expert in the WEMoE `config` (whose `expert_tasks`, else `tasks`, gives each expert's
+    slot), plus `entropy_weight` times the entropy."""
+    check_entropy_weight(objective, entropy_weight)
+    if objective != TASK_ROUTING:
+        return AdaptationLoss("entropy", lambda stream, model, inputs: entropy_loss(stream.logits(model, inputs)))
+    # Read as artifacts of every release save them: earlier ones name no `expert_tasks` (every task has an expert) and
+    # no `router_normalization` (raw routing).
+    experts = list(getattr(config, "expert_tasks", None) or config.tasks)
+    normalization = getattr(config, "router_normalization", "none")
+
+    def loss(stream: TaskStream, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = stream.outputs(model, inputs, routing=True)
+        expert = experts.index(stream.task) if stream.task in experts else None
+        value = task_routing_loss(output.routing, expert, normalization)
+        return value + entropy_weight * entropy_loss(output.logits) if entropy_weight else value
+
+    return AdaptationLoss(f"{TASK_ROUTING} loss", loss)

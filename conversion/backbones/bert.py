@@ -38,7 +38,7 @@ from ..checkpoints import (
 )
 from ..data import check_tasks_known
 from ..results import EvaluationResults, class_names_of, classification_accuracy, task_model_dirs
-from ..streams import TaskStream
+from ..streams import StreamOutput, TaskStream, routed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,11 @@ class TextClassificationStream(TaskStream):
         texts = [self.prefix + str(value) for value in values]
         return dict(self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
 
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**inputs, task=self.task).logits
+    def outputs(self, model, inputs: dict[str, torch.Tensor], routing: bool = False) -> StreamOutput:
+        extra = {"output_routing_weights": True} if routing else {}
+        output = model(**inputs, task=self.task, **extra)
+        routing_weights = getattr(output, "routing_weights", None)
+        return StreamOutput(output.logits, routed_layers(routing_weights, inputs.get("attention_mask")))
 
 
 class MultiHeadBert(nn.Module):

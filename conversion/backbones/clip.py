@@ -42,7 +42,7 @@ from ..checkpoints import (
 )
 from ..data import check_tasks_known, pixel_values_of
 from ..results import EvaluationResults, class_names_of, classification_accuracy
-from ..streams import TaskStream
+from ..streams import StreamOutput, TaskStream, routed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,10 @@ class ImageTaskStream(TaskStream):
     def encode(self, values: list, rows: list[int]) -> dict[str, torch.Tensor]:
         return {"pixel_values": pixel_values_of(values, rows, self.image_processor, self.task, self.corruption)}
 
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**inputs, task=self.task).logits
+    def outputs(self, model, inputs: dict[str, torch.Tensor], routing: bool = False) -> StreamOutput:
+        extra = {"output_routing_weights": True} if routing else {}
+        output = model(**inputs, task=self.task, **extra)
+        return StreamOutput(output.logits, routed_layers(getattr(output, "routing_weights", None)))
 
 
 def check_merged_from(model: WEMoEForImageClassification, base: CLIPModel, base_source: ModelSource) -> None:

@@ -27,7 +27,7 @@ from ..backbone import Backbone, register_backbone
 from ..checkpoints import ModelSource, load_base_model, load_tokenizer
 from ..data import TaskData, check_tasks_known
 from ..results import EvaluationResults, check_label_names, class_names_of
-from ..streams import DEFAULT_OBJECTIVE, TaskStream, label_words_and_rest
+from ..streams import DEFAULT_OBJECTIVE, StreamOutput, TaskStream, label_words_and_rest, routed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,19 @@ class TextTaskStream(TaskStream):
         encoded = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-    def logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def outputs(self, model, inputs: dict[str, torch.Tensor], routing: bool = False) -> StreamOutput:
+        """The first decoding step's logits; the routing weights of the encoder's layers (over the prompt's real
+        tokens) and of the decoder's at that step."""
         # A WEMoE config keeps T5's fields in `text_config`; a plain T5's are its own.
         start = (getattr(model.config, "text_config", None) or model.config).decoder_start_token_id
         decoder_input_ids = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
-        logits = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits[:, 0]
+        extra = {"output_routing_weights": True} if routing else {}
+        output = model(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False, **extra)
+        layers = routed_layers(getattr(output, "encoder_routing_weights", None), inputs["attention_mask"])
+        layers += routed_layers(getattr(output, "decoder_routing_weights", None))
+        return StreamOutput(self.objective_logits(output.logits[:, 0]), layers)
+
+    def objective_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.label_ids is None:
             return logits
         if self.objective == DEFAULT_OBJECTIVE:
@@ -131,7 +139,7 @@ class T5Backbone(Backbone):
         "lm_head.weight (Flan-T5, T5 v1.1), the other reuses `shared` (original T5). Merge experts fine-tuned from "
         "the same base checkpoint."
     }
-    objectives = ("label-words", "label-words-and-rest")
+    objectives = ("label-words", "label-words-and-rest", "task-routing")
     card_summary = (
         "A multi-task T5 text-to-text model: {n} fine-tuned T5 models merged into one. The encoder routes each prompt "
         "as a whole (its real tokens averaged), the decoder every token or once per prompt (see the router below)."

@@ -27,6 +27,7 @@ examples:
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
+  wemoe-tta ./model data.yaml --output ./adapted --objective task-routing --lr 1e-3 --steps 200
   wemoe-tta ./t5-model data.yaml --output ./adapted --objective label-words-and-rest   # T5: count off-label mass
   wemoe-tta ./model data.yaml --output ./adapted-blur --corruption motion_blur --severity 3   # on corrupted images
   accelerate launch --num_processes 4 -m wemoe.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-tta",
         description="Adapt a WEMoE artifact's routers at test time on unlabeled task data (entropy minimisation, as "
-        "in the paper), on one process or many with accelerate.",
+        "in the paper, or task routing), on one process or many with accelerate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,9 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--objective",
         choices=OBJECTIVES,
         default=DEFAULT_OBJECTIVE,
-        help="What the entropy is taken over: label-words (the paper's, default) is each task's classes, or a T5's "
-        "label words at the first decoding step; label-words-and-rest (T5 only) adds one bin holding the probability "
-        "of every other token, so that mass outside the label words is penalised too.",
+        help="What adaptation minimises. label-words (the paper's, default): the entropy of each task's classes, or "
+        "of a T5's label words at the first decoding step; label-words-and-rest (T5 only) adds one bin holding the "
+        "probability of every other token, so that mass outside the label words is penalised too. task-routing: "
+        "every layer's routing weights pulled toward the expert of the task whose data the input came from (raw "
+        "routing: that expert at 1, the others at 0, and an expert-less task's inputs at 0, the base; softmax routing: "
+        "cross-entropy to that expert); at inference the routers still route each input on their own.",
+    )
+    parser.add_argument(
+        "--entropy-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="With --objective task-routing: add W times the paper's entropy to the loss (default: 0).",
     )
     parser.add_argument(
         "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
