@@ -78,6 +78,7 @@ from accuracy_common import (
 )
 from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
 from PIL import Image, ImageDraw, ImageFont
+from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
 from wemoe import default_image_processor
@@ -527,23 +528,42 @@ def check_regime(checkpoints: dict[str, Path], tasks: TasksFile, cache: Path, st
 
 # ----------------------------------------------------------------------------------------------------- the runs
 ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
-ADAPTED_ROWS = ("WEMoE", "E-WEMoE keep=0.1")
+# Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 250, 500))
+TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 
 
-def methods(lambda_star: float) -> dict[str, dict]:
-    """Row -> the recipe fields it sets."""
+def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
+    """Row -> the recipe fields it sets, and how it adapts: the paper's entropy minimisation (`PAPER`, and
+    AdaMerging's training), task routing (`TASK_ROUTING`), or not at all (None)."""
 
     def task_arithmetic(scaling: float) -> dict:
         return {"variant": "static", "static_merge": {"method": "task_arithmetic", "scaling": scaling}}
 
+    softmax = {"router": {"hidden_layers": 2, "init_lambda": 0.3, "normalization": "softmax"}}
     return {
-        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": task_arithmetic(lambda_star),
-        "task arithmetic (lambda 0.3)": task_arithmetic(0.3),
-        "TIES": {"variant": "static", "static_merge": {"method": "ties", "scaling": 0.3, "density": 0.2}},
-        "AdaMerging (layer-wise)": {"variant": "static", "static_merge": {"method": "adamerging"}},
-        "WEMoE": {"variant": "wemoe"},
-        "E-WEMoE keep=0.1": {"variant": "e-wemoe", "keep": 0.1},
-    }
+        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": (task_arithmetic(lambda_star), None),
+        "task arithmetic (lambda 0.3)": (task_arithmetic(0.3), None),
+        "TIES": ({"variant": "static", "static_merge": {"method": "ties", "scaling": 0.3, "density": 0.2}}, None),
+        "AdaMerging (layer-wise)": ({"variant": "static", "static_merge": {"method": "adamerging"}}, PAPER),
+        "WEMoE": ({"variant": "wemoe"}, PAPER),
+        "E-WEMoE keep=0.1": ({"variant": "e-wemoe", "keep": 0.1}, PAPER),
+        "WEMoE, task routing": ({"variant": "wemoe"}, TASK_ROUTING),
+        "WEMoE, task routing, softmax routing": ({"variant": "wemoe", **softmax}, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing": ({"variant": "e-wemoe", "keep": 0.1}, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing, softmax routing": ({"variant": "e-wemoe", "keep": 0.1, **softmax},
+                                                            TASK_ROUTING),
+    }  # fmt: skip
+
+
+ADAPTED_ROWS = tuple(row for row, (fields, adapts) in methods(0.3).items() if fields["variant"] != "static")
+
+
+def row_adaptations(cache: Path, tasks: TasksFile, scale: Scale, seed: int) -> RowAdaptations:
+    """How each row adapts (`methods`): the paper's setting, or task routing's, chosen on the validation splits."""
+    grid = TINY_TASK_ROUTING_GRID if scale is TINY else TASK_ROUTING_GRID
+    paper = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=scale.tta_lr, seed=seed)
+    return RowAdaptations(cache, data_config(tasks, "validation"), grid, paper)
 
 
 def recipe(checkpoints: dict[str, Path], tasks: TasksFile, names: list[str], fields: dict) -> dict:
@@ -582,9 +602,10 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, lam
             "parameters": (0, None),
         },
     }
-    adaptation = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=scale.tta_lr, seed=seed)
-    for method, fields in methods(lambda_star).items():
-        scored = convert_and_adapt(cache, method, recipe(checkpoints, tasks, names, fields), data_yaml, adaptation)
+    adaptation = row_adaptations(cache, tasks, scale, seed)
+    for method, (fields, adapts) in methods(lambda_star).items():
+        row_recipe = recipe(checkpoints, tasks, names, fields)
+        scored = convert_and_adapt(cache, method, row_recipe, data_yaml, adaptation(method, row_recipe, adapts))
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(names)),
                            "model": str(scored)}  # fmt: skip
@@ -630,11 +651,15 @@ SEVERITY = 3
 def unseen_tasks(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, held_out: list[str],
                  seed: int) -> dict:  # fmt: skip
     """Every method merged from all but the `held_out` experts, scored on the held-out tasks: those are tasks without
-    an expert (a zero-shot head only); adaptation and AdaMerging see the merged tasks' inputs only (the paper's)."""
+    an expert (a zero-shot head only). The paper's adaptation and AdaMerging see the merged tasks' inputs only (the
+    paper's protocol); task routing also sees the held-out tasks' unlabeled inputs, which it routes to the base, the
+    model their zero-shot heads were built for, with the learning rate and steps chosen for the main table."""
+    adaptation = row_adaptations(cache, tasks, scale, seed)
     merged = [task for task in tasks.tasks if task not in held_out]
     cache = cache / "unseen"
     cache.mkdir(parents=True, exist_ok=True)
-    adaptation_data = write_yaml(data_config(tasks, "test", merged), cache / "data.yaml")
+    merged_data = write_yaml(data_config(tasks, "test", merged), cache / "data.yaml")
+    every_task_data = write_yaml(data_config(tasks, "test"), cache / "data_every_task.yaml")
     held_out_data = write_yaml(data_config(tasks, "test", held_out), cache / "data_unseen.yaml")
     choice = choose_on_validation(
         LAMBDAS, lambda scaling: task_arithmetic_validation(checkpoints, tasks, scaling, merged),
@@ -644,11 +669,12 @@ def unseen_tasks(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sc
         "scores": evaluate_dir(checkpoints["base"], held_out_data, cache / "eval" / "pretrained.json"),
         "parameters": (0, None),
     }}  # fmt: skip
-    adaptation = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=scale.tta_lr, seed=seed)
-    for method, fields in methods(choice["lambda"]).items():
+    for method, (fields, adapts) in methods(choice["lambda"]).items():
         task_recipe = recipe(checkpoints, tasks, merged, fields)
         task_recipe["tasks"] += [{"name": task, "dataset": recipe_dataset(tasks, task)} for task in held_out]
-        scored = convert_and_adapt(cache, method, task_recipe, adaptation_data, adaptation)
+        data = every_task_data if adapts == TASK_ROUTING else merged_data
+        full_recipe = recipe(checkpoints, tasks, list(tasks.tasks), fields)
+        scored = convert_and_adapt(cache, method, task_recipe, data, adaptation(method, full_recipe, adapts))
         scores = evaluate_dir(scored, held_out_data, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(merged)),
                            "model": str(scored)}  # fmt: skip
@@ -732,9 +758,13 @@ def main(argv: list[str] | None = None) -> dict:
     regime = check_regime(checkpoints, tasks, args.cache, strict=not args.tiny)
     results = run_methods(args.cache, checkpoints, tasks, regime["task_arithmetic"]["lambda"], scale, args.seed)
     table = write_results(results, names, args.results, "accuracy")
+    validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
+    excluded = ("pre-trained (zero-shot)", ORACLE_ROW)
+    recommended = recommend("accuracy", results, validation, args.cache, args.results, excluded)
     report = diagnostics(checkpoints, tasks, results, args.results)
     (args.results / "accuracy_regime.json").write_text(json.dumps(regime, indent=2))
     print(table)
+    print(recommended_line(recommended))
     print("\nthe regime on validation (checked before any merge is scored):")
     print(regime_table(regime, names))
     print("\nrouting accuracy (share of test samples whose largest routing weight is their own task's expert):")
@@ -744,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         print(generalization(args.cache, checkpoints, tasks, results, scale, args.results, args.seed))
         print(f"\ngeneralization tables: {time.perf_counter() - start:.0f} s")
-    return {"results": results, "regime": regime, "diagnostics": report}
+    return {"results": results, "regime": regime, "diagnostics": report, "recommended": recommended}
 
 
 def add_arguments(parser) -> None:

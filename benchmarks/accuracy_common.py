@@ -40,6 +40,10 @@ class Adaptation:
     tta_args: tuple[str, ...] = ()  # more `wemoe-tta` options (e.g. `--objective ...`); AdaMerging ignores them
 
 
+# The task-routing objective's `wemoe-tta` options (its learning rate and steps are chosen on validation).
+TASK_ROUTING_ARGS = ("--objective", "task-routing")
+
+
 def train(
     model: torch.nn.Module,
     dataset,
@@ -105,9 +109,7 @@ def convert_and_adapt(cache: Path, method: str, recipe: dict, data_yaml: Path, a
         recipe = {**recipe, "static_merge": {"method": "adamerging", "data": str(data_yaml), "steps": adaptation.steps,
                                              "lr": adaptation.lr, "batch_size": adaptation.batch_size,
                                              "seed": adaptation.seed}}  # fmt: skip
-    converted = cache / "models" / slug
-    if not converted.is_dir():
-        wemoe_convert([str(write_yaml(recipe, cache / f"recipe_{slug}.yaml")), str(converted)])
+    converted = converted_model(cache, method, recipe)
     if recipe.get("variant") == "static":
         return converted
     adapted = cache / "models" / f"{slug}_tta"
@@ -117,6 +119,15 @@ def convert_and_adapt(cache: Path, method: str, recipe: dict, data_yaml: Path, a
                    str(adaptation.seed), "--checkpointing-steps", str(max(1, adaptation.steps // 3)),
                    *adaptation.tta_args])  # fmt: skip
     return adapted
+
+
+def converted_model(cache: Path, method: str, recipe: dict) -> Path:
+    """`wemoe-convert` of a method's recipe, cached under `cache/models`."""
+    slug = method_slug(method)
+    converted = cache / "models" / slug
+    if not converted.is_dir():
+        wemoe_convert([str(write_yaml(recipe, cache / f"recipe_{slug}.yaml")), str(converted)])
+    return converted
 
 
 def results_table(results: dict, tasks: list[str]) -> str:

@@ -74,6 +74,7 @@ from accuracy_common import (
     write_yaml,
 )
 from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
+from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from text_tasks import DEFAULT_TASKS, build_tasks
 from transformers import (
     AutoTokenizer,
@@ -469,10 +470,10 @@ def build_checkpoints(cache: Path, tasks: TasksFile, scale: Scale, seed: int) ->
 
 # ----------------------------------------------------------------------------------------------------- the runs
 PAPER_TTA_LR = 1e-4
-REST_OBJECTIVE = "label-words-and-rest"
-REST_ROW = f"WEMoE, objective {REST_OBJECTIVE} (option)"
+# Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 200, 400))
+TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 PROMPT_ROUTING = {"decoder_routing": "prompt"}
-PROMPT_ROWS = ("WEMoE, decoder routed per prompt (option)", "E-WEMoE keep=0.1, decoder routed per prompt (option)")
 ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 EVAL_ARGS = ("--max-new-tokens", "4", "--batch-size", "64")
 
@@ -492,23 +493,33 @@ def choose_lambda(checkpoints: dict[str, Path], tasks: TasksFile, output: Path) 
     return choose_on_validation(LAMBDAS, validation_average, output)
 
 
-def methods(lambda_star: float) -> dict[str, tuple[dict, tuple[str, ...]]]:
-    """Row -> the recipe fields it sets and the extra `wemoe-tta` options of its adaptation."""
+def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
+    """Row -> the recipe fields it sets, and how it adapts: the paper's entropy minimisation (`PAPER`, and
+    AdaMerging's training), task routing (`TASK_ROUTING`), or not at all (None)."""
 
     def task_arithmetic(scaling: float) -> dict:
         return {"variant": "static", "static_merge": {"method": "task_arithmetic", "scaling": scaling}}
 
+    softmax, e_wemoe = {"normalization": "softmax"}, {"variant": "e-wemoe", "keep": 0.1}
     return {
-        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": (task_arithmetic(lambda_star), ()),
-        "task arithmetic (lambda 0.3)": (task_arithmetic(0.3), ()),
-        "TIES": ({"variant": "static", "static_merge": {"method": "ties", "scaling": 0.3, "density": 0.2}}, ()),
-        "AdaMerging (layer-wise)": ({"variant": "static", "static_merge": {"method": "adamerging"}}, ()),
-        "WEMoE": ({"variant": "wemoe"}, ()),
-        "E-WEMoE keep=0.1": ({"variant": "e-wemoe", "keep": 0.1}, ()),
-        REST_ROW: ({"variant": "wemoe"}, ("--objective", REST_OBJECTIVE)),
-        PROMPT_ROWS[0]: ({"variant": "wemoe", "router": PROMPT_ROUTING}, ()),
-        PROMPT_ROWS[1]: ({"variant": "e-wemoe", "keep": 0.1, "router": PROMPT_ROUTING}, ()),
-    }
+        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": (task_arithmetic(lambda_star), None),
+        "task arithmetic (lambda 0.3)": (task_arithmetic(0.3), None),
+        "TIES": ({"variant": "static", "static_merge": {"method": "ties", "scaling": 0.3, "density": 0.2}}, None),
+        "AdaMerging (layer-wise)": ({"variant": "static", "static_merge": {"method": "adamerging"}}, PAPER),
+        "WEMoE": ({"variant": "wemoe"}, PAPER),
+        "E-WEMoE keep=0.1": (e_wemoe, PAPER),
+        "WEMoE, task routing": ({"variant": "wemoe"}, TASK_ROUTING),
+        "WEMoE, task routing, softmax routing": ({"variant": "wemoe", "router": softmax}, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing": (e_wemoe, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing, softmax routing": ({**e_wemoe, "router": softmax}, TASK_ROUTING),
+        "WEMoE, task routing, decoder routed per prompt": ({"variant": "wemoe", "router": PROMPT_ROUTING},
+                                                           TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing, decoder routed per prompt": ({**e_wemoe, "router": PROMPT_ROUTING},
+                                                                      TASK_ROUTING),
+    }  # fmt: skip
+
+
+ADAPTED_ROWS = tuple(row for row, (fields, adapts) in methods(0.3).items() if fields["variant"] != "static")
 
 
 def recipe(checkpoints: dict[str, Path], tasks: TasksFile, router: dict | None = None, **fields) -> dict:
@@ -560,10 +571,13 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
         },
     }
     choice = choose_lambda(checkpoints, tasks, cache / "eval" / "lambda_on_validation.json")
-    for method, (fields, tta_args) in methods(choice["lambda"]).items():
-        adaptation = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=PAPER_TTA_LR, seed=seed, tta_args=tta_args)
+    grid = TINY_TASK_ROUTING_GRID if scale is TINY else TASK_ROUTING_GRID
+    paper = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=PAPER_TTA_LR, seed=seed)
+    adaptation = RowAdaptations(cache, data_config(tasks, "validation"), grid, paper)
+    for method, (fields, adapts) in methods(choice["lambda"]).items():
         started = time.perf_counter()
-        scored = convert_and_adapt(cache, method, recipe(checkpoints, tasks, **fields), data_yaml, adaptation)
+        row_recipe = recipe(checkpoints, tasks, **fields)
+        scored = convert_and_adapt(cache, method, row_recipe, data_yaml, adaptation(method, row_recipe, adapts))
         seconds = time.perf_counter() - started  # conversion and adaptation (0 when cached)
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json", EVAL_ARGS)
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(tasks.tasks)),
@@ -598,8 +612,7 @@ def t5_task_vector_norms(checkpoints: dict[str, Path], tasks: TasksFile) -> dict
 def diagnostics(checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy per encoder layer before and after adaptation, the routing and norm plots, and the
     adaptation curves (validation entropy over the label words, and accuracy)."""
-    methods_adapted = ("WEMoE", "E-WEMoE keep=0.1", REST_ROW, *PROMPT_ROWS)
-    adapted = {method: Path(results[method]["model"]) for method in methods_adapted}
+    adapted = {method: Path(results[method]["model"]) for method in ADAPTED_ROWS}
     norms = t5_task_vector_norms(checkpoints, tasks)
     return write_diagnostics(adapted, data_config(tasks, "test"), data_config(tasks, "validation"), norms, output,
                              "accuracy_t5", "encoder routing weight")  # fmt: skip
@@ -620,9 +633,13 @@ def main(argv: list[str] | None = None) -> dict:
     choice = results.pop("task arithmetic lambda choice")
     names = list(tasks.tasks)
     table = write_results(results, names, args.results, "accuracy_t5")
+    validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
+    recommended = recommend("accuracy_t5", results, validation, args.cache, args.results, ("pre-trained", ORACLE_ROW),
+                            EVAL_ARGS)  # fmt: skip
     report = diagnostics(checkpoints, tasks, results, args.results)
     (args.results / "accuracy_t5_experts.json").write_text(json.dumps({**experts, "lambda": choice}, indent=2))
     print(table)
+    print(recommended_line(recommended))
     print("\nexperts on validation (first-token accuracy) vs the majority class:")
     for name in names:
         print(f"  {name}: {100 * experts[name]['full']:.1f} vs {100 * experts[name]['majority']:.1f}")
@@ -631,7 +648,8 @@ def main(argv: list[str] | None = None) -> dict:
           "task's expert; the rows routing the decoder per prompt add its layers after the encoder's):")  # fmt: skip
     print(routing_table(report, names))
     print(f"\n{'tiny' if args.tiny else 'full'} run: {time.perf_counter() - start:.0f} s; results in {args.results}")
-    return {"results": results, "experts": experts, "lambda": choice, "diagnostics": report}
+    return {"results": results, "experts": experts, "lambda": choice, "diagnostics": report,
+            "recommended": recommended}  # fmt: skip
 
 
 def add_tasks_argument(parser) -> None:

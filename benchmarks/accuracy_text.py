@@ -55,6 +55,7 @@ from accuracy_common import (
     write_yaml,
 )
 from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
+from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
@@ -198,36 +199,38 @@ def choose_lambda(checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, 
 
 
 PAPER_TTA_LR = 1e-4
-# An option next to the paper's method, from the diagnostics of the paper's own setting run at lr 1e-3: the routers
-# then find each sample's own expert (routing accuracy 0.6-0.96 per layer) yet the accuracy falls, because with raw
-# routing weights entropy minimisation also inflates the task vectors' total scale. Softmax routing
-# (`router.normalization: softmax`, see WEMoEConfig) takes that freedom away; lr 1e-3 lets the few CPU steps move it.
-OPTION_TTA_LR = 1e-3
-OPTION_ROW = f"WEMoE, softmax routing, lr {OPTION_TTA_LR:g} (option)"
+# Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(50, 100, 150))
+TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
+ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 
 
-def methods(lambda_star: float, scale: Scale) -> dict[str, tuple[str, dict, float]]:
-    """Row -> the experts it merges ("full" fine-tunes or "lora" adapters), the recipe fields it sets, and the
-    learning rate of its test-time adaptation (and AdaMerging)."""
+def methods(lambda_star: float, scale: Scale) -> dict[str, tuple[str, dict, str | None]]:
+    """Row -> the experts it merges ("full" fine-tunes or "lora" adapters), the recipe fields it sets, and how it
+    adapts: the paper's entropy minimisation (`PAPER`, and AdaMerging's training), task routing (`TASK_ROUTING`), or
+    not at all (None)."""
 
     def task_arithmetic(scaling: float) -> dict:
         return {"variant": "static", "static_merge": {"method": "task_arithmetic", "scaling": scaling}}
 
+    softmax = {"router": {"normalization": "softmax"}}
+    lowrank = {"variant": "wemoe", "expert_format": "lowrank", "rank": scale.lowrank_rank}
+    lora = {"variant": "wemoe", "expert_format": "lowrank", "rank": LORA_RANK}
     return {
-        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": ("full", task_arithmetic(lambda_star),
-                                                                             PAPER_TTA_LR),
-        "task arithmetic (lambda 0.3)": ("full", task_arithmetic(0.3), PAPER_TTA_LR),
+        f"task arithmetic (lambda {lambda_star:g}, chosen on validation)": ("full", task_arithmetic(lambda_star), None),
+        "task arithmetic (lambda 0.3)": ("full", task_arithmetic(0.3), None),
         "TIES": ("full", {"variant": "static", "static_merge": {"method": "ties", "scaling": 0.3, "density": 0.2}},
-                 PAPER_TTA_LR),
-        "AdaMerging (layer-wise)": ("full", {"variant": "static", "static_merge": {"method": "adamerging"}},
-                                    PAPER_TTA_LR),
-        "WEMoE": ("full", {"variant": "wemoe"}, PAPER_TTA_LR),
-        "E-WEMoE keep=0.1": ("full", {"variant": "e-wemoe", "keep": 0.1}, PAPER_TTA_LR),
-        f"WEMoE low-rank r={scale.lowrank_rank}": ("full", {"variant": "wemoe", "expert_format": "lowrank",
-                                                             "rank": scale.lowrank_rank}, PAPER_TTA_LR),
-        f"WEMoE, LoRA experts (r={LORA_RANK})": ("lora", {"variant": "wemoe", "expert_format": "lowrank",
-                                                          "rank": LORA_RANK}, PAPER_TTA_LR),
-        OPTION_ROW: ("full", {"variant": "wemoe", "router": {"normalization": "softmax"}}, OPTION_TTA_LR),
+                 None),
+        "AdaMerging (layer-wise)": ("full", {"variant": "static", "static_merge": {"method": "adamerging"}}, PAPER),
+        "WEMoE": ("full", {"variant": "wemoe"}, PAPER),
+        "E-WEMoE keep=0.1": ("full", {"variant": "e-wemoe", "keep": 0.1}, PAPER),
+        "WEMoE, task routing": ("full", {"variant": "wemoe"}, TASK_ROUTING),
+        "WEMoE, task routing, softmax routing": ("full", {"variant": "wemoe", **softmax}, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing": ("full", {"variant": "e-wemoe", "keep": 0.1}, TASK_ROUTING),
+        "E-WEMoE keep=0.1, task routing, softmax routing": ("full", {"variant": "e-wemoe", "keep": 0.1, **softmax},
+                                                             TASK_ROUTING),
+        f"WEMoE low-rank r={scale.lowrank_rank}, task routing": ("full", lowrank, TASK_ROUTING),
+        f"WEMoE, LoRA experts (r={LORA_RANK}), task routing": ("lora", lora, TASK_ROUTING),
     }  # fmt: skip
 
 
@@ -249,6 +252,9 @@ def test_data(tasks: TasksFile) -> dict:
 
 def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, seed: int) -> dict:
     data_yaml = write_yaml(test_data(tasks), cache / "data.yaml")
+    grid = TINY_TASK_ROUTING_GRID if scale is TINY else TASK_ROUTING_GRID
+    paper = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=PAPER_TTA_LR, seed=seed)
+    adaptation = RowAdaptations(cache, data_config(tasks, "validation"), grid, paper)
     results = {
         method: {
             "scores": score_each_alone({t: checkpoints[f"{kind}/{t}"] for t in tasks.tasks}, tasks, cache, kind),
@@ -257,14 +263,14 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
         for method, kind in (("individual fine-tunes", "full"), ("individual LoRA fine-tunes", "lora_merged"))
     }
     choice = choose_lambda(checkpoints, tasks, scale, cache / "eval" / "lambda_on_validation.json")
-    for method, (kind, fields, lr) in methods(choice["lambda"], scale).items():
-        adaptation = Adaptation(scale.tta_steps, scale.tta_batch_size, lr=lr, seed=seed)
-        scored = convert_and_adapt(cache, method, recipe(checkpoints, tasks, kind, **fields), data_yaml, adaptation)
+    for method, (kind, fields, adapts) in methods(choice["lambda"], scale).items():
+        row_recipe = recipe(checkpoints, tasks, kind, **fields)
+        scored = convert_and_adapt(cache, method, row_recipe, data_yaml, adaptation(method, row_recipe, adapts))
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {
             "scores": scores, "parameters": count_parameters(scored, method, len(tasks.tasks)), "model": str(scored)
         }  # fmt: skip
-    results["WEMoE, oracle routing (diagnostic)"] = oracle_row(cache, tasks)
+    results[ORACLE_ROW] = oracle_row(cache, tasks)
     return results
 
 
@@ -276,11 +282,13 @@ def oracle_row(cache: Path, tasks: TasksFile) -> dict:
 
 # ------------------------------------------------------------------------------------------------- diagnostics
 BLOCKS = {"feed-forward": ("intermediate.", "output."), "attention": ("attention.",)}  # within a layer
+ADAPTED_ROWS = ("WEMoE", "E-WEMoE keep=0.1", "WEMoE, task routing", "WEMoE, task routing, softmax routing",
+                "E-WEMoE keep=0.1, task routing", "E-WEMoE keep=0.1, task routing, softmax routing")  # fmt: skip
 
 
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
     """Routing accuracy before and after adaptation, the routing and norm plots, and the adaptation curves."""
-    adapted = {method: Path(results[method]["model"]) for method in ("WEMoE", OPTION_ROW, "E-WEMoE keep=0.1")}
+    adapted = {method: Path(results[method]["model"]) for method in ADAPTED_ROWS}
     base = BertForSequenceClassification.from_pretrained(checkpoints["base"]).bert.state_dict()
     experts = [BertForSequenceClassification.from_pretrained(checkpoints[f"full/{name}"]).bert.state_dict()
                for name in tasks.tasks]  # fmt: skip
@@ -305,13 +313,16 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_methods(args.cache, checkpoints, tasks, scale, args.seed)
     names = list(tasks.tasks)
     table = write_results(results, names, args.results, "accuracy_text")
+    validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
+    recommended = recommend("accuracy_text", results, validation, args.cache, args.results, (ORACLE_ROW,))
     report = diagnostics(args.cache, checkpoints, tasks, results, args.results)
     (args.results / "accuracy_text_experts.json").write_text(json.dumps(experts, indent=2))
     print(table)
+    print(recommended_line(recommended))
     print("\nrouting accuracy (share of test samples whose largest routing weight is their own task's expert):")
     print(routing_table(report, names))
     print(f"\n{'tiny' if args.tiny else 'full'} run: {time.perf_counter() - start:.0f} s; results in {args.results}")
-    return {"results": results, "experts": experts, "diagnostics": report}
+    return {"results": results, "experts": experts, "diagnostics": report, "recommended": recommended}
 
 
 def add_tasks_argument(parser) -> None:

@@ -137,6 +137,7 @@ def adapt(
     set_seed(seed)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(trainable(name))
+    gradients_through_experts(model, loss.through_experts)
     model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model, optimizer = accelerator.prepare(model, optimizer)  # places the model on the process's device
@@ -202,6 +203,7 @@ def adapt(
             save_checkpoint(step + 1)
     if report_to:
         accelerator.end_training()
+    gradients_through_experts(accelerator.unwrap_model(model), True)
     if accelerator.is_main_process:
         logger.info(
             "Adapted for %d steps on %d process(es); mean %s at the last step %.6f",
@@ -211,6 +213,14 @@ def adapt(
             step_mean,
         )
     return accelerator.unwrap_model(model)
+
+
+def gradients_through_experts(model, enabled: bool) -> None:
+    """Let (or stop) gradients reach the routers through the experts, where the model can say: artifacts saved by
+    earlier releases, and the static models AdaMerging trains, always pass them."""
+    route = getattr(model, "route_gradients_through_experts", None)
+    if route is not None:
+        route(enabled)
 
 
 def load_task_streams(

@@ -133,11 +133,14 @@ def check_entropy_weight(objective: str, entropy_weight: float) -> None:
 
 @dataclass(frozen=True)
 class AdaptationLoss:
-    """What adaptation minimises on one task's batch: `loss(stream, model, inputs)`, and its `name` in logs and
-    records ("entropy" for the entropy objectives)."""
+    """What adaptation minimises on one task's batch: `loss(stream, model, inputs)`, its `name` in logs and records
+    ("entropy" for the entropy objectives), and whether its gradients must reach the routers through the experts'
+    outputs (`WEMoEPreTrainedModel.route_gradients_through_experts`): a loss on the predictions needs it, a loss on
+    the routing weights alone does not, and trains three times faster without."""
 
     name: str
     compute: Callable[[TaskStream, object, dict[str, torch.Tensor]], torch.Tensor]
+    through_experts: bool = True
 
     def __call__(self, stream: TaskStream, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.compute(stream, model, inputs)
@@ -146,7 +149,9 @@ class AdaptationLoss:
 def adaptation_loss(objective: str = DEFAULT_OBJECTIVE, config=None, entropy_weight: float = 0.0) -> AdaptationLoss:
     """The loss of `objective`: the entropy of the stream's logits, or, for "task-routing", `task_routing_loss`
     toward the stream's task's expert in the WEMoE `config` (whose `expert_tasks`, else `tasks`, gives each expert's
-    slot), plus `entropy_weight` times the entropy."""
+    slot), plus `entropy_weight` times the entropy. Task routing alone trains each router on the hidden states
+    entering it (its gradients stop at the routing weights); with an entropy term, gradients flow through the whole
+    model, the routing term's too."""
     check_entropy_weight(objective, entropy_weight)
     if objective != TASK_ROUTING:
         return AdaptationLoss("entropy", lambda stream, model, inputs: entropy_loss(stream.logits(model, inputs)))
@@ -161,4 +166,4 @@ def adaptation_loss(objective: str = DEFAULT_OBJECTIVE, config=None, entropy_wei
         value = task_routing_loss(output.routing, expert, normalization)
         return value + entropy_weight * entropy_loss(output.logits) if entropy_weight else value
 
-    return AdaptationLoss(f"{TASK_ROUTING} loss", loss)
+    return AdaptationLoss(f"{TASK_ROUTING} loss", loss, through_experts=bool(entropy_weight))

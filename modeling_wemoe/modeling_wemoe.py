@@ -600,6 +600,9 @@ class WEMoELinear(nn.Module):
         self.weight_task_vectors = build_task_vectors(config, (out_features, in_features))
         self.bias_task_vectors = build_task_vectors(config, (out_features,)) if bias else None
         self.top_k = config.router_top_k
+        # False: the experts take the routing weights as constants, so a loss reaches each router only through the
+        # routing weights it gives (`WEMoEPreTrainedModel.route_gradients_through_experts`).
+        self.routing_gradients = True
 
     def prepare(self) -> None:
         """Build the task-vector stores' derived layouts (E-WEMoE's tile index) ahead of the first forward."""
@@ -608,6 +611,8 @@ class WEMoELinear(nn.Module):
                 store.prepare()
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        if not self.routing_gradients:
+            routing_weights = routing_weights.detach()
         output = self.weight_task_vectors.apply(hidden_states, self.weight, routing_weights, self.top_k)
         if self.bias is None:
             return output
@@ -912,6 +917,16 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         """Only the routers train (test-time adaptation); every merged weight and task vector stays fixed."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(is_router_parameter(name))
+
+    def route_gradients_through_experts(self, enabled: bool = True) -> None:
+        """Whether a loss's gradients reach the routers through the experts' outputs (the default: an objective on the
+        model's predictions, as the paper's entropy, needs it) or only through the routing weights each router gives
+        (an objective on the routing itself, as task routing). Without, every router learns from the hidden states
+        entering it, nothing of the per-sample merge is recorded for backward, and a training forward costs what
+        inference does."""
+        for module in self.modules():
+            if isinstance(module, WEMoELinear):
+                module.routing_gradients = enabled
 
     def parameter_report(self) -> dict[str, int]:
         """Trainable and total parameter counts, and how many task-vector entries are stored."""

