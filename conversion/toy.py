@@ -1,12 +1,14 @@
 """Tiny random CLIP models built in-process: the demo's embedded default and the tests' fixtures.
 
-Nothing is downloaded. Experts are the base vision tower plus seeded random perturbations: they have the structure
-of real fine-tunes (same architecture, distinct task vectors) but no learned skill.
+Nothing is downloaded. `build_toy_expert` makes the base vision tower plus seeded random perturbations: the
+structure of real fine-tunes (same architecture, distinct task vectors) without skill, for the tests.
+`train_toy_expert` fine-tunes the tower on a task's labelled images in a few seconds, for the demo.
 """
 
 import string
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 TOY_CHARACTERS = string.ascii_lowercase + string.digits + ".,'-"
@@ -71,3 +73,32 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module
         spread = parameter.std().clamp_min(0.02) if parameter.numel() > 1 else torch.tensor(0.02)
         parameter.add_(scale * spread * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def train_toy_expert(
+    base: CLIPModel,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.Tensor,
+    steps: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+) -> CLIPVisionModel:
+    """A vision tower fine-tuned on one task: cross-entropy of its images against the task's zero-shot `head` (the
+    class names' text embeddings, as the paper's experts are trained). Only the MLPs train, so that the part a merge
+    keeps static is the base's, as on a strong base whose attention moves little in fine-tuning."""
+    expert = CLIPVisionModel(base.config.vision_config)
+    expert.load_state_dict(base.vision_model.state_dict())
+    mlps = [parameter for name, parameter in expert.named_parameters() if ".mlp." in name]
+    optimizer = torch.optim.Adam(mlps, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.randint(len(labels), (batch_size,), generator=generator)
+        embeddings = base.visual_projection(expert(pixel_values=pixel_values[batch]).pooler_output)
+        logits = base.logit_scale.exp() * F.normalize(embeddings, dim=-1) @ head.t()
+        loss = F.cross_entropy(logits, labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return expert.eval()

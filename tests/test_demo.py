@@ -25,11 +25,35 @@ def test_demo_runs_end_to_end_and_prints_what_it_did(tmp_path, capsys):
     main(["--workspace", str(tmp_path / "demo"), "--variant", "e-wemoe"])
     printed = capsys.readouterr().out
     assert "(as `wemoe-convert` does)" in printed
-    assert "(as `wemoe-tta` does)" in printed and "after TTA" in printed
+    assert "(as `wemoe-tta` does)" in printed and "adapted WEMoE" in printed
     assert "Reloaded it with trust_remote_code (WEMoEForImageClassification, e-wemoe)" in printed
     assert (tmp_path / "demo" / "adapted" / "modeling_wemoe.py").exists()
     shapes = printed.split("scores over that task's classes):\n", 1)[1].split("\nand with no task", 1)[0]
     assert sorted(line.split()[0] for line in shapes.splitlines()) == ["circle", "square", "triangle"]
+
+
+def accuracy_rows(printed: str) -> dict[str, list[float]]:
+    """The demo's accuracy table: task -> chance, expert, task arithmetic, adapted WEMoE (in %)."""
+    table = printed.split("Accuracy on the held-out images", 1)[1].splitlines()[2:]
+    rows = {}
+    for line in table:
+        words = line.split()
+        if len(words) != 5:
+            break
+        rows[words[0]] = [float(value) for value in words[1:]]
+    return rows
+
+
+def test_the_demo_shows_task_arithmetic_losing_and_adaptation_winning_it_back(tmp_path, capsys):
+    """With the defaults, each toy expert has learnt its drawn task, task arithmetic loses part of that skill, and
+    the adapted WEMoE, routing each held-out image on its own, wins it back: at least 10 points over task arithmetic
+    on average, far above chance."""
+    main(["--workspace", str(tmp_path / "demo")])
+    rows = accuracy_rows(capsys.readouterr().out)
+    assert list(rows) == ["shapes", "colors", "stripes", "average"]
+    chance, expert, task_arithmetic, adapted = rows["average"]
+    assert expert >= 90 and task_arithmetic < expert - 10
+    assert adapted >= task_arithmetic + 10 and adapted >= chance + 50
 
 
 def test_printed_commands_replay_the_demo(tmp_path, capsys):

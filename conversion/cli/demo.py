@@ -1,10 +1,11 @@
 """`wemoe-demo`: the whole product path on an embedded default, with no Hub access.
 
-Builds a tiny CLIP base and three task experts and saves them as ordinary checkpoints, converts them with a YAML
-recipe as `wemoe-convert` does, adapts the routers on drawn task images as `wemoe-tta` does, evaluates before and
-after as `wemoe-eval` does, and classifies a drawn image through `pipeline()` with `trust_remote_code`. Everything
-stays in the workspace (the recipe, a `data.yaml`, the checkpoints and artifacts), and the demo prints the command
-lines that replay each step with the CLIs.
+Builds a tiny CLIP base, fine-tunes one expert per drawn task for a few seconds and saves them as ordinary
+checkpoints, converts them with a YAML recipe as `wemoe-convert` does, adapts the routers on the tasks' held-out
+images (unlabeled) as `wemoe-tta` does, scores the experts, task arithmetic (the unadapted merge) and the adapted
+WEMoE on those images as `wemoe-eval` does, and classifies a drawn image through `pipeline()` with
+`trust_remote_code`. Everything stays in the workspace (the recipe, a `data.yaml`, the checkpoints and artifacts),
+and the demo prints the command lines that replay each step with the CLIs.
 """
 
 import argparse
@@ -13,26 +14,28 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image, ImageDraw
 from transformers import pipeline
 
 from ..adaptation import adapt_artifact
-from ..backbones.clip import default_image_processor
+from ..backbones.clip import default_image_processor, zero_shot_head
 from ..build import VARIANTS
 from ..convert import convert
 from ..evaluation import evaluate
 from ..recipe import MergeRecipe
-from ..toy import build_toy_base, build_toy_expert, toy_tokenizer
+from ..toy import build_toy_base, toy_tokenizer, train_toy_expert
 from . import add_verbosity_flags, configure_logging
 
 DEMO_TASKS = {
     "shapes": ["circle", "square", "triangle"],
     "colors": ["red", "green", "blue", "yellow"],
-    "stripes": ["horizontal stripes", "vertical stripes"],
+    "stripes": ["horizontal stripes", "vertical stripes", "diagonal stripes", "checks"],
 }
-IMAGES_PER_TASK = 24
-TTA = {"lr": 1e-3, "batch_size": 8}  # the demo's adaptation settings besides --tta-steps and --seed
+TRAIN_IMAGES_PER_TASK = 96  # labelled: what each expert is fine-tuned on
+HELD_OUT_IMAGES_PER_TASK = 48  # what adaptation sees (unlabeled) and every model is scored on
+TTA = {"objective": "task-routing", "lr": 3e-3, "batch_size": 8}  # besides --tta-steps and --seed
 WORKSPACE_MARKER = ".wemoe-demo"  # a workspace the demo made, and may replace on the next run
 
 EPILOG = """examples:
@@ -58,22 +61,34 @@ def draw(task: str, label: str, rng: np.random.Generator, size: int = 64) -> Ima
     elif task == "colors":
         canvas.rectangle((low, low, high, high), fill=label)
     else:
-        for offset in range(0, size, 8):
-            line = [(0, offset), (size, offset)] if label.startswith("horizontal") else [(offset, 0), (offset, size)]
-            canvas.line(line, fill="black", width=3)
+        for offset in range(-size, size, 8):
+            lines = {
+                "horizontal stripes": [[(0, offset), (size, offset)]],
+                "vertical stripes": [[(offset, 0), (offset, size)]],
+                "diagonal stripes": [[(offset, 0), (offset + size, size)]],
+                "checks": [[(0, offset), (size, offset)], [(offset, 0), (offset, size)]],
+            }[label]
+            for line in lines:
+                canvas.line(line, fill="black", width=3)
     return image
 
 
+def drawn_images(task: str, count: int, rng: np.random.Generator) -> tuple[list[Image.Image], list[int]]:
+    """`count` drawn images of a task, its classes in turn, and their class indices."""
+    labels = DEMO_TASKS[task]
+    targets = [i % len(labels) for i in range(count)]
+    return [draw(task, labels[target], rng) for target in targets], targets
+
+
 def write_demo_data(workspace: Path, seed: int) -> dict:
-    """A small labeled image set per task (parquet), and the DATA.yaml content that names them."""
+    """Each task's held-out images (parquet, labels included for scoring), and the DATA.yaml content naming them."""
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed + 1)  # other images than the experts' training images
     tasks = {}
     for task, labels in DEMO_TASKS.items():
-        targets = [i % len(labels) for i in range(IMAGES_PER_TASK)]
-        images = [draw(task, labels[target], rng) for target in targets]
+        images, targets = drawn_images(task, HELD_OUT_IMAGES_PER_TASK, rng)
         features = Features({"image": ImageFeature(), "label": ClassLabel(names=labels)})
         Dataset.from_dict({"image": images, "label": targets}, features=features).to_parquet(
             workspace / f"{task}.parquet"
@@ -97,7 +112,8 @@ def prepare_workspace(workspace: Path) -> None:
 def replay_commands(workspace: Path, args: argparse.Namespace) -> list[str]:
     """The CLI lines that redo the demo's conversion, adaptation and evaluations from its workspace."""
     merged, adapted, data = workspace / "merged", workspace / "adapted", workspace / "data.yaml"
-    tta = {"--steps": args.tta_steps, "--lr": TTA["lr"], "--batch-size": TTA["batch_size"], "--seed": args.seed}
+    tta = {"--objective": TTA["objective"], "--steps": args.tta_steps, "--lr": TTA["lr"],
+           "--batch-size": TTA["batch_size"], "--seed": args.seed}  # fmt: skip
     tta_options = [str(word) for option in tta.items() for word in option]
     lines = [
         ["wemoe-convert", workspace / "recipe.yaml", merged, "--overwrite"],
@@ -108,15 +124,21 @@ def replay_commands(workspace: Path, args: argparse.Namespace) -> list[str]:
     return [shlex.join(str(word) for word in line) for line in lines]
 
 
-def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
-    """A tiny CLIP base (with tokenizer and image processor) and one expert per demo task, as checkpoint dirs."""
-    base = build_toy_base(seed=seed)
-    base.save_pretrained(workspace / "base")
-    toy_tokenizer().save_pretrained(workspace / "base")
-    default_image_processor(base.config.vision_config).save_pretrained(workspace / "base")
+def save_toy_checkpoints(workspace: Path, seed: int, expert_steps: int) -> dict[str, str]:
+    """A tiny CLIP base (with tokenizer and image processor), and one expert per demo task fine-tuned on its drawn
+    training images, as checkpoint dirs."""
+    base, tokenizer = build_toy_base(seed=seed), toy_tokenizer()
+    image_processor = default_image_processor(base.config.vision_config)
+    for part in (base, tokenizer, image_processor):
+        part.save_pretrained(workspace / "base")
     paths = {"base": str(workspace / "base")}
-    for i, task in enumerate(DEMO_TASKS):
-        build_toy_expert(base, seed=seed + i + 1).save_pretrained(workspace / task)
+    rng = np.random.default_rng(seed)
+    for i, (task, classes) in enumerate(DEMO_TASKS.items()):
+        images, targets = drawn_images(task, TRAIN_IMAGES_PER_TASK, rng)
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        head = zero_shot_head(base, tokenizer, classes)
+        expert = train_toy_expert(base, pixel_values, torch.tensor(targets), head, expert_steps, seed=seed + i)
+        expert.save_pretrained(workspace / task)
         paths[task] = str(workspace / task)
     return paths
 
@@ -124,8 +146,8 @@ def save_toy_checkpoints(workspace: Path, seed: int) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-demo",
-        description="Run the whole product path (convert, adapt, evaluate, reload with trust_remote_code) on a tiny "
-        "embedded default, with no Hub access. Weights are random: the numbers show the plumbing, not skill.",
+        description="Run the whole product path (fine-tune toy experts, convert, adapt, evaluate, reload with "
+        "trust_remote_code) on a tiny embedded default, with no Hub access, in about a minute.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -135,7 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", type=float, default=0.1, help="E-WEMoE: kept fraction of each task vector (default: 0.1)."
     )
-    parser.add_argument("--tta-steps", type=int, default=20, help="Test-time adaptation steps (default: 20).")
+    parser.add_argument("--tta-steps", type=int, default=60, help="Test-time adaptation steps (default: 60).")
+    parser.add_argument(
+        "--expert-steps", type=int, default=400, help="Fine-tuning steps of each toy expert (default: 400)."
+    )
     parser.add_argument(
         "--workspace",
         type=Path,
@@ -151,12 +176,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_demo(args: argparse.Namespace) -> list[dict]:
     workspace = args.workspace
     prepare_workspace(workspace)
-    checkpoints = save_toy_checkpoints(workspace, args.seed)
+    checkpoints = save_toy_checkpoints(workspace, args.seed, args.expert_steps)
     data = workspace / "data.yaml"
     data.write_text(yaml.safe_dump(write_demo_data(workspace, args.seed), sort_keys=False))
     print(
-        f"Saved a tiny CLIP base, {len(DEMO_TASKS)} toy experts, drawn task images and their "
-        f"{workspace / 'data.yaml'} under {workspace}"
+        f"Saved a tiny CLIP base and {len(DEMO_TASKS)} experts, each fine-tuned for {args.expert_steps} steps on "
+        f"{TRAIN_IMAGES_PER_TASK} drawn images of its task, and {HELD_OUT_IMAGES_PER_TASK} held-out images per task "
+        f"({workspace / 'data.yaml'}) under {workspace}"
     )
 
     recipe = MergeRecipe.model_validate(
@@ -173,12 +199,11 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
     output = workspace / "adapted"
     adapt_artifact(merged, data, output, steps=args.tta_steps, seed=args.seed, **TTA)
-    print(f"Adapted the routers for {args.tta_steps} steps on unlabeled images (as `wemoe-tta` does) into {output}")
-
-    before, after = evaluate(merged, data), evaluate(output, data)
-    print("Accuracy (as `wemoe-eval` computes it; chance level, the toy weights are random):")
-    for task in [*DEMO_TASKS, "average"]:
-        print(f"  {task:<10} task arithmetic {100 * before[task]:5.1f}   after TTA {100 * after[task]:5.1f}")
+    print(
+        f"Adapted the routers for {args.tta_steps} steps on the held-out images, unlabeled, by {TTA['objective']} "
+        f"(as `wemoe-tta` does) into {output}"
+    )
+    print_scores(data, checkpoints, merged, output)
 
     classifier = pipeline("image-classification", model=str(output), trust_remote_code=True)
     report = classifier.model.parameter_report()
@@ -199,6 +224,25 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     for line in replay_commands(workspace, args):
         print(f"  {line}")
     return predictions
+
+
+def print_scores(data: Path, checkpoints: dict[str, str], merged: Path, adapted: Path) -> None:
+    """Each expert on its own task, task arithmetic (the unadapted merge) and the adapted model, on the held-out
+    images, as `wemoe-eval` scores them."""
+    specs = yaml.safe_load(data.read_text())["tasks"]
+    experts = {
+        task: evaluate(checkpoints[task], {"tasks": {task: specs[task]}}, base=checkpoints["base"])[task]
+        for task in DEMO_TASKS
+    }
+    before, after = evaluate(merged, data), evaluate(adapted, data)
+    experts["average"] = sum(experts.values()) / len(experts)
+    chance = {task: 1 / len(classes) for task, classes in DEMO_TASKS.items()}
+    chance["average"] = sum(chance.values()) / len(chance)
+    print("Accuracy on the held-out images (as `wemoe-eval` computes it):")
+    print(f"  {'task':<10} {'chance':>7} {'expert':>7} {'task arithmetic':>16} {'adapted WEMoE':>14}")
+    for task in [*DEMO_TASKS, "average"]:
+        print(f"  {task:<10} {100 * chance[task]:7.1f} {100 * experts[task]:7.1f} {100 * before[task]:16.1f} "
+              f"{100 * after[task]:14.1f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
