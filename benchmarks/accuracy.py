@@ -17,11 +17,15 @@ fine-tunes 90, task arithmetic 69 on ViT-B/32's eight tasks).
    fine-tunes. The benchmark stops otherwise (`--tiny` only reports).
 5. Rows, each through `wemoe-convert`, `wemoe-tta` and `wemoe-eval` (their `main(argv)`, as a user runs them) on the
    test splits: zero-shot; individual fine-tunes; task arithmetic with lambda chosen from {0.1, ..., 1.0} on
-   validation and at 0.3; TIES; layer-wise AdaMerging; WEMoE; E-WEMoE keep 0.1; and the diagnostic oracle-routing
-   row (every router forced to the evaluated task's expert: the best any routing can do with these experts).
-6. Adaptation (WEMoE, E-WEMoE) and AdaMerging follow the paper, fixed before any merge is scored: Adam, lr 1e-4,
-   batch 16 per task, unlabeled test inputs, `Scale.tta_steps` steps (1000, the paper's). Nothing is chosen by
-   looking at test accuracy.
+   validation and at 0.3; TIES; layer-wise AdaMerging; WEMoE and E-WEMoE keep 0.1 adapted as in the paper; WEMoE and
+   E-WEMoE adapted by task routing (`wemoe-tta`'s default), with raw and with softmax routing weights; and the
+   diagnostic oracle-routing row (every router forced to the evaluated task's expert: the best any routing can do with
+   these experts).
+6. The paper's adaptation (WEMoE, E-WEMoE) and AdaMerging are fixed before any merge is scored: Adam, lr 1e-4, batch
+   16 per task, unlabeled test inputs, `Scale.tta_steps` steps (1000, the paper's). The task-routing rows' learning
+   rate and steps are chosen on the validation splits (`selection.choose_adaptation`, once per routing
+   normalization), then the rows adapt on the unlabeled test inputs. `recommended.json` names the merged row with the
+   best validation average (`selection.recommend`). Nothing is chosen by looking at test accuracy.
 7. Diagnostics: routing accuracy per layer before and after adaptation, the mean routing weight per layer and task,
    validation entropy and accuracy along adaptation, and the task-vector norms per layer (plots in --results).
 
@@ -529,7 +533,7 @@ def check_regime(checkpoints: dict[str, Path], tasks: TasksFile, cache: Path, st
 # ----------------------------------------------------------------------------------------------------- the runs
 ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 # Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
-TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 250, 500))
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 500))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 
 

@@ -23,25 +23,31 @@ from wemoe.data import open_dataset
 from wemoe.outputs import staged_output
 from wemoe.recipe import DatasetSource
 from wemoe.results import scores_from_json
+from wemoe.streams import LABEL_WORDS, TASK_ROUTING
 
 logger = logging.getLogger("accuracy")
 # Task arithmetic's scaling is chosen from these on the validation splits (the paper's protocol).
 LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
+# The paper's objective, named: `wemoe-tta`'s default is another.
+PAPER_ARGS = ("--objective", LABEL_WORDS)
+
+
 @dataclass(frozen=True)
 class Adaptation:
-    """Test-time adaptation (and AdaMerging) settings: entropy minimisation on each task's unlabeled test inputs."""
+    """Test-time adaptation (and AdaMerging) settings on each task's unlabeled test inputs: the paper's entropy
+    minimisation unless `tta_args` names another objective."""
 
     steps: int
     batch_size: int
     lr: float = 1e-3
     seed: int = 0
-    tta_args: tuple[str, ...] = ()  # more `wemoe-tta` options (e.g. `--objective ...`); AdaMerging ignores them
+    tta_args: tuple[str, ...] = PAPER_ARGS  # more `wemoe-tta` options; AdaMerging ignores them
 
 
 # The task-routing objective's `wemoe-tta` options (its learning rate and steps are chosen on validation).
-TASK_ROUTING_ARGS = ("--objective", "task-routing")
+TASK_ROUTING_ARGS = ("--objective", TASK_ROUTING)
 
 
 def train(

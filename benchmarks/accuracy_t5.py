@@ -20,16 +20,18 @@
    vocabulary) before any merge is scored, or the benchmark stops.
 4. Rows, each through `wemoe-convert`, `wemoe-tta` and `wemoe-eval` (their `main(argv)`) on the test splits, scored by
    exact match of greedy generations: the pre-trained model; the individual fine-tunes; task arithmetic with lambda
-   chosen from {0.1, ..., 1.0} on validation (the paper's protocol) and at 0.3; TIES; layer-wise AdaMerging; WEMoE;
-   E-WEMoE keep 0.1; the diagnostic oracle-routing row; WEMoE adapted with the option
-   `--objective label-words-and-rest` (the entropy also counts the probability outside the label words); and WEMoE
-   and E-WEMoE with the option `decoder_routing: prompt` (the decoder routed once per prompt, from the pooled encoder
-   output, instead of per token), converted, adapted and scored as their per-token rows are.
-5. Adaptation follows the paper (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) for WEMoE, E-WEMoE and
-   AdaMerging, for 700 of the paper's 1000 steps (`Scale.tta_steps`): with one thread, next to another benchmark on
-   a 2-core machine, a WEMoE step (16 prompts of each of the 4 tasks) took 0.57 s and an AdaMerging step 0.43 s, so
-   1000 steps for the four adapted rows would take 38 minutes of the 45-minute budget alone. Fixed before any merge
-   was scored. Nothing is chosen by looking at test accuracy: task arithmetic's lambda is chosen on validation.
+   chosen from {0.1, ..., 1.0} on validation (the paper's protocol) and at 0.3; TIES; layer-wise AdaMerging; WEMoE and
+   E-WEMoE keep 0.1 adapted as in the paper; the diagnostic oracle-routing row; WEMoE and E-WEMoE adapted by task
+   routing (`wemoe-tta`'s default), with raw and with softmax routing weights; and WEMoE and E-WEMoE by task routing
+   with the option `decoder_routing: prompt` (the decoder routed once per prompt, from the pooled encoder output,
+   instead of per token).
+5. The paper's adaptation (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) for WEMoE, E-WEMoE and
+   AdaMerging runs 700 of the paper's 1000 steps (`Scale.tta_steps`): with one thread, next to another benchmark on
+   a 2-core machine, a WEMoE step (16 prompts of each of the 4 tasks) took 0.57 s and an AdaMerging step 0.43 s.
+   Fixed before any merge was scored. The task-routing rows' learning rate and steps are chosen on the validation
+   splits (`selection.choose_adaptation`, once per routing normalization); `recommended.json` names the merged row
+   with the best validation average. Nothing is chosen by looking at test accuracy: task arithmetic's lambda is
+   chosen on validation too.
 6. Diagnostics (`diagnostics.py`, shared with `accuracy_text.py`): routing accuracy per encoder layer before and after
    adaptation (the encoder routes each prompt as a whole; a decoder routed per prompt adds its layers after the
    encoder's), the routing weights per layer and task, the task-vector norms per layer, and validation entropy and

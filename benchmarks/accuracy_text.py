@@ -10,13 +10,16 @@ paper's classifier-merging experiment (each task keeps its own head), end to end
    classifier trained fully). Every expert must beat its task's majority class by 15 points on validation.
 3. Rows, each through `wemoe-convert`, `wemoe-tta` and `wemoe-eval` (their `main(argv)`) on the test splits:
    individual fine-tunes (full, LoRA); task arithmetic with lambda chosen from {0.1, ..., 1.0} on validation (the
-   paper's protocol) and at 0.3; TIES; layer-wise AdaMerging; WEMoE; E-WEMoE keep 0.1; WEMoE low-rank; WEMoE over
-   the LoRA experts (their own factors); and the diagnostic oracle-routing row.
-4. Adaptation follows the paper (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) for as many steps as the
-   CPU budget allows: 80 of the paper's 1000 steps (`Scale.tta_steps`; a step adapts on 16 inputs of each of the 6
-   tasks, 3.7 s on 2 cores, so 5 minutes per row and 6 rows in the 60-minute budget). One more row is an option
-   reported next to the paper's method: softmax routing (`router.normalization: softmax`) at lr 1e-3 (`OPTION_ROW`
-   says why). Nothing is chosen by looking at test accuracy: task arithmetic's lambda is chosen on validation.
+   paper's protocol) and at 0.3; TIES; layer-wise AdaMerging; WEMoE and E-WEMoE keep 0.1 adapted as in the paper;
+   WEMoE and E-WEMoE adapted by task routing (`wemoe-tta`'s default), with raw and with softmax routing weights;
+   WEMoE low-rank and WEMoE over the LoRA experts (their own factors), by task routing; and the diagnostic
+   oracle-routing row.
+4. The paper's adaptation (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) runs as many steps as the CPU
+   budget allows: 80 of the paper's 1000 steps (`Scale.tta_steps`; a step adapts on 16 inputs of each of the 6 tasks,
+   3.7 s on 2 cores). The task-routing rows' learning rate and steps are chosen on the validation splits
+   (`selection.choose_adaptation`, once per routing normalization; a task-routing step trains each router on its own
+   input, about 3x faster); `recommended.json` names the merged row with the best validation average. Nothing is
+   chosen by looking at test accuracy: task arithmetic's lambda is chosen on validation too.
 5. Diagnostics: routing accuracy per layer before and after adaptation, the routing weights per layer and task, the
    task-vector norms per layer, and validation entropy and accuracy along adaptation.
 

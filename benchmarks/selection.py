@@ -67,10 +67,16 @@ PAPER, TASK_ROUTING = "paper", "task routing"  # how a benchmark row adapts (Non
 
 @dataclass(frozen=True)
 class TaskRoutingGrid:
-    """The learning rates and step counts a benchmark's task-routing rows choose from, on validation."""
+    """The learning rates and step counts a benchmark's task-routing rows choose from, on validation. Each
+    candidate learning rate is one run checkpointed every `min(steps)` steps, so every step count must be a multiple
+    of the smallest."""
 
     lrs: tuple[float, ...]
     steps: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if any(step % min(self.steps) for step in self.steps):
+            raise ValueError(f"Step counts {self.steps}: each must be a multiple of the smallest (checkpoint step).")
 
 
 class TaskRoutingChoices:

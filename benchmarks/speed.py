@@ -12,9 +12,15 @@ WEMoE, the operators the forward spends its time in (torch.profiler), which is w
 Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped text classifier
 (128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
 
+The adaptation-step table (`--adaptation-steps`) times one test-time adaptation step at the CLIP shape: the forward
+and backward of one task's batch, for both objectives, with each sample routed on its own (`wemoe-tta`'s default) or
+the batch merged once from its mean routing weights (`--adaptation-routing batch`, the reference's mode), against a
+dense model's training step on the same batch (forward and backward through every weight).
+
     python benchmarks/speed.py --threads 2
     python benchmarks/speed.py --repeats 9 --no-t5 --no-bert
     python benchmarks/speed.py --no-t5 --no-bert --profile
+    python benchmarks/speed.py --adaptation-steps --no-forward --no-t5 --no-bert
 """
 
 import argparse
@@ -29,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertForSequenceClassification, CLIPVisionConfig, CLIPVisionModel
 
 from modeling_wemoe import WEMoEConfig, WEMoEForImageClassification, WEMoEForSequenceClassification
+from wemoe.streams import entropy_loss, routed_layers, task_routing_loss
 
 VISION = {
     "hidden_size": 768,
@@ -228,6 +235,47 @@ def bert_speed_table(num_experts: int, batch: int, repeats: int, seq_len: int = 
     print_forward_table(timings)
 
 
+ADAPTATION_ROWS = {  # objective, adaptation routing
+    "WEMoE, entropy, per sample": ("entropy", "sample"),
+    "WEMoE, entropy, batch mean": ("entropy", "batch"),
+    "WEMoE, task routing, per sample": ("task routing", "sample"),
+    "WEMoE, task routing, batch mean": ("task routing", "batch"),
+}
+
+
+def adaptation_step(model: WEMoEForImageClassification, pixel_values: torch.Tensor, objective: str) -> None:
+    """The forward and backward of one task's batch, as `wemoe.adapt` takes them (its routers the only trainable
+    tensors; task routing's gradients stop at the routing weights)."""
+    model.zero_grad(set_to_none=True)
+    output = model(pixel_values, task="task0", output_routing_weights=objective == "task routing")
+    if objective == "entropy":
+        loss = entropy_loss(output.logits)
+    else:
+        loss = task_routing_loss(routed_layers(output.routing_weights), 0, model.config.router_normalization)
+    loss.backward()
+
+
+def dense_training_step(model: CLIPVisionModel, pixel_values: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model(pixel_values).pooler_output.square().mean().backward()
+
+
+def adaptation_step_table(num_experts: int, pixel_values: torch.Tensor, repeats: int) -> None:
+    """One adaptation step of each objective and routing mode, as ratios to the dense model's training step."""
+    dense = randomize_(CLIPVisionModel(CLIPVisionConfig(**VISION))).train()
+    model = wemoe_model(num_experts, {})
+    steps = {"dense forward+backward": lambda: dense_training_step(dense, pixel_values)}
+    for row, (objective, routing) in ADAPTATION_ROWS.items():
+
+        def step(objective=objective, routing=routing) -> None:
+            model.route_each_batch_as_one(routing == "batch")
+            model.route_gradients_through_experts(objective == "entropy")
+            adaptation_step(model, pixel_values, objective)
+
+        steps[row] = step
+    print_forward_table(interleaved_medians(steps, repeats), "adaptation step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -244,12 +292,31 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="Print where the dense, WEMoE and E-WEMoE forwards spend their time."
     )
+    parser.add_argument(
+        "--adaptation-steps", action="store_true", help="Then the adaptation-step table (see above)."
+    )
+    parser.add_argument("--no-forward", action="store_true", help="Skip the CLIP forward and bfloat16 tables.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     pixel_values = torch.randn(args.batch_size, 3, 224, 224)
     print(f"ViT-B/32 shape, {args.experts} experts, batch {args.batch_size}, fp32, {args.threads} threads")
+    if not args.no_forward:
+        clip_forward_tables(args, pixel_values)
+    if args.adaptation_steps:
+        print(f"\nOne adaptation step, ViT-B/32 shape, {args.experts} experts, one task's batch of {args.batch_size}")
+        adaptation_step_table(args.experts, pixel_values, args.repeats)
+    if not args.no_t5:
+        print(f"\nT5-base shape, {args.experts} experts, batch {args.batch_size}, 64-token prompts, fp32")
+        t5_speed_table(T5_BASE, args.experts, args.batch_size, args.repeats)
+    if not args.no_bert:
+        print(f"\nBERT-base shape, {args.experts} experts, batch {args.batch_size}, 128-token inputs, fp32")
+        bert_speed_table(args.experts, args.batch_size, args.repeats)
+
+
+def clip_forward_tables(args: argparse.Namespace, pixel_values: torch.Tensor) -> None:
+    """The CLIP forward table (time, memory, artifact size per row), then the bfloat16 one."""
     context = multiprocessing.get_context("spawn")
     peaks = {}
     for row in ROWS:
@@ -280,13 +347,6 @@ def main() -> None:
         bfloat16_speed_table(models, pixel_values, args.repeats)
         if args.profile:
             print_profile({row: models[row] for row in PROFILED_ROWS}, pixel_values.to(torch.bfloat16), args.experts)
-    del models
-    if not args.no_t5:
-        print(f"\nT5-base shape, {args.experts} experts, batch {args.batch_size}, 64-token prompts, fp32")
-        t5_speed_table(T5_BASE, args.experts, args.batch_size, args.repeats)
-    if not args.no_bert:
-        print(f"\nBERT-base shape, {args.experts} experts, batch {args.batch_size}, 128-token inputs, fp32")
-        bert_speed_table(args.experts, args.batch_size, args.repeats)
 
 
 if __name__ == "__main__":

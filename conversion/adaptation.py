@@ -35,12 +35,14 @@ from .recipe import RECIPE_FILE, MergeRecipe, artifact_recipe, recipe_file_text
 from .streams import (
     DEFAULT_OBJECTIVE,
     ENTROPY_OBJECTIVES,
-    OBJECTIVES,
+    LABEL_WORDS,
     TASK_ROUTING,
     AdaptationLoss,
     TaskStream,
     adaptation_loss,
     check_entropy_weight,
+    check_objective_name,
+    default_lr,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ def resumable_checkpoint(checkpoint_dir: str | os.PathLike | None, run: Mapping)
         logger.warning("%s records no run settings (an older release wrote it); resuming unchecked.", checkpoint)
         return checkpoint
     current = json.loads(json.dumps(dict(run)))  # as it will be stored
+    saved.setdefault("objective", LABEL_WORDS)  # releases before task routing recorded none: theirs was the paper's
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
         for key in sorted(saved.keys() | current.keys())
@@ -120,6 +123,8 @@ def adapt(
     run_settings: Mapping | None = None,
     loss_log: list[float] | None = None,
     loss: AdaptationLoss | None = None,
+    adaptation_routing: str = "sample",
+    lr_schedule: str = "constant",
 ):
     """Train the routers of `model` (or the parameters `trainable` names) on `tasks` (task name -> `TaskStream`) to
     minimise `loss` (default: the paper's entropy; `wemoe.streams.adaptation_loss`).
@@ -129,18 +134,28 @@ def adapt(
     same weights as an uninterrupted run with the same seed. Checkpoints record the learning rate, the seed and
     `run_settings` (batch size, data, ...); resuming with other values is refused. `loss_log`, if given, receives
     each step's mean loss. With `keep_checkpoints`, only that many of the newest checkpoints stay on disk (the one
-    resumed from included): older ones are deleted as new ones are complete.
+    resumed from included): older ones are deleted as new ones are complete. `adaptation_routing` "batch" merges one
+    weight per task batch from its mean routing weights (`check_adaptation_routing`) instead of one per sample;
+    `lr_schedule` "cosine" decays the learning rate to 0 over `steps` (the authors' script), "constant" keeps it.
     """
     run = {"lr": lr, "seed": seed, **(run_settings or {})}
     loss = loss or adaptation_loss()
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, log_with=report_to)
+    check_adaptation_routing(model, adaptation_routing, accelerator.num_processes)
+    check_lr_schedule(lr_schedule)
     set_seed(seed)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(trainable(name))
     gradients_through_experts(model, loss.through_experts)
+    if adaptation_routing == "batch":
+        model.route_each_batch_as_one(True)
     model.eval()  # no dropout: the gradient reaches the routers only, the forward stays the inference forward
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model, optimizer = accelerator.prepare(model, optimizer)  # places the model on the process's device
+    # Stepped here once per optimizer step (accelerate's wrapper would step it once per process) and checkpointed.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if lr_schedule == "cosine" else None
+    if scheduler is not None:
+        accelerator.register_for_checkpointing(scheduler)
     logger.info(
         "Process %d of %d adapts on %s", accelerator.process_index, accelerator.num_processes, accelerator.device
     )
@@ -190,6 +205,8 @@ def adapt(
             step_loss += task_loss.detach()
         optimizer.step()
         optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         # Each process saw its share of every batch: the mean over processes is the whole batch's loss.
         step_mean = accelerator.reduce(step_loss, reduction="mean").item()
         progress.set_postfix({loss.name: f"{step_mean:.4f}"})
@@ -204,6 +221,8 @@ def adapt(
     if report_to:
         accelerator.end_training()
     gradients_through_experts(accelerator.unwrap_model(model), True)
+    if adaptation_routing == "batch":
+        accelerator.unwrap_model(model).route_each_batch_as_one(False)
     if accelerator.is_main_process:
         logger.info(
             "Adapted for %d steps on %d process(es); mean %s at the last step %.6f",
@@ -224,7 +243,7 @@ def gradients_through_experts(model, enabled: bool) -> None:
 
 
 def load_task_streams(
-    data_config, model, processor, batch_size: int, num_processes: int, objective: str = DEFAULT_OBJECTIVE
+    data_config, model, processor, batch_size: int, num_processes: int, objective: str = LABEL_WORDS
 ) -> dict[str, TaskStream]:
     """A stream per task of the data config, as the model's family reads its task data (`processor`: the artifact's
     image processor or tokenizer), giving the logits of `objective` (see `wemoe.streams.OBJECTIVES`)."""
@@ -237,14 +256,42 @@ def load_task_streams(
 
 def check_objective(backbone: Backbone, objective: str) -> None:
     """`objective` is one of `wemoe.streams.OBJECTIVES` that the family offers."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    check_objective_name(objective)
     if objective not in backbone.objectives:
         raise ValueError(
             f"--objective {objective} is not available for {backbone.display_name} models (it counts the probability "
             f"of tokens outside a text-to-text model's label words); {backbone.display_name} offers "
             f"{', '.join(backbone.objectives)}."
         )
+
+
+ADAPTATION_ROUTINGS = ("sample", "batch")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_adaptation_routing(model, adaptation_routing: str, num_processes: int) -> None:
+    """"batch" needs a WEMoE model, and one process: each process would average the routing of its own share of the
+    batch, so several would not end as one does."""
+    if adaptation_routing not in ADAPTATION_ROUTINGS:
+        raise ValueError(
+            f"--adaptation-routing must be one of {', '.join(ADAPTATION_ROUTINGS)}, got {adaptation_routing!r}."
+        )
+    if adaptation_routing == "sample":
+        return
+    if not hasattr(model, "route_each_batch_as_one"):
+        raise ValueError(
+            f"--adaptation-routing batch routes a WEMoE model's batches; {type(model).__name__} has no routers."
+        )
+    if num_processes > 1:
+        raise ValueError(
+            f"--adaptation-routing batch averages the routing of each batch; on {num_processes} processes each would "
+            "average its own share, and the run would not end as a single-process run: run it on one process."
+        )
+
+
+def check_lr_schedule(lr_schedule: str) -> None:
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
 
 
 def check_batch_size(batch_size: int, num_processes: int) -> None:
@@ -260,7 +307,7 @@ def task_streams(
     processor,
     batch_size: int,
     task_labels: Mapping[str, list[str]] | None = None,
-    objective: str = DEFAULT_OBJECTIVE,
+    objective: str = LABEL_WORDS,
 ) -> dict[str, TaskStream]:
     """A stream per task of `load_task_datasets`' result, as the family turns its data into model inputs; its logits
     are those of the adaptation `objective` (checked with `check_objective`; only a family that offers another entropy
@@ -287,7 +334,7 @@ def adapt_artifact(
     output: str | os.PathLike,
     *,
     steps: int = 1000,
-    lr: float = 1e-4,
+    lr: float | None = None,
     batch_size: int = 16,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -303,6 +350,8 @@ def adapt_artifact(
     corruption: Corruption | None = None,
     objective: str = DEFAULT_OBJECTIVE,
     entropy_weight: float = 0.0,
+    adaptation_routing: str = "sample",
+    lr_schedule: str = "constant",
 ) -> Path:
     """Adapt the artifact in `model_dir` on `data` (DATA.yaml path, dict or `DataConfig`) and save the result as a
     complete artifact in `output` (atomically, under a lock: see `wemoe.outputs`), its card and
@@ -312,10 +361,12 @@ def adapt_artifact(
     a resume's settings, the artifact's recipe. The model runs on the device accelerate gives each process (a GPU
     where there is one), or on the CPU with `cpu` (as `accelerate launch --cpu` or `ACCELERATE_USE_CPU=true`).
     `keep_checkpoints`: see `adapt`. `corruption` corrupts every task's images (`wemoe.corruptions`); the run
-    records it with the data. `objective` (`wemoe.streams.OBJECTIVES`): the paper's entropy over each task's classes
-    or label words (default), or, for T5, over the label words plus one bin for every other token
-    (`"label-words-and-rest"`), or `"task-routing"`, which pulls each input's routing weights toward its own task's
-    expert, plus `entropy_weight` times the paper's entropy; recorded with the run."""
+    records it with the data. `objective` (`wemoe.streams.OBJECTIVES`): `"task-routing"` (the default), which pulls
+    each input's routing weights toward its own task's expert, plus `entropy_weight` times the paper's entropy; the
+    paper's entropy over each task's classes or label words (`"label-words"`); or, for T5, over the label words plus
+    one bin for every other token (`"label-words-and-rest"`); recorded with the run. `lr`: Adam's learning rate
+    (default: the objective's, `wemoe.streams.DEFAULT_LRS`). `adaptation_routing` and `lr_schedule`: see `adapt`."""
+    lr = default_lr(objective) if lr is None else lr
     check_training_settings(steps, lr, checkpointing_steps, keep_checkpoints)
     check_entropy_weight(objective, entropy_weight)
     checkpoint_dir = Path(checkpoint_dir or f"{output}.checkpoints")
@@ -331,10 +382,11 @@ def adapt_artifact(
     data_config = data if corruption is None else with_corruption(data, corruption)
     datasets = load_task_datasets(data_config, list(config.tasks), backbone.input_kind)
     run_settings = {"model": model_identity(model_dir), "batch_size": batch_size, "data": data_fingerprint(datasets)}
-    if objective != DEFAULT_OBJECTIVE:  # recorded only when not the default: older checkpoints still resume
-        run_settings["objective"] = objective
+    run_settings["objective"] = objective
     if objective == TASK_ROUTING:
         run_settings["entropy_weight"] = entropy_weight
+    # Recorded only when not the default: checkpoints of releases without these options still resume.
+    run_settings.update(non_default_schedule(adaptation_routing, lr_schedule))
     if resume:
         resumable_checkpoint(checkpoint_dir, {"lr": lr, "seed": seed, **run_settings})
     recipe = source_recipe(model_dir)
@@ -359,17 +411,25 @@ def adapt_artifact(
             loss_log=losses,
             keep_checkpoints=keep_checkpoints,
             loss=adaptation_loss(objective, model.config, entropy_weight),
+            adaptation_routing=adaptation_routing,
+            lr_schedule=lr_schedule,
         )
         if accelerator.is_main_process:
             record = adaptation_record(
                 model_dir, datasets, steps, lr, batch_size, seed, losses, objective, entropy_weight
-            )
+            ) | non_default_schedule(adaptation_routing, lr_schedule)
             files = adapted_files(model_dir, recipe, record, model, backbone, push_to_hub)
             write_artifact(model, staging, processor, extra_files=files)
     accelerator.wait_for_everyone()
     if push_to_hub and accelerator.is_main_process:
         push_folder(Path(output), push_to_hub, "Upload test-time adapted WEMoE model", private=private)
     return Path(output)
+
+
+def non_default_schedule(adaptation_routing: str, lr_schedule: str) -> dict[str, str]:
+    """The adaptation-routing and learning-rate-schedule settings that differ from the defaults, as recorded."""
+    chosen = {"adaptation_routing": adaptation_routing, "lr_schedule": lr_schedule}
+    return {key: value for key, value in chosen.items() if value not in ("sample", "constant")}
 
 
 def source_recipe(model_dir: str | os.PathLike) -> MergeRecipe | None:
@@ -387,7 +447,7 @@ def adaptation_record(
     batch_size: int,
     seed: int,
     losses: list[float],
-    objective: str = DEFAULT_OBJECTIVE,
+    objective: str = LABEL_WORDS,
     entropy_weight: float = 0.0,
 ) -> dict:
     """What the adapted artifact says about its run: which model it adapted (the name its card gives it, under which

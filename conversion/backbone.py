@@ -19,7 +19,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from .checkpoints import ModelSource, TensorSource
 from .results import EvaluationResults
-from .streams import TaskStream
+from .streams import LABEL_WORDS, TASK_ROUTING, TaskStream
 
 
 class Backbone:
@@ -68,7 +68,7 @@ class Backbone:
     architecture_fields: tuple[str, ...] = ()
     tensor_hints: Mapping[str, str] = {}
     card_summary: str = ""
-    objectives: tuple[str, ...] = ("label-words", "task-routing")
+    objectives: tuple[str, ...] = (LABEL_WORDS, TASK_ROUTING)
 
     # Checkpoints -------------------------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ def wemoe_config_options(options: MergeOptions) -> dict:
         "keep": options.keep if expert_format == "sparse" else None,
         "rank": options.rank if expert_format == "lowrank" else None,
         "init_lambda": options.router.init_lambda,
+        "router_init": options.router.init,
         "router_hidden_layers": options.router.hidden_layers,
         "router_normalization": options.router.normalization,
         "router_top_k": options.router.top_k,

@@ -177,13 +177,14 @@ def merge(
             shared router, task vectors pruned to `keep`; "static": no experts, every tensor merged by
             `static_merge`), `keep`, `expert_format` ("dense", "sparse", "lowrank"), `rank`, `static_merge` (the
             method for the tensors merged once, e.g. `{"method": "ties", "density": 0.2}`) and `router`
-            (`hidden_layers`, `top_k`, `init_lambda`, `granularity`, `decoder_routing` (T5: "token" or "prompt"),
-            `seed`).
+            (`hidden_layers`, `top_k`, `init_lambda`, `init` ("exact" or "reference"), `granularity`,
+            `decoder_routing` (T5: "token" or "prompt"), `seed`).
 
     Returns:
         The family's WEMoE model in eval mode, only its routers trainable; before adaptation it equals task
-        arithmetic at `router.init_lambda` on the experts' blocks. With `variant="static"`, a plain model of the
-        base's class; for families whose tasks keep their own heads, one per task (task name -> model).
+        arithmetic at `router.init_lambda` on the experts' blocks (exactly with `router.init` "exact", the default).
+        With `variant="static"`, a plain model of the base's class; for families whose tasks keep their own heads,
+        one per task (task name -> model).
     """
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     options = merge_options(options)

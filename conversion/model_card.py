@@ -56,7 +56,8 @@ def render_model_card(
     variant = VARIANT_NAMES[recipe.variant] + (f", keep {recipe.keep:g}" if recipe.variant == "e-wemoe" else "")
     router = (
         "router in every layer" if config.router_mode == "per_layer" else "single router shared by all layers"
-    ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing{decoder_routing_text(config)})"
+    ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing{decoder_routing_text(config)}"
+    router += ", initialised as the reference implementation)" if config.router_init == "reference" else ")"
     task_labels = config.task_labels or {}
     tasks = [
         {"name": task.name, "model": task.model, "labels": task_labels.get(task.name, [])} for task in recipe.tasks

@@ -92,6 +92,9 @@ class RouterSpec(Strict):
     normalization: Literal["none", "softmax"] = "none"  # softmax: an option, not the paper's (WEMoEConfig says why)
     top_k: int | None = Field(None, ge=1)
     init_lambda: FiniteFloat = DEFAULT_LAMBDA
+    # "exact": a fresh merge is exactly task arithmetic; "reference": the last router layer's weight from N(0, 0.01),
+    # as the authors' reference implementation (WEMoEConfig.router_init says more).
+    init: Literal["exact", "reference"] = "exact"
     granularity: Literal["sample", "token"] = "sample"
     # How a decoder (T5) routes: "token" (the paper) or "prompt", once per prompt from the pooled encoder output
     # (an option; WEMoEConfig.decoder_routing says more). Only for families with a decoder.

@@ -60,8 +60,13 @@ class WEMoEConfig(PreTrainedConfig):
             Router depth. 2: `Linear(d, d) -> ReLU -> Linear(d, num_experts)` (the paper's default);
             1: `Linear(d, num_experts)`; 0: a learned vector of `num_experts` weights, the same for every input.
         init_lambda (`float`, defaults to 0.3):
-            Initial routing weight of every expert: the last router layer starts at weight 0 and bias
-            `init_lambda`, so a fresh model is task arithmetic with scaling `init_lambda`.
+            Initial routing weight of every expert: the last router layer starts at bias `init_lambda`.
+        router_init (`"exact"` or `"reference"`, defaults to `"exact"`):
+            How the routers start. `"exact"`: the last router layer's weight is 0, so a fresh model is exactly task
+            arithmetic with scaling `init_lambda`. `"reference"`: that weight is drawn from N(0, 0.01), as the
+            authors' reference implementation does, so a fresh model is task arithmetic up to small per-input
+            deviations. The hidden layer is drawn from N(0, 0.01) either way. Only the initialisation differs: a
+            saved model loads its router weights as they are.
         router_normalization (`"none"` or `"softmax"`, defaults to `"none"`):
             `"none"`: the router's outputs are the routing weights (the paper). `"softmax"` (an option, not the
             paper's method): a softmax over the experts, so every weight-ensembled matrix is a convex combination
@@ -134,6 +139,7 @@ class WEMoEConfig(PreTrainedConfig):
     router_normalization: Literal["none", "softmax"] = "none"
     router_top_k: int | None = None
     init_lambda: float | int = 0.3
+    router_init: Literal["exact", "reference"] = "exact"
     routing_granularity: Literal["sample", "token"] = "sample"
     decoder_routing: Literal["token", "prompt"] = "token"
     expert_format: Literal["dense", "sparse", "lowrank"] = "dense"
@@ -224,6 +230,8 @@ class WEMoEConfig(PreTrainedConfig):
             raise ValueError(f"`router_normalization` must be 'none' or 'softmax', got {self.router_normalization!r}.")
         if not math.isfinite(self.init_lambda):
             raise ValueError(f"`init_lambda` must be a finite number, got {self.init_lambda}.")
+        if self.router_init not in ("exact", "reference"):
+            raise ValueError(f"`router_init` must be 'exact' or 'reference', got {self.router_init!r}.")
 
     def validate_decoder_routing(self):
         if self.decoder_routing not in ("token", "prompt"):

@@ -603,6 +603,9 @@ class WEMoELinear(nn.Module):
         # False: the experts take the routing weights as constants, so a loss reaches each router only through the
         # routing weights it gives (`WEMoEPreTrainedModel.route_gradients_through_experts`).
         self.routing_gradients = True
+        # True: one weight for the whole batch, merged with its mean routing weights (the reference's adaptation
+        # mode; `WEMoEPreTrainedModel.route_each_batch_as_one`). Never saved: serving routes each sample.
+        self.batch_routing = False
 
     def prepare(self) -> None:
         """Build the task-vector stores' derived layouts (E-WEMoE's tile index) ahead of the first forward."""
@@ -613,11 +616,22 @@ class WEMoELinear(nn.Module):
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if not self.routing_gradients:
             routing_weights = routing_weights.detach()
+        if self.batch_routing:
+            return self.forward_batch_as_one(hidden_states, routing_weights)
         output = self.weight_task_vectors.apply(hidden_states, self.weight, routing_weights, self.top_k)
         if self.bias is None:
             return output
         bias = self.bias + self.bias_task_vectors.combine(routing_weights)
         return output + (bias.unsqueeze(1) if routing_weights.dim() == 2 else bias)
+
+    def forward_batch_as_one(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """One merged weight `W0 + sum_i mean(r)_i tau_i` for the whole batch, the mean over every sample (and token,
+        where routing is per token): a dense linear's cost plus one merge, as the reference's `batch_reduce`."""
+        mean_weights = routing_weights.reshape(-1, routing_weights.shape[-1]).mean(dim=0)
+        dtype = hidden_states.dtype
+        weight = self.weight + self.weight_task_vectors.combine(mean_weights).to(self.weight.dtype)
+        bias = None if self.bias is None else (self.bias + self.bias_task_vectors.combine(mean_weights)).to(dtype)
+        return F.linear(hidden_states, weight.to(dtype), bias)
 
     def extra_repr(self) -> str:
         top_k = "" if self.top_k is None else f", top_k={self.top_k}"
@@ -626,15 +640,19 @@ class WEMoELinear(nn.Module):
 
 class WEMoERouterLinear(nn.Linear):
     """A router layer, initialised for routing rather than by the generic `nn.Linear` rule: the output layer starts
-    at weight 0 and bias `init_lambda` (so routing starts as task arithmetic), a hidden layer at N(0, 0.01)."""
+    at bias `init_lambda` and weight 0 (so routing starts as exactly task arithmetic) or, as the reference
+    implementation, N(0, 0.01); a hidden layer at N(0, 0.01)."""
 
     def __init__(self, in_features: int, out_features: int, is_output: bool):
         super().__init__(in_features, out_features)
         self.is_output = is_output
 
-    def reset_for_routing(self, init_lambda: float) -> None:
+    def reset_for_routing(self, init_lambda: float, reference: bool = False) -> None:
         if self.is_output:
-            init.zeros_(self.weight)
+            if reference:
+                init.normal_(self.weight, std=0.01)
+            else:
+                init.zeros_(self.weight)
             init.constant_(self.bias, init_lambda)
         else:
             init.normal_(self.weight, std=0.01)
@@ -892,7 +910,7 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         # the config alone well defined (the pre-trained base with zero task vectors). A tensor is initialised
         # only once, so router layers must not fall through to the generic `nn.Linear` rule.
         if isinstance(module, WEMoERouterLinear):
-            module.reset_for_routing(self.config.init_lambda)
+            module.reset_for_routing(self.config.init_lambda, reference=self.config.router_init == "reference")
             return
         super()._init_weights(module)
         if module is self:
@@ -927,6 +945,15 @@ class WEMoEPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, WEMoELinear):
                 module.routing_gradients = enabled
+
+    def route_each_batch_as_one(self, enabled: bool = True) -> None:
+        """Whether every upscaled linear merges one weight per batch from the batch's mean routing weights (the
+        reference implementation's adaptation mode, `batch_reduce`: each adaptation batch holds one task's inputs)
+        instead of one per sample. For adaptation only: a sample's output then depends on its batch mates, so it is
+        never saved, and `wemoe.adapt` switches it off before returning the model."""
+        for module in self.modules():
+            if isinstance(module, WEMoELinear):
+                module.batch_routing = enabled
 
     def parameter_report(self) -> dict[str, int]:
         """Trainable and total parameter counts, and how many task-vector entries are stored."""

@@ -155,7 +155,7 @@ def demo_checkpoints(tmp_path_factory) -> dict[str, str]:
     from wemoe.cli.demo import save_toy_checkpoints, write_demo_data
 
     workspace = tmp_path_factory.mktemp("demo")
-    paths = save_toy_checkpoints(workspace, seed=0)
+    paths = save_toy_checkpoints(workspace, seed=0, expert_steps=1)
     shapes = write_demo_data(workspace, seed=0)["tasks"]["shapes"]
     return {**paths, "data": write_yaml({"tasks": {"shapes": shapes}}, workspace / "shapes.yaml")}
 
@@ -187,6 +187,7 @@ def test_a_bare_vision_tower_is_scored_zero_shot_in_its_base(demo_checkpoints, t
 
     from wemoe.backbones import get_backbone
     from wemoe.backbones.clip import ZeroShotCLIP
+    from wemoe.cli.demo import HELD_OUT_IMAGES_PER_TASK
     from wemoe.data import load_data_config, load_task_dataset
 
     whole = whole_clip(demo_checkpoints, tmp_path / "whole")
@@ -194,7 +195,7 @@ def test_a_bare_vision_tower_is_scored_zero_shot_in_its_base(demo_checkpoints, t
     wemoe_eval([demo_checkpoints["shapes"], data, "--base", base, "--output", str(tmp_path / "tower.json")])
     wemoe_eval([str(tmp_path / "whole"), data, "--output", str(tmp_path / "whole.json")])
     tower, expected = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("tower", "whole"))
-    assert tower == expected and tower["shapes"]["num_samples"] == 24
+    assert tower == expected and tower["shapes"]["num_samples"] == HELD_OUT_IMAGES_PER_TASK
 
     # Not equal by chance: the classifier gives the whole model's logits.
     data_config = load_data_config(data)

@@ -119,10 +119,10 @@ def test_publish_convert_adapt_evaluate(hub_models, hub, classnames, task_data, 
     }
     assert set(record["data"]) == set(classnames)
     assert all(record["data"][task].items() >= spec.items() for task, spec in task_data["tasks"].items())
-    assert record["final_entropy"] > 0 and record["final_entropy_steps"] == 3
+    assert record["objective"] == "task-routing" and record["final_loss"] > 0 and record["final_loss_steps"] == 3
     assert "test-time-adaptation" in card.data.tags
     assert "This is **my-org/wemoe** after test-time adaptation" in card.text
-    assert f"| final entropy | {record['final_entropy']:.4f} (mean over the last 3 steps) |" in card.text
+    assert f"| final loss | {record['final_loss']:.4f} (mean over the last 3 steps) |" in card.text
     for task, spec in task_data["tasks"].items():
         assert f"| {task} | path: parquet; " in card.text and spec["data_files"] in card.text
     # The model-index: the unadapted model's results, kept under its name, then the adapted model's.

@@ -19,7 +19,7 @@ from wemoe.backbones.bert import TextClassificationStream
 from wemoe.backbones.clip import ImageTaskStream
 from wemoe.backbones.t5 import TextTaskStream
 from wemoe.cli.tta import main as tta_main
-from wemoe.streams import DEFAULT_OBJECTIVE, adaptation_loss, check_entropy_weight, task_routing_loss
+from wemoe.streams import LABEL_WORDS, adaptation_loss, check_entropy_weight, task_routing_loss
 
 BATCH = 8
 STEPS = 60
@@ -59,7 +59,7 @@ def test_per_token_routing_counts_real_tokens_only():
 def test_the_entropy_weight_belongs_to_task_routing():
     check_entropy_weight("task-routing", 0.5)
     with pytest.raises(ValueError, match="--entropy-weight adds the paper's entropy to the task-routing objective"):
-        check_entropy_weight(DEFAULT_OBJECTIVE, 0.5)
+        check_entropy_weight(LABEL_WORDS, 0.5)
     with pytest.raises(ValueError, match="--entropy-weight must be a number >= 0"):
         check_entropy_weight("task-routing", -1.0)
 
@@ -177,7 +177,7 @@ def test_t5_encoder_and_decoder_routers_learn_each_input_s_task(storage, decoder
     vocab = range(3, base.config.vocab_size)
     streams = {
         task: SyntheticStream(TextTaskStream, task, token_draw(i, len(experts), vocab), label_ids=None,
-                              objective=DEFAULT_OBJECTIVE).stream
+                              objective=LABEL_WORDS).stream
         for i, task in enumerate(experts)
     }  # fmt: skip
     encoder_layers = base.config.num_layers
@@ -199,8 +199,9 @@ def test_wemoe_tta_records_the_objective_and_resumes_only_the_same_run(artifact,
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump(task_data))
     output = tmp_path / "adapted"
+    # Task routing: the default objective.
     run = [str(artifact), str(data), "--output", str(output), "--lr", "0.001", "--batch-size", "4",
-           "--checkpointing-steps", "1", "--objective", "task-routing"]  # fmt: skip
+           "--checkpointing-steps", "1"]  # fmt: skip
     tta_main([*run, "--entropy-weight", "0.5", "--steps", "2"])
     record = yaml.safe_load((output / "merge_config.yaml").read_text())["adaptation"]
     assert (record["objective"], record["entropy_weight"], record["lr"]) == ("task-routing", 0.5, 0.001)
@@ -213,15 +214,27 @@ def test_wemoe_tta_records_the_objective_and_resumes_only_the_same_run(artifact,
         tta_main([*run, "--entropy-weight", "0.1", "--steps", "3", "--resume", "--overwrite"])
     assert "entropy_weight: checkpoint 0.5, this run 0.1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tta_main([*run[:-2], "--steps", "3", "--resume", "--overwrite"])  # the default objective
-    assert "objective: checkpoint 'task-routing', this run None" in capsys.readouterr().err
+        tta_main([*run, "--objective", "label-words", "--steps", "3", "--resume", "--overwrite"])
+    assert "objective: checkpoint 'task-routing', this run 'label-words'" in capsys.readouterr().err
+
+
+def test_wemoe_tta_adapts_by_task_routing_at_its_own_rate_unless_told_otherwise(artifact, task_data, tmp_path):
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump(task_data))
+    for objective, lr in ((None, 3e-3), ("label-words", 1e-4)):
+        output = tmp_path / str(objective)
+        chosen = ["--objective", objective] if objective else []
+        tta_main([str(artifact), str(data), "--output", str(output), "--batch-size", "4", "--steps", "1", *chosen])
+        record = yaml.safe_load((output / "merge_config.yaml").read_text())["adaptation"]
+        assert (record["objective"], record["lr"]) == (objective or "task-routing", lr)
 
 
 def test_the_entropy_weight_is_refused_with_an_entropy_objective(artifact, task_data, tmp_path, capsys):
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump(task_data))
     with pytest.raises(SystemExit):
-        tta_main([str(artifact), str(data), "--output", str(tmp_path / "out"), "--entropy-weight", "1"])
+        tta_main([str(artifact), str(data), "--output", str(tmp_path / "out"), "--objective", "label-words",
+                  "--entropy-weight", "1"])  # fmt: skip
     assert "--entropy-weight adds the paper's entropy to the task-routing objective" in capsys.readouterr().err
 
 

@@ -56,7 +56,7 @@ def all_tensors(model_dir) -> dict[str, torch.Tensor]:
 
 def test_twenty_steps_lower_entropy_and_change_only_routers(artifact, task_data, tmp_path):
     data_yaml = write_yaml(task_data, tmp_path / "data.yaml")
-    run_tta(artifact, data_yaml, tmp_path / "adapted", "--steps", "20")
+    run_tta(artifact, data_yaml, tmp_path / "adapted", "--steps", "20", "--objective", "label-words")
 
     before, after = all_tensors(artifact), all_tensors(tmp_path / "adapted")
     assert before.keys() == after.keys()

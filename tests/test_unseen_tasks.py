@@ -132,7 +132,7 @@ def test_tta_adapts_with_or_without_its_data(with_pets, data, tmp_path):
     of its own head's distribution. The routing weights stay over the experts either way."""
     merged_only = {"tasks": {t: s for t, s in data["tasks"].items() if t != "pets"}}
     pets_only = {"tasks": {"pets": data["tasks"]["pets"]}}
-    options = {"steps": 1, "lr": 1e-2, "batch_size": 4, "checkpointing_steps": None}
+    options = {"steps": 1, "lr": 1e-2, "batch_size": 4, "checkpointing_steps": None, "objective": "label-words"}
     routers = {}
     for name, config in (("merged-only", merged_only), ("pets-only", pets_only)):
         output = wemoe.adapt_artifact(with_pets, config, tmp_path / name, **options)

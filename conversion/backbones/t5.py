@@ -27,7 +27,7 @@ from ..backbone import Backbone, register_backbone
 from ..checkpoints import ModelSource, load_base_model, load_tokenizer
 from ..data import TaskData, check_tasks_known
 from ..results import EvaluationResults, check_label_names, class_names_of
-from ..streams import DEFAULT_OBJECTIVE, StreamOutput, TaskStream, label_words_and_rest, routed_layers
+from ..streams import LABEL_WORDS, TASK_ROUTING, StreamOutput, TaskStream, label_words_and_rest, routed_layers
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ class TextTaskStream(TaskStream):
         batch_size: int,
         task: str,
         label_words: list | None,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str = LABEL_WORDS,
     ):
         super().__init__(dataset, spec.text_column, batch_size, task)
-        if objective != DEFAULT_OBJECTIVE and not label_words:
+        if objective != LABEL_WORDS and not label_words:
             raise ValueError(
                 f"Task {task!r}: the adaptation objective {objective!r} needs the task's label words (`classnames` "
                 "in the recipe), and the artifact records none."
@@ -116,7 +116,7 @@ class TextTaskStream(TaskStream):
     def objective_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.label_ids is None:
             return logits
-        if self.objective == DEFAULT_OBJECTIVE:
+        if self.objective == LABEL_WORDS:
             return logits[:, self.label_ids]
         return label_words_and_rest(logits, self.label_ids)
 
@@ -139,7 +139,7 @@ class T5Backbone(Backbone):
         "lm_head.weight (Flan-T5, T5 v1.1), the other reuses `shared` (original T5). Merge experts fine-tuned from "
         "the same base checkpoint."
     }
-    objectives = ("label-words", "label-words-and-rest", "task-routing")
+    objectives = (LABEL_WORDS, "label-words-and-rest", TASK_ROUTING)
     card_summary = (
         "A multi-task T5 text-to-text model: {n} fine-tuned T5 models merged into one. The encoder routes each prompt "
         "as a whole (its real tokens averaged), the decoder every token or once per prompt (see the router below)."
@@ -201,7 +201,7 @@ class T5Backbone(Backbone):
         return base, ""
 
     def task_stream(
-        self, dataset, spec, processor, batch_size, task, labels, objective: str = DEFAULT_OBJECTIVE
+        self, dataset, spec, processor, batch_size, task, labels, objective: str = LABEL_WORDS
     ) -> TextTaskStream:
         return TextTaskStream(dataset, spec, processor, batch_size, task, labels, objective)
 

@@ -35,7 +35,7 @@ DEMO_TASKS = {
 }
 TRAIN_IMAGES_PER_TASK = 96  # labelled: what each expert is fine-tuned on
 HELD_OUT_IMAGES_PER_TASK = 48  # what adaptation sees (unlabeled) and every model is scored on
-TTA = {"objective": "task-routing", "lr": 3e-3, "batch_size": 8}  # besides --tta-steps and --seed
+TTA_BATCH_SIZE = 8  # per task; the objective and learning rate are wemoe-tta's defaults (task routing, 3e-3)
 WORKSPACE_MARKER = ".wemoe-demo"  # a workspace the demo made, and may replace on the next run
 
 EPILOG = """examples:
@@ -112,8 +112,7 @@ def prepare_workspace(workspace: Path) -> None:
 def replay_commands(workspace: Path, args: argparse.Namespace) -> list[str]:
     """The CLI lines that redo the demo's conversion, adaptation and evaluations from its workspace."""
     merged, adapted, data = workspace / "merged", workspace / "adapted", workspace / "data.yaml"
-    tta = {"--objective": TTA["objective"], "--steps": args.tta_steps, "--lr": TTA["lr"],
-           "--batch-size": TTA["batch_size"], "--seed": args.seed}  # fmt: skip
+    tta = {"--steps": args.tta_steps, "--batch-size": TTA_BATCH_SIZE, "--seed": args.seed}
     tta_options = [str(word) for option in tta.items() for word in option]
     lines = [
         ["wemoe-convert", workspace / "recipe.yaml", merged, "--overwrite"],
@@ -198,9 +197,9 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
     print(f"Converted them with {workspace / 'recipe.yaml'} (as `wemoe-convert` does) into {merged}")
 
     output = workspace / "adapted"
-    adapt_artifact(merged, data, output, steps=args.tta_steps, seed=args.seed, **TTA)
+    adapt_artifact(merged, data, output, steps=args.tta_steps, seed=args.seed, batch_size=TTA_BATCH_SIZE)
     print(
-        f"Adapted the routers for {args.tta_steps} steps on the held-out images, unlabeled, by {TTA['objective']} "
+        f"Adapted the routers for {args.tta_steps} steps on the held-out images, unlabeled, by task routing "
         f"(as `wemoe-tta` does) into {output}"
     )
     print_scores(data, checkpoints, merged, output)

@@ -27,8 +27,11 @@ examples:
   wemoe-tta ./model data.yaml --output ./adapted --steps 2000 --checkpointing-steps 200 --resume
   wemoe-tta ./model data.yaml --output ./adapted --push-to-hub my-org/clip-b32-wemoe-8task-tta --private
   wemoe-tta ./model data.yaml --output ./adapted --checkpointing-steps 200 --keep-checkpoints 1
-  wemoe-tta ./model data.yaml --output ./adapted --objective task-routing --lr 1e-3 --steps 200
+  wemoe-tta ./model data.yaml --output ./adapted --steps 250                          # task routing, lr 3e-3
+  wemoe-tta ./model data.yaml --output ./adapted --objective label-words --lr 1e-4    # the paper's entropy
   wemoe-tta ./t5-model data.yaml --output ./adapted --objective label-words-and-rest   # T5: count off-label mass
+  wemoe-tta ./model data.yaml --output ./adapted --objective label-words --adaptation-routing batch --lr-schedule cosine
+                                                                         # the reference implementation's protocol
   wemoe-tta ./model data.yaml --output ./adapted-blur --corruption motion_blur --severity 3   # on corrupted images
   accelerate launch --num_processes 4 -m wemoe.cli.tta ./model data.yaml --output ./adapted --mixed-precision bf16
   ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m wemoe.cli.tta ./model data.yaml --output ./a
@@ -38,8 +41,8 @@ examples:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="wemoe-tta",
-        description="Adapt a WEMoE artifact's routers at test time on unlabeled task data (entropy minimisation, as "
-        "in the paper, or task routing), on one process or many with accelerate.",
+        description="Adapt a WEMoE artifact's routers at test time on unlabeled task data (task routing, or the "
+        "paper's entropy minimisation), on one process or many with accelerate.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,19 +50,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("data", type=Path, help="DATA.yaml: a datasets.load_dataset spec per task.")
     parser.add_argument("--output", required=True, type=Path, help="Directory for the adapted artifact.")
     parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps (default: 1000).")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4).")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: the objective's: 3e-3 for task-routing, the paper's 1e-4 for the others).",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="Global batch size per task (default: 16).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for data order and router init (default: 0).")
     parser.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default=DEFAULT_OBJECTIVE,
-        help="What adaptation minimises. label-words (the paper's, default): the entropy of each task's classes, or "
-        "of a T5's label words at the first decoding step; label-words-and-rest (T5 only) adds one bin holding the "
-        "probability of every other token, so that mass outside the label words is penalised too. task-routing: "
-        "every layer's routing weights pulled toward the expert of the task whose data the input came from (raw "
-        "routing: that expert at 1, the others at 0, and an expert-less task's inputs at 0, the base; softmax routing: "
-        "cross-entropy to that expert); at inference the routers still route each input on their own.",
+        help="What adaptation minimises. task-routing (default): every layer's routing weights pulled toward the "
+        "expert of the task whose data the input came from (raw routing: that expert at 1, the others at 0, and an "
+        "expert-less task's inputs at 0, the base; softmax routing: cross-entropy to that expert); at inference the "
+        "routers still route each input on their own. label-words (the paper's): the entropy of each task's "
+        "classes, or of a T5's label words at the first decoding step; label-words-and-rest (T5 only) adds one bin "
+        "holding the probability of every other token, so that mass outside the label words is penalised too.",
     )
     parser.add_argument(
         "--entropy-weight",
@@ -67,6 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         metavar="W",
         help="With --objective task-routing: add W times the paper's entropy to the loss (default: 0).",
+    )
+    parser.add_argument(
+        "--adaptation-routing",
+        choices=["sample", "batch"],
+        default="sample",
+        help="sample (default): route every input on its own, as the model serves. batch: merge one weight per task "
+        "batch from its mean routing weights, the reference implementation's adaptation mode (faster per step; one "
+        "process). Serving routes each sample either way.",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="constant (default), or cosine: decay the learning rate to 0 over --steps (the authors' script).",
     )
     parser.add_argument(
         "--checkpointing-steps", type=int, default=100, help="Save a checkpoint every N steps (default: 100)."
