@@ -265,7 +265,7 @@ def check_objective(backbone: Backbone, objective: str) -> None:
         )
 
 
-ADAPTATION_ROUTINGS = ("sample", "batch")
+ADAPTATION_ROUTINGS = ("sample", "batch")  # the first of each is the default
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -428,8 +428,11 @@ def adapt_artifact(
 
 def non_default_schedule(adaptation_routing: str, lr_schedule: str) -> dict[str, str]:
     """The adaptation-routing and learning-rate-schedule settings that differ from the defaults, as recorded."""
-    chosen = {"adaptation_routing": adaptation_routing, "lr_schedule": lr_schedule}
-    return {key: value for key, value in chosen.items() if value not in ("sample", "constant")}
+    chosen = {
+        "adaptation_routing": (adaptation_routing, ADAPTATION_ROUTINGS),
+        "lr_schedule": (lr_schedule, LR_SCHEDULES),
+    }
+    return {key: value for key, (value, options) in chosen.items() if value != options[0]}
 
 
 def source_recipe(model_dir: str | os.PathLike) -> MergeRecipe | None:

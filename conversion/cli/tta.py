@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from ..adaptation import adapt_artifact
+from ..adaptation import ADAPTATION_ROUTINGS, LR_SCHEDULES, adapt_artifact
 from ..streams import DEFAULT_OBJECTIVE, OBJECTIVES
 from . import add_corruption_flags, add_verbosity_flags, configure_logging, corruptions_from_args, error_message
 
@@ -78,16 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--adaptation-routing",
-        choices=["sample", "batch"],
-        default="sample",
+        choices=ADAPTATION_ROUTINGS,
+        default=ADAPTATION_ROUTINGS[0],
         help="sample (default): route every input on its own, as the model serves. batch: merge one weight per task "
         "batch from its mean routing weights, the reference implementation's adaptation mode (faster per step; one "
         "process). Serving routes each sample either way.",
     )
     parser.add_argument(
         "--lr-schedule",
-        choices=["constant", "cosine"],
-        default="constant",
+        choices=LR_SCHEDULES,
+        default=LR_SCHEDULES[0],
         help="constant (default), or cosine: decay the learning rate to 0 over --steps (the authors' script).",
     )
     parser.add_argument(
