@@ -14,10 +14,11 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionModel
 TOY_CHARACTERS = string.ascii_lowercase + string.digits + ".,'-"
 
 
-def toy_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP tokenizer (no merges) covering lowercase prompts."""
+def toy_tokenizer(characters: str = TOY_CHARACTERS) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (no merges) covering lowercase prompts (any other character reads as the
+    end of text)."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for character in TOY_CHARACTERS:
+    for character in characters:
         vocab[character] = len(vocab)
         vocab[f"{character}</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[])

@@ -230,3 +230,16 @@ def test_tta_with_the_rest_objective_minimises_it_and_records_it(t5_artifact, te
         assert record["objective"] == objective
     default, rest = (load_file(outputs[o] / "model.safetensors") for o in outputs)
     assert any(not torch.equal(default[key], rest[key]) for key in default if ".router." in key)
+
+
+def test_task_routing_adapts_tasks_without_label_words(t5_artifact, text_data, tmp_path):
+    """Task routing's loss reads the routing weights only: a task the recipe gives no label words (STS-B in the Flan-T5
+    GLUE recipe) adapts with the others under the default objective."""
+    import yaml
+
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(text_data))
+    output = tmp_path / "routed"
+    main([str(t5_artifact), str(data_yaml), "--output", str(output), "--batch-size", "4", "--steps", "2"])
+    record = yaml.safe_load((output / "merge_config.yaml").read_text())["adaptation"]
+    assert record["objective"] == "task-routing" and set(record["data"]) == {"sst2", "topic", "nli"}

@@ -23,9 +23,10 @@ TOY_WORDS = (
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
 
-def toy_t5_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer (punctuation split off, `</s>` appended) over `TOY_WORDS`, T5's special-token ids."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(TOY_WORDS)))}
+def toy_t5_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (punctuation split off, `</s>` appended) over `TOY_WORDS` and `extra_words`, T5's
+    special-token ids."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys([*TOY_WORDS, *extra_words])))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -33,13 +34,17 @@ def toy_t5_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def toy_t5_config(
-    gated: bool = True, tied: bool = False, num_layers: int = 2, num_decoder_layers: int | None = 3
+    gated: bool = True,
+    tied: bool = False,
+    num_layers: int = 2,
+    num_decoder_layers: int | None = 3,
+    vocab_size: int | None = None,
 ) -> T5Config:
     """Flan-T5 style (gated-gelu, own lm_head, unscaled decoder output) or original T5 (relu, tied, scaled);
-    encoder and decoder depths may differ."""
+    encoder and decoder depths may differ; the vocabulary is `toy_t5_tokenizer()`'s unless `vocab_size` says."""
     return T5Config(
         tie_word_embeddings=tied,
-        vocab_size=len(toy_t5_tokenizer()),
+        vocab_size=vocab_size or len(toy_t5_tokenizer()),
         d_model=32,
         d_kv=8,
         d_ff=64,
