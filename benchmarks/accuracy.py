@@ -61,7 +61,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accuracy_common import (
+    ATTENTION,
+    ATTENTION_FIELDS,
     LAMBDAS,
+    ORACLE_ROWS,
     Adaptation,
     TasksFile,
     choose_on_validation,
@@ -80,7 +83,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
+from diagnostics import oracle_results, task_vector_norms, write_diagnostics
 from PIL import Image, ImageDraw, ImageFont
 from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
@@ -531,7 +534,6 @@ def check_regime(checkpoints: dict[str, Path], tasks: TasksFile, cache: Path, st
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
-ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 # Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
 TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 500))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
@@ -557,6 +559,7 @@ def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
         "E-WEMoE keep=0.1, task routing": ({"variant": "e-wemoe", "keep": 0.1}, TASK_ROUTING),
         "E-WEMoE keep=0.1, task routing, softmax routing": ({"variant": "e-wemoe", "keep": 0.1, **softmax},
                                                             TASK_ROUTING),
+        f"WEMoE, task routing{ATTENTION}": ({"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
     }  # fmt: skip
 
 
@@ -613,9 +616,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, lam
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json")
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(names)),
                            "model": str(scored)}  # fmt: skip
-    oracle = oracle_artifacts(cache / "models" / "wemoe", cache / "models" / "oracle")
-    results[ORACLE_ROW] = {"scores": score_each_alone(oracle, tasks, cache, "oracle"), "parameters": (0, None)}
-    return results
+    return {**results, **oracle_results(cache, tasks)}
 
 
 # ------------------------------------------------------------------------------------------------- diagnostics
@@ -703,7 +704,7 @@ def robustness(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, resu
 
     table = {}
     for method, result in results.items():
-        if method == ORACLE_ROW:
+        if method in ORACLE_ROWS:
             continue
         if method == "individual fine-tunes":
             per_task = {task: scored(checkpoints[task], [task], f"individual_{task}") for task in tasks.tasks}
@@ -763,7 +764,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_methods(args.cache, checkpoints, tasks, regime["task_arithmetic"]["lambda"], scale, args.seed)
     table = write_results(results, names, args.results, "accuracy")
     validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
-    excluded = ("pre-trained (zero-shot)", ORACLE_ROW)
+    excluded = ("pre-trained (zero-shot)", *ORACLE_ROWS)
     recommended = recommend("accuracy", results, validation, args.cache, args.results, excluded)
     report = diagnostics(checkpoints, tasks, results, args.results)
     (args.results / "accuracy_regime.json").write_text(json.dumps(regime, indent=2))

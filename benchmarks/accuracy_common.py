@@ -49,6 +49,15 @@ class Adaptation:
 # The task-routing objective's `wemoe-tta` options (its learning rate and steps are chosen on validation).
 TASK_ROUTING_ARGS = ("--objective", TASK_ROUTING)
 
+# Rows whose experts are the attention projections as well as the MLPs (`upscale`); the oracle rows force each task's
+# expert on a converted, unadapted model of the row they name (raw routing): the static part's cost alone.
+ATTENTION_FIELDS = {"upscale": ["mlp", "attention"]}
+ATTENTION = ", MLP + attention upscaled"
+ORACLE_ROWS = {
+    "WEMoE, oracle routing (diagnostic)": ("WEMoE", "oracle"),
+    f"WEMoE{ATTENTION}, oracle routing (diagnostic)": (f"WEMoE, task routing{ATTENTION}", "oracle_attention"),
+}
+
 
 def train(
     model: torch.nn.Module,

@@ -57,7 +57,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accuracy_common import (
+    ATTENTION,
+    ATTENTION_FIELDS,
     LAMBDAS,
+    ORACLE_ROWS,
     Adaptation,
     TaskFiles,
     TasksFile,
@@ -75,7 +78,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
+from diagnostics import oracle_results, task_vector_norms, write_diagnostics
 from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from text_tasks import DEFAULT_TASKS, build_tasks
 from transformers import (
@@ -476,7 +479,6 @@ PAPER_TTA_LR = 1e-4
 TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 200, 400))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 PROMPT_ROUTING = {"decoder_routing": "prompt"}
-ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 EVAL_ARGS = ("--max-new-tokens", "4", "--batch-size", "64")
 
 
@@ -518,6 +520,7 @@ def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
                                                            TASK_ROUTING),
         "E-WEMoE keep=0.1, task routing, decoder routed per prompt": ({**e_wemoe, "router": PROMPT_ROUTING},
                                                                       TASK_ROUTING),
+        f"WEMoE, task routing{ATTENTION}": ({"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
     }  # fmt: skip
 
 
@@ -584,8 +587,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json", EVAL_ARGS)
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(tasks.tasks)),
                            "model": str(scored), "seconds": seconds}  # fmt: skip
-    copies = oracle_artifacts(cache / "models" / "wemoe", cache / "models" / "oracle")
-    results[ORACLE_ROW] = {"scores": score_each_alone(copies, tasks, cache, "oracle"), "parameters": (0, None)}
+    results.update(oracle_results(cache, tasks))
     results["task arithmetic lambda choice"] = choice
     return results
 
@@ -636,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(tasks.tasks)
     table = write_results(results, names, args.results, "accuracy_t5")
     validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
-    recommended = recommend("accuracy_t5", results, validation, args.cache, args.results, ("pre-trained", ORACLE_ROW),
+    recommended = recommend("accuracy_t5", results, validation, args.cache, args.results, ("pre-trained", *ORACLE_ROWS),
                             EVAL_ARGS)  # fmt: skip
     report = diagnostics(checkpoints, tasks, results, args.results)
     (args.results / "accuracy_t5_experts.json").write_text(json.dumps({**experts, "lambda": choice}, indent=2))

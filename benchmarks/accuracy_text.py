@@ -38,7 +38,10 @@ from pathlib import Path
 
 import torch
 from accuracy_common import (
+    ATTENTION,
+    ATTENTION_FIELDS,
     LAMBDAS,
+    ORACLE_ROWS,
     Adaptation,
     TaskFiles,
     TasksFile,
@@ -57,7 +60,7 @@ from accuracy_common import (
     write_results,
     write_yaml,
 )
-from diagnostics import oracle_artifacts, task_vector_norms, write_diagnostics
+from diagnostics import oracle_results, task_vector_norms, write_diagnostics
 from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
 from text_tasks import build_tasks
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
@@ -205,7 +208,6 @@ PAPER_TTA_LR = 1e-4
 # Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
 TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(50, 100, 150))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
-ORACLE_ROW = "WEMoE, oracle routing (diagnostic)"
 
 
 def methods(lambda_star: float, scale: Scale) -> dict[str, tuple[str, dict, str | None]]:
@@ -234,6 +236,9 @@ def methods(lambda_star: float, scale: Scale) -> dict[str, tuple[str, dict, str 
                                                              TASK_ROUTING),
         f"WEMoE low-rank r={scale.lowrank_rank}, task routing": ("full", lowrank, TASK_ROUTING),
         f"WEMoE, LoRA experts (r={LORA_RANK}), task routing": ("lora", lora, TASK_ROUTING),
+        f"WEMoE, task routing{ATTENTION}": ("full", {"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
+        f"WEMoE, task routing, softmax routing{ATTENTION}": ("full", {"variant": "wemoe", **softmax,
+                                                                       **ATTENTION_FIELDS}, TASK_ROUTING),
     }  # fmt: skip
 
 
@@ -273,14 +278,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
         results[method] = {
             "scores": scores, "parameters": count_parameters(scored, method, len(tasks.tasks)), "model": str(scored)
         }  # fmt: skip
-    results[ORACLE_ROW] = oracle_row(cache, tasks)
-    return results
-
-
-def oracle_row(cache: Path, tasks: TasksFile) -> dict:
-    """The unadapted WEMoE artifact with every router forced to the evaluated task's expert."""
-    copies = oracle_artifacts(cache / "models" / "wemoe", cache / "models" / "oracle")
-    return {"scores": score_each_alone(copies, tasks, cache, "oracle"), "parameters": (0, None)}
+    return {**results, **oracle_results(cache, tasks)}
 
 
 # ------------------------------------------------------------------------------------------------- diagnostics
@@ -317,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(tasks.tasks)
     table = write_results(results, names, args.results, "accuracy_text")
     validation = write_yaml(data_config(tasks, "validation"), args.cache / "data_validation.yaml")
-    recommended = recommend("accuracy_text", results, validation, args.cache, args.results, (ORACLE_ROW,))
+    recommended = recommend("accuracy_text", results, validation, args.cache, args.results, tuple(ORACLE_ROWS))
     report = diagnostics(args.cache, checkpoints, tasks, results, args.results)
     (args.results / "accuracy_text_experts.json").write_text(json.dumps(experts, indent=2))
     print(table)

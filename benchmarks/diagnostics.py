@@ -13,11 +13,12 @@ where every WEMoE linear receives them.
 """
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from accuracy_common import method_slug
+from accuracy_common import ORACLE_ROWS, method_slug, score_each_alone
 from safetensors.torch import load_file
 
 from wemoe.adaptation import task_streams
@@ -78,10 +79,25 @@ def oracle_artifacts(artifact: Path, output: Path) -> dict[str, Path]:
     return copies
 
 
+def oracle_results(cache: Path, tasks) -> dict:
+    """Every `ORACLE_ROWS` row: each task scored by its expert alone (`oracle_artifacts`) in the converted model of
+    the row it names."""
+    results = {}
+    for row, (source, stem) in ORACLE_ROWS.items():
+        copies = oracle_artifacts(cache / "models" / method_slug(source), cache / "models" / stem)
+        results[row] = {"scores": score_each_alone(copies, tasks, cache, stem), "parameters": (0, None)}
+    return results
+
+
+LAYER = re.compile(r".*?\.(layers|layer|block)\.\d+\.")
+PROMPT_ROUTED = re.compile(r"EncDecAttention\.[kv]$")
+
+
 def per_sample_routing(model: torch.nn.Module, run) -> list[torch.Tensor]:
     """The per-sample routing weights `(batch, experts)` every WEMoE layer used during `run()`, one per layer in
-    order (read where the layer's first expert linear receives them; per-token routing, as in a T5 decoder, is
-    left out)."""
+    order (read where the layer's first expert linear receives them, its MLP's or, upscaled, its attention's;
+    per-token routing, as in a T5 decoder, is left out, and so is the prompt routing of a T5 decoder's
+    cross-attention keys and values, which is not the layer's)."""
     captured: dict[str, torch.Tensor] = {}
 
     def recorder(layer: str):
@@ -93,7 +109,9 @@ def per_sample_routing(model: torch.nn.Module, run) -> list[torch.Tensor]:
 
     handles = []
     for name, module in modules_of_class(model, "WEMoELinear"):
-        layer = name.rsplit(".", 2)[0]  # the block holding the expert linears
+        if PROMPT_ROUTED.search(name):
+            continue
+        layer = LAYER.match(name).group(0)  # the layer (CLIP `layers.i`, BERT `layer.i`, T5 `block.i`)
         handles.append(module.register_forward_pre_hook(recorder(layer)))
     try:
         run()

@@ -1,16 +1,17 @@
 """Forward speed and memory of WEMoE against the dense CLIP vision model (and T5) of the same shape.
 
 ViT-B/32-shaped random models (hidden 768, 12 layers, patch 32, 224 px), 8 experts, batch 16, fp32: the dense model,
-WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 and 32 (all experts, and each sample's top 2), and
-the naive per-sample loop; then the dense, WEMoE, E-WEMoE and rank-64 rows in bfloat16 against the bfloat16 dense
-model. All models live in one process; each round times every model once, and the medians over rounds are printed as
-ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so that the machine's drift
-affects every row alike). Peak memory is measured for each row in a fresh child process: the resident-set growth
-over the loaded model during its first forward and during a warm one; and the model's own resident size once built
-(with E-WEMoE's tile index, which `from_pretrained` builds at load). `--profile` prints, for the dense model and
-WEMoE, the operators the forward spends its time in (torch.profiler), which is where to look for what WEMoE adds.
-Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped text classifier
-(128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
+WEMoE (dense task vectors), E-WEMoE keep=0.1, low-rank rank 64 and 32 (all experts, and each sample's top 2), the
+naive per-sample loop, and WEMoE and E-WEMoE with the attention projections upscaled as well as the MLPs (`upscale:
+[mlp, attention]`; `--rows` picks rows); then the dense, WEMoE, E-WEMoE and rank-64 rows in bfloat16 against the
+bfloat16 dense model. All models live in one process; each round times every model once, and the medians over rounds
+are printed as ratios to the dense `CLIPVisionModel` forward (the median of the per-round ratios, so that the
+machine's drift affects every row alike). Peak memory is measured for each row in a fresh child process: the
+resident-set growth over the loaded model during its first forward and during a warm one; and the model's own
+resident size once built (with E-WEMoE's tile index, which `from_pretrained` builds at load). `--profile` prints,
+for the dense model and WEMoE, the operators the forward spends its time in (torch.profiler), which is where to look
+for what WEMoE adds. Then the same for a T5-base-shaped encoder-decoder (see `speed_t5.py`) and a BERT-base-shaped
+text classifier (128-token inputs, one task's head). Random weights: this measures speed, not accuracy.
 
 The adaptation-step table (`--adaptation-steps`) times one test-time adaptation step at the CLIP shape: the forward
 and backward of one task's batch, for both objectives, with each sample routed on its own (`wemoe-tta`'s default) or
@@ -21,6 +22,8 @@ dense model's training step on the same batch (forward and backward through ever
     python benchmarks/speed.py --repeats 9 --no-t5 --no-bert
     python benchmarks/speed.py --no-t5 --no-bert --profile
     python benchmarks/speed.py --adaptation-steps --no-forward --no-t5 --no-bert
+    python benchmarks/speed.py --no-t5 --no-bert --no-bfloat16 --rows "dense CLIP" "WEMoE dense" \
+        "WEMoE, MLP + attention" "E-WEMoE, MLP + attention"
 """
 
 import argparse
@@ -53,7 +56,10 @@ ROWS = {
     "low-rank rank 64, top-2": {"expert_format": "lowrank", "rank": 64, "router_top_k": 2},
     "low-rank rank 32": {"expert_format": "lowrank", "rank": 32},
     "naive per-sample loop": "naive",
-}
+    "WEMoE, MLP + attention": {"upscale": ["mlp", "attention"]},
+    "E-WEMoE, MLP + attention": {"expert_format": "sparse", "keep": 0.1, "router_mode": "shared",
+                                 "upscale": ["mlp", "attention"]},
+}  # fmt: skip
 MIB = 2**20
 BFLOAT16_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1", "low-rank rank 64")
 PROFILED_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1")
@@ -113,11 +119,11 @@ def build(row: str, num_experts: int) -> torch.nn.Module:
     return wemoe_model(num_experts, options)
 
 
-def build_models(num_experts: int) -> dict[str, torch.nn.Module]:
+def build_models(num_experts: int, rows: list[str]) -> dict[str, torch.nn.Module]:
     models = {}
-    for row, options in ROWS.items():
-        if options == "naive":  # the same WEMoE model as the "WEMoE dense" row, run the naive way
-            models[row] = NaivePerSampleLoop(models["WEMoE dense"])
+    for row in rows:
+        if ROWS[row] == "naive":  # the same WEMoE model as the "WEMoE dense" row, run the naive way
+            models[row] = NaivePerSampleLoop(models.get("WEMoE dense") or build("WEMoE dense", num_experts))
         else:
             models[row] = build(row, num_experts)
     return models
@@ -296,6 +302,10 @@ def main() -> None:
         "--adaptation-steps", action="store_true", help="Then the adaptation-step table (see above)."
     )
     parser.add_argument("--no-forward", action="store_true", help="Skip the CLIP forward and bfloat16 tables.")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
+        help="The CLIP forward table's rows, the dense one first (default: all: " + ", ".join(ROWS) + ").",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -319,10 +329,10 @@ def clip_forward_tables(args: argparse.Namespace, pixel_values: torch.Tensor) ->
     """The CLIP forward table (time, memory, artifact size per row), then the bfloat16 one."""
     context = multiprocessing.get_context("spawn")
     peaks = {}
-    for row in ROWS:
+    for row in args.rows:
         with context.Pool(1) as pool:
             peaks[row] = pool.apply(peaks_in_a_fresh_process, (row, args.experts, args.batch_size, args.threads))
-    models = build_models(args.experts)
+    models = build_models(args.experts, args.rows)
     with torch.no_grad():
         timings = interleaved_medians(
             {row: lambda m=model: m(pixel_values) for row, model in models.items()}, args.repeats
@@ -341,12 +351,13 @@ def clip_forward_tables(args: argparse.Namespace, pixel_values: torch.Tensor) ->
             f"{size_text}"
         )
     if args.profile:
-        print_profile({row: models[row] for row in PROFILED_ROWS}, pixel_values, args.experts)
+        print_profile({row: models[row] for row in PROFILED_ROWS if row in models}, pixel_values, args.experts)
     if not args.no_bfloat16:
         print(f"\nThe same in bfloat16, {args.threads} threads")
         bfloat16_speed_table(models, pixel_values, args.repeats)
         if args.profile:
-            print_profile({row: models[row] for row in PROFILED_ROWS}, pixel_values.to(torch.bfloat16), args.experts)
+            profiled = {row: models[row] for row in PROFILED_ROWS if row in models}
+            print_profile(profiled, pixel_values.to(torch.bfloat16), args.experts)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def wemoe_config_options(options: MergeOptions) -> dict:
         "routing_granularity": options.router.granularity,
         "decoder_routing": options.router.decoder_routing,
         "static_merge": options.static_merge.model_dump(),
+        "upscale": list(options.upscale),
     }
 
 

@@ -199,6 +199,7 @@ class ConversionPlan:
         lines = [
             f"Variant: {recipe.variant}"
             + (f" (keep {recipe.keep:g})" if recipe.variant == "e-wemoe" else "")
+            + (f"; experts: {' and '.join(recipe.upscale)}" if recipe.variant != "static" else "")
             + f"; static merge: {recipe.static_merge.method} ({options})",
             f"Base model: {self.base}",
             f"Tasks ({len(self.experts)}):",

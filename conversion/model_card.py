@@ -42,6 +42,14 @@ def decoder_routing_text(config) -> str:
     return "; the decoder per token"
 
 
+def upscaled_parts(groups: tuple[str, ...]) -> tuple[str, str]:
+    """What the card says is merged once, and which blocks are experts, for `WEMoEConfig.upscale`'s groups."""
+    static = [name for group, name in (("attention", "attention"), ("mlp", "MLPs")) if group not in groups]
+    static += ["norms", "embeddings"]
+    experts = " and ".join(name for group, name in (("mlp", "MLP"), ("attention", "attention")) if group in groups)
+    return ", ".join(static[:-1]) + " and " + static[-1], experts
+
+
 def render_model_card(
     model: WEMoEPreTrainedModel,
     recipe: MergeRecipe,
@@ -58,6 +66,7 @@ def render_model_card(
         "router in every layer" if config.router_mode == "per_layer" else "single router shared by all layers"
     ) + f" (depth {config.router_hidden_layers}, {config.routing_granularity} routing{decoder_routing_text(config)}"
     router += ", initialised as the reference implementation)" if config.router_init == "reference" else ")"
+    static_parts, expert_blocks = upscaled_parts(config.upscaled_groups)
     task_labels = config.task_labels or {}
     tasks = [
         {"name": task.name, "model": task.model, "labels": task_labels.get(task.name, [])} for task in recipe.tasks
@@ -90,6 +99,8 @@ def render_model_card(
         static_merge_name=f"{get_static_merge(recipe.static_merge.method).pretty_name}, "
         f"scaling {recipe.static_merge.scaling:g}",
         router_description=router,
+        static_parts=static_parts,
+        expert_blocks=expert_blocks,
         tasks=tasks,
         report=model.parameter_report(),
         recipe_yaml=recipe.to_yaml(),

@@ -11,6 +11,8 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from pydantic import Field, FiniteFloat, field_validator, model_validator
 
+from modeling_wemoe.configuration_wemoe import UPSCALE_GROUPS
+
 from .backbone import BACKBONES, Backbone, get_backbone
 from .specs import DatasetSource, RecipeError, Strict, dataset_paths, load_validated, read_yaml
 
@@ -137,6 +139,7 @@ variant: e-wemoe
 keep: 0.1
 static_merge: {method: task_arithmetic, scaling: 0.3}
 router: {hidden_layers: 2, init_lambda: 0.3, granularity: sample}
+upscale: [mlp]          # the experts' modules: mlp (the paper), attention, or both; everything else merged statically
 tasks:
   - name: eurosat
     model: tanganke/clip-vit-base-patch32_eurosat      # full fine-tune or PEFT LoRA adapter
@@ -196,6 +199,22 @@ class MergeOptions(Strict):
     rank: int | None = Field(None, ge=1)
     static_merge: StaticMergeSpec = TaskArithmeticSpec(method="task_arithmetic")
     router: RouterSpec = RouterSpec()
+    # The module groups whose linears become weight-ensembled experts (WEMoEConfig.upscale); the rest is merged by
+    # `static_merge`.
+    upscale: Annotated[list[Literal[UPSCALE_GROUPS]], Field(min_length=1)] = ["mlp"]
+
+    @field_validator("upscale")
+    @classmethod
+    def each_group_once(cls, upscale: list[str]) -> list[str]:
+        if len(set(upscale)) != len(upscale):
+            raise ValueError(f"each module group at most once, got {upscale}")
+        return upscale
+
+    @model_validator(mode="after")
+    def upscale_only_wemoe(self) -> "MergeOptions":
+        if self.variant == "static" and self.upscale != ["mlp"]:
+            raise ValueError("`upscale` chooses a WEMoE model's experts; variant: static merges every tensor once")
+        return self
 
     @model_validator(mode="after")
     def rank_with_lowrank(self) -> "MergeOptions":

@@ -11,12 +11,16 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# Which modules of a layer can be weight-ensembled experts (`WEMoEConfig.upscale`).
+UPSCALE_GROUPS = ("mlp", "attention")
+
 
 @strict
 class WEMoEConfig(PreTrainedConfig):
     r"""
     Configuration of a weight-ensembling mixture-of-experts (WEMoE / E-WEMoE) model: a backbone whose MLP blocks
-    re-mix per input the task vectors of several fine-tuned experts, everything else merged statically.
+    (and, with `upscale`, attention projections) re-mix per input the task vectors of several fine-tuned experts,
+    everything else merged statically.
 
     It holds architecture facts only (what `__init__` needs to build every tensor); device, dtype and seeds never
     go here. `static_merge` is recorded for provenance and is not read by the model.
@@ -53,6 +57,13 @@ class WEMoEConfig(PreTrainedConfig):
         num_experts (`int`, *optional*):
             Number of experts (task vectors) per WEMoE layer, the routers' output size. Defaults to the number of
             tasks with an expert (`tasks_with_experts`) and must equal it.
+        upscale (`list[str]`, *optional*):
+            The module groups of every layer whose linears are weight-ensembled experts: `"mlp"` (the feed-forward
+            block, the paper's choice) and/or `"attention"` (the query, key, value and output projections; in a T5
+            decoder, of the self- and the cross-attention). Every other tensor is merged statically. One routing
+            vector per layer serves every upscaled linear of it, read from the input of the first upscaled group
+            (the attention block's, when attention is upscaled). Unset: `["mlp"]` (artifacts saved before this
+            field existed).
         router_mode (`"per_layer"` or `"shared"`, defaults to `"per_layer"`):
             `"per_layer"`: one router in every WEMoE layer (WEMoE). `"shared"`: one router owned by the model and
             used by every layer (E-WEMoE).
@@ -134,6 +145,7 @@ class WEMoEConfig(PreTrainedConfig):
     expert_tasks: list[str] | None = None
     task_labels: dict[str, list[str]] | None = None
     num_experts: int | None = None
+    upscale: list[str] | None = None
     router_mode: Literal["per_layer", "shared"] = "per_layer"
     router_hidden_layers: int = 2
     router_normalization: Literal["none", "softmax"] = "none"
@@ -219,6 +231,20 @@ class WEMoEConfig(PreTrainedConfig):
                 "order of `tasks`."
             )
 
+    def validate_upscale(self):
+        if self.upscale is None:
+            return
+        unknown = [group for group in self.upscale if group not in UPSCALE_GROUPS]
+        if not self.upscale or unknown or len(set(self.upscale)) != len(self.upscale):
+            raise ValueError(
+                f"`upscale` must list one or more of {list(UPSCALE_GROUPS)}, each once, got {self.upscale}."
+            )
+
+    @property
+    def upscaled_groups(self) -> tuple[str, ...]:
+        """The module groups whose linears are experts (`upscale`, `("mlp",)` when unset)."""
+        return tuple(self.upscale or ("mlp",))
+
     def validate_router(self):
         if self.router_hidden_layers not in (0, 1, 2):
             raise ValueError(f"`router_hidden_layers` must be 0, 1 or 2, got {self.router_hidden_layers}.")
@@ -295,4 +321,4 @@ class WEMoEConfig(PreTrainedConfig):
 
 WEMoEConfig.register_for_auto_class()
 
-__all__ = ["WEMoEConfig"]
+__all__ = ["UPSCALE_GROUPS", "WEMoEConfig"]

@@ -638,6 +638,21 @@ class WEMoELinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{top_k}"
 
 
+def group_linear(
+    config: WEMoEConfig, group: str, in_features: int, out_features: int, bias: bool = True
+) -> nn.Linear | WEMoELinear:
+    """A linear of the module group `group` (`"mlp"`, `"attention"`): weight-ensembled when the config upscales that
+    group (`WEMoEConfig.upscale`), else a plain linear that holds the static merge."""
+    if group in config.upscaled_groups:
+        return WEMoELinear(config, in_features, out_features, bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def apply_linear(linear: nn.Module, hidden_states: torch.Tensor, routing_weights: torch.Tensor | None) -> torch.Tensor:
+    """`linear` on `hidden_states`, routed by `routing_weights` when it is weight-ensembled (`group_linear`)."""
+    return linear(hidden_states, routing_weights) if isinstance(linear, WEMoELinear) else linear(hidden_states)
+
+
 class WEMoERouterLinear(nn.Linear):
     """A router layer, initialised for routing rather than by the generic `nn.Linear` rule: the output layer starts
     at bias `init_lambda` and weight 0 (so routing starts as exactly task arithmetic) or, as the reference

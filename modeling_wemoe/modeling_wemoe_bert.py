@@ -25,12 +25,13 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .configuration_wemoe import WEMoEConfig
 from .modeling_wemoe import (
-    WEMoELinear,
     WEMoEPreTrainedModel,
     WEMoERouter,
+    apply_linear,
     attention,
     build_router,
     compute_routing_weights,
+    group_linear,
     padding_mask,
     register_wemoe_model,
     returned_attentions,
@@ -74,7 +75,8 @@ class WEMoEBertEmbeddings(nn.Module):
 
 
 class WEMoEBertSelfAttention(nn.Module):
-    """Multi-head self-attention (follows `BertSelfAttention`)."""
+    """Multi-head self-attention (follows `BertSelfAttention`); its projections are weight-ensembled when the config
+    upscales attention."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
@@ -83,19 +85,19 @@ class WEMoEBertSelfAttention(nn.Module):
         self.num_attention_heads = text_config.num_attention_heads
         self.attention_head_size = text_config.hidden_size // text_config.num_attention_heads
         all_head_size = self.num_attention_heads * self.attention_head_size
-        self.query = nn.Linear(text_config.hidden_size, all_head_size)
-        self.key = nn.Linear(text_config.hidden_size, all_head_size)
-        self.value = nn.Linear(text_config.hidden_size, all_head_size)
+        self.query = group_linear(config, "attention", text_config.hidden_size, all_head_size)
+        self.key = group_linear(config, "attention", text_config.hidden_size, all_head_size)
+        self.value = group_linear(config, "attention", text_config.hidden_size, all_head_size)
         self.dropout = text_config.attention_probs_dropout_prob
 
     def forward(
-        self, hidden_states: torch.Tensor, bias: torch.Tensor | None
+        self, hidden_states: torch.Tensor, bias: torch.Tensor | None, routing_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = apply_linear(self.query, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
+        key = apply_linear(self.key, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
+        value = apply_linear(self.value, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
         output, weights = attention(
             query,
             key,
@@ -111,56 +113,61 @@ class WEMoEBertSelfAttention(nn.Module):
 class WEMoEBertSelfOutput(nn.Module):
     """Projection, dropout and the post-LayerNorm residual of the attention block (follows `BertSelfOutput`)."""
 
-    def __init__(self, text_config: PreTrainedConfig):
+    def __init__(self, config: WEMoEConfig):
         super().__init__()
-        self.dense = nn.Linear(text_config.hidden_size, text_config.hidden_size)
+        text_config = config.text_config
+        self.dense = group_linear(config, "attention", text_config.hidden_size, text_config.hidden_size)
         self.LayerNorm = nn.LayerNorm(text_config.hidden_size, eps=text_config.layer_norm_eps)
         self.dropout = nn.Dropout(text_config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    def forward(
+        self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, routing_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        projected = apply_linear(self.dense, hidden_states, routing_weights)
+        return self.LayerNorm(self.dropout(projected) + input_tensor)
 
 
 class WEMoEBertAttention(nn.Module):
     def __init__(self, config: WEMoEConfig):
         super().__init__()
         self.self = WEMoEBertSelfAttention(config)
-        self.output = WEMoEBertSelfOutput(config.text_config)
+        self.output = WEMoEBertSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, bias: torch.Tensor | None
+        self, hidden_states: torch.Tensor, bias: torch.Tensor | None, routing_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context, weights = self.self(hidden_states, bias)
-        return self.output(context, hidden_states), weights
+        context, weights = self.self(hidden_states, bias, routing_weights)
+        return self.output(context, hidden_states, routing_weights), weights
 
 
 class WEMoEBertIntermediate(nn.Module):
-    """The feed-forward block's first linear, weight-ensembled, and its activation."""
+    """The feed-forward block's first linear (weight-ensembled when the MLP is upscaled) and its activation."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
         text_config = config.text_config
-        self.dense = WEMoELinear(config, text_config.hidden_size, text_config.intermediate_size)
+        self.dense = group_linear(config, "mlp", text_config.hidden_size, text_config.intermediate_size)
         self.intermediate_act_fn = ACT2FN[text_config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        return self.intermediate_act_fn(self.dense(hidden_states, routing_weights))
+        return self.intermediate_act_fn(apply_linear(self.dense, hidden_states, routing_weights))
 
 
 class WEMoEBertOutput(nn.Module):
-    """The feed-forward block's second linear, weight-ensembled, with dropout and the post-LayerNorm residual."""
+    """The feed-forward block's second linear (weight-ensembled when the MLP is upscaled), with dropout and the
+    post-LayerNorm residual."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
         text_config = config.text_config
-        self.dense = WEMoELinear(config, text_config.intermediate_size, text_config.hidden_size)
+        self.dense = group_linear(config, "mlp", text_config.intermediate_size, text_config.hidden_size)
         self.LayerNorm = nn.LayerNorm(text_config.hidden_size, eps=text_config.layer_norm_eps)
         self.dropout = nn.Dropout(text_config.hidden_dropout_prob)
 
     def forward(
         self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, routing_weights: torch.Tensor
     ) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states, routing_weights)) + input_tensor)
+        return self.LayerNorm(self.dropout(apply_linear(self.dense, hidden_states, routing_weights)) + input_tensor)
 
 
 @dataclass
@@ -171,11 +178,13 @@ class WEMoEBertLayerOutput:
 
 
 class WEMoEBertLayer(nn.Module):
-    """A BERT layer (attention, then a feed-forward block, each with a post-LayerNorm residual) whose feed-forward
-    block is a WEMoE block, routed on the attention block's output."""
+    """A BERT layer (attention, then a feed-forward block, each with a post-LayerNorm residual) with WEMoE blocks: one
+    routing vector per layer, read from the attention block's output (the paper's MLP-only upscaling) or, when
+    attention is upscaled, from the layer's input."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
+        self.routes_attention = "attention" in config.upscaled_groups
         self.granularity = config.routing_granularity
         self.top_k = config.router_top_k
         self.attention = WEMoEBertAttention(config)
@@ -190,9 +199,15 @@ class WEMoEBertLayer(nn.Module):
         token_mask: torch.Tensor | None,
         shared_router: WEMoERouter | None = None,
     ) -> WEMoEBertLayerOutput:
-        attention_output, attention_weights = self.attention(hidden_states, bias)
         router = self.router if self.router is not None else shared_router
-        routing_weights = compute_routing_weights(router, attention_output, self.granularity, token_mask, self.top_k)
+        routing_weights = None
+        if self.routes_attention:
+            routing_weights = compute_routing_weights(router, hidden_states, self.granularity, token_mask, self.top_k)
+        attention_output, attention_weights = self.attention(hidden_states, bias, routing_weights)
+        if routing_weights is None:
+            routing_weights = compute_routing_weights(
+                router, attention_output, self.granularity, token_mask, self.top_k
+            )
         intermediate = self.intermediate(attention_output, routing_weights)
         layer_output = self.output(intermediate, attention_output, routing_weights)
         return WEMoEBertLayerOutput(layer_output, routing_weights, attention_weights)
@@ -331,9 +346,7 @@ class WEMoEForSequenceClassification(WEMoEPreTrainedModel):
                 f"WEMoEForSequenceClassification needs `task_labels` for every task; missing {unlabelled}."
             )
         self.bert = WEMoEBertModel(config)
-        self.heads = nn.ModuleList(
-            [WEMoEBertHead(text_config, len(config.task_labels[task])) for task in config.tasks]
-        )
+        self.heads = nn.ModuleList([WEMoEBertHead(text_config, len(config.task_labels[task])) for task in config.tasks])
         self.router = build_router(config, text_config.hidden_size, "shared")
         self.post_init()
         self.freeze_all_but_routers()

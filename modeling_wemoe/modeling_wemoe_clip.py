@@ -20,12 +20,13 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_wemoe import WEMoEConfig
 from .modeling_wemoe import (
-    WEMoELinear,
     WEMoEPreTrainedModel,
     WEMoERouter,
+    apply_linear,
     attention,
     build_router,
     compute_routing_weights,
+    group_linear,
     register_wemoe_model,
     returned_attentions,
 )
@@ -89,7 +90,8 @@ class WEMoECLIPVisionEmbeddings(nn.Module):
 
 
 class WEMoECLIPAttention(nn.Module):
-    """Multi-head self-attention (follows transformers' `CLIPAttention`)."""
+    """Multi-head self-attention (follows transformers' `CLIPAttention`); its projections are weight-ensembled when
+    the config upscales attention."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
@@ -100,17 +102,19 @@ class WEMoECLIPAttention(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.scale = self.head_dim**-0.5
         self.dropout = vision_config.attention_dropout
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = group_linear(config, "attention", self.embed_dim, self.embed_dim)
+        self.v_proj = group_linear(config, "attention", self.embed_dim, self.embed_dim)
+        self.q_proj = group_linear(config, "attention", self.embed_dim, self.embed_dim)
+        self.out_proj = group_linear(config, "attention", self.embed_dim, self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, routing_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = apply_linear(self.q_proj, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
+        key = apply_linear(self.k_proj, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
+        value = apply_linear(self.v_proj, hidden_states, routing_weights).view(hidden_shape).transpose(1, 2)
         output, weights = attention(
             query,
             key,
@@ -120,11 +124,12 @@ class WEMoECLIPAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             implementation=self.config._attn_implementation,
         )
-        return self.out_proj(output.reshape(*input_shape, -1)), weights
+        return apply_linear(self.out_proj, output.reshape(*input_shape, -1), routing_weights), weights
 
 
 class WEMoECLIPMLP(nn.Module):
-    """CLIP's fc1 -> activation -> fc2 block with both linears weight-ensembled under one routing vector."""
+    """CLIP's fc1 -> activation -> fc2 block, both linears weight-ensembled under one routing vector when the config
+    upscales the MLP (the paper). Holds the layer's router (`router`), whichever groups are upscaled."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
@@ -132,27 +137,28 @@ class WEMoECLIPMLP(nn.Module):
         self.granularity = config.routing_granularity
         self.top_k = config.router_top_k
         self.activation_fn = ACT2FN[vision_config.hidden_act]
-        self.fc1 = WEMoELinear(config, vision_config.hidden_size, vision_config.intermediate_size)
-        self.fc2 = WEMoELinear(config, vision_config.intermediate_size, vision_config.hidden_size)
+        self.fc1 = group_linear(config, "mlp", vision_config.hidden_size, vision_config.intermediate_size)
+        self.fc2 = group_linear(config, "mlp", vision_config.intermediate_size, vision_config.hidden_size)
         self.router = build_router(config, vision_config.hidden_size, "per_layer")
 
-    def forward(
-        self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None) -> torch.Tensor:
         router = self.router if self.router is not None else shared_router
-        routing_weights = compute_routing_weights(router, hidden_states, self.granularity, top_k=self.top_k)
-        hidden_states = self.fc1(hidden_states, routing_weights)
+        return compute_routing_weights(router, hidden_states, self.granularity, top_k=self.top_k)
+
+    def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        hidden_states = apply_linear(self.fc1, hidden_states, routing_weights)
         hidden_states = self.activation_fn(hidden_states)
-        hidden_states = self.fc2(hidden_states, routing_weights)
-        return hidden_states, routing_weights
+        return apply_linear(self.fc2, hidden_states, routing_weights)
 
 
 class WEMoECLIPEncoderLayer(nn.Module):
-    """A CLIP encoder layer (pre-norm attention, then pre-norm MLP) whose MLP is a WEMoE block."""
+    """A CLIP encoder layer (pre-norm attention, then pre-norm MLP) with WEMoE blocks: one routing vector per layer,
+    read from the first upscaled block's input (the MLP's, as in the paper, unless attention is upscaled too)."""
 
     def __init__(self, config: WEMoEConfig):
         super().__init__()
         vision_config = config.vision_config
+        self.routes_attention = "attention" in config.upscaled_groups
         self.self_attn = WEMoECLIPAttention(config)
         self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         self.mlp = WEMoECLIPMLP(config)
@@ -162,12 +168,16 @@ class WEMoECLIPEncoderLayer(nn.Module):
         self, hidden_states: torch.Tensor, shared_router: WEMoERouter | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
-        hidden_states, attention_weights = self.self_attn(self.layer_norm1(hidden_states))
+        normed = self.layer_norm1(hidden_states)
+        routing_weights = self.mlp.route(normed, shared_router) if self.routes_attention else None
+        hidden_states, attention_weights = self.self_attn(normed, routing_weights)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        hidden_states, routing_weights = self.mlp(self.layer_norm2(hidden_states), shared_router=shared_router)
-        return residual + hidden_states, routing_weights, attention_weights
+        normed = self.layer_norm2(hidden_states)
+        if routing_weights is None:
+            routing_weights = self.mlp.route(normed, shared_router)
+        return residual + self.mlp(normed, routing_weights), routing_weights, attention_weights
 
 
 @dataclass

@@ -29,13 +29,14 @@ from transformers.utils import ModelOutput
 
 from .configuration_wemoe import WEMoEConfig
 from .modeling_wemoe import (
-    WEMoELinear,
     WEMoEPreTrainedModel,
     WEMoERouter,
     additive_mask,
+    apply_linear,
     attention,
     build_router,
     compute_routing_weights,
+    group_linear,
     masked_mean,
     padding_mask,
     register_wemoe_model,
@@ -85,7 +86,9 @@ def relative_position_bucket(
 class WEMoET5Attention(nn.Module):
     """T5 attention (follows `T5Attention`): unscaled dot products plus an additive bias that carries the relative
     positions and the masks. Self-attention appends to the KV cache; cross-attention projects the encoder output
-    once per generation and reads it from the cache afterwards."""
+    once per generation and reads it from the cache afterwards. With attention upscaled, its projections are
+    weight-ensembled: the query and output by the layer's routing weights, the key and value by `source_routing`,
+    the routing of what they read (the prompt's, in cross-attention)."""
 
     def __init__(
         self,
@@ -105,10 +108,10 @@ class WEMoET5Attention(nn.Module):
         self.dropout = text_config.dropout_rate
         self.layer_idx = layer_idx
         inner_dim = self.n_heads * self.key_value_proj_dim
-        self.q = nn.Linear(text_config.d_model, inner_dim, bias=False)
-        self.k = nn.Linear(text_config.d_model, inner_dim, bias=False)
-        self.v = nn.Linear(text_config.d_model, inner_dim, bias=False)
-        self.o = nn.Linear(inner_dim, text_config.d_model, bias=False)
+        self.q = group_linear(config, "attention", text_config.d_model, inner_dim, bias=False)
+        self.k = group_linear(config, "attention", text_config.d_model, inner_dim, bias=False)
+        self.v = group_linear(config, "attention", text_config.d_model, inner_dim, bias=False)
+        self.o = group_linear(config, "attention", inner_dim, text_config.d_model, bias=False)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.relative_attention_num_buckets, self.n_heads)
 
@@ -131,18 +134,22 @@ class WEMoET5Attention(nn.Module):
         bias: torch.Tensor | None,
         key_value_states: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        routing_weights: torch.Tensor | None = None,
+        source_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        query = self.q(hidden_states).view(*input_shape, -1, self.key_value_proj_dim).transpose(1, 2)
+        query = apply_linear(self.q, hidden_states, routing_weights)
+        query = query.view(*input_shape, -1, self.key_value_proj_dim).transpose(1, 2)
         is_cross_attention = key_value_states is not None
         if is_cross_attention and cache is not None and cache.is_updated.get(self.layer_idx):
             cached = cache.cross_attention_cache.layers[self.layer_idx]
             key, value = cached.keys, cached.values
         else:
             source = key_value_states if is_cross_attention else hidden_states
+            source_routing = source_routing if is_cross_attention else routing_weights
             kv_shape = (*source.shape[:-1], -1, self.key_value_proj_dim)
-            key = self.k(source).view(kv_shape).transpose(1, 2)
-            value = self.v(source).view(kv_shape).transpose(1, 2)
+            key = apply_linear(self.k, source, source_routing).view(kv_shape).transpose(1, 2)
+            value = apply_linear(self.v, source, source_routing).view(kv_shape).transpose(1, 2)
             if cache is not None:
                 layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
                 key, value = layer_cache.update(key, value, self.layer_idx)
@@ -157,7 +164,7 @@ class WEMoET5Attention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             implementation=self.config._attn_implementation,
         )
-        return self.o(output.reshape(*input_shape, -1)), weights
+        return apply_linear(self.o, output.reshape(*input_shape, -1), routing_weights), weights
 
 
 class WEMoET5LayerSelfAttention(nn.Module):
@@ -172,9 +179,14 @@ class WEMoET5LayerSelfAttention(nn.Module):
         self.dropout = nn.Dropout(text_config.dropout_rate)
 
     def forward(
-        self, hidden_states: torch.Tensor, bias: torch.Tensor | None, cache: EncoderDecoderCache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        bias: torch.Tensor | None,
+        cache: EncoderDecoderCache | None = None,
+        routing_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, weights = self.SelfAttention(self.layer_norm(hidden_states), bias, cache=cache)
+        normed = self.layer_norm(hidden_states)
+        attention_output, weights = self.SelfAttention(normed, bias, cache=cache, routing_weights=routing_weights)
         return hidden_states + self.dropout(attention_output), weights
 
 
@@ -193,9 +205,13 @@ class WEMoET5LayerCrossAttention(nn.Module):
         key_value_states: torch.Tensor,
         bias: torch.Tensor | None,
         cache: EncoderDecoderCache | None = None,
+        routing_weights: torch.Tensor | None = None,
+        source_routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed = self.layer_norm(hidden_states)
-        attention_output, weights = self.EncDecAttention(normed, bias, key_value_states=key_value_states, cache=cache)
+        attention_output, weights = self.EncDecAttention(
+            normed, bias, key_value_states, cache, routing_weights=routing_weights, source_routing=source_routing
+        )
         return hidden_states + self.dropout(attention_output), weights
 
 
@@ -210,35 +226,38 @@ def clamp_inf_for_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
 
 class WEMoET5DenseActDense(nn.Module):
     """T5's feed-forward, `wo(act(wi x))` or gated `wo(act(wi_0 x) * wi_1 x)` (Flan-T5, T5 v1.1), with every linear
-    weight-ensembled under one routing vector. Parameter names match T5's `DenseReluDense`."""
+    weight-ensembled under one routing vector when the MLP is upscaled (the paper). Parameter names match T5's
+    `DenseReluDense`."""
 
     def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig):
         super().__init__()
         self.is_gated = text_config.is_gated_act
         d_model, d_ff = text_config.d_model, text_config.d_ff
         if self.is_gated:
-            self.wi_0 = WEMoELinear(config, d_model, d_ff, bias=False)
-            self.wi_1 = WEMoELinear(config, d_model, d_ff, bias=False)
+            self.wi_0 = group_linear(config, "mlp", d_model, d_ff, bias=False)
+            self.wi_1 = group_linear(config, "mlp", d_model, d_ff, bias=False)
         else:
-            self.wi = WEMoELinear(config, d_model, d_ff, bias=False)
-        self.wo = WEMoELinear(config, d_ff, d_model, bias=False)
+            self.wi = group_linear(config, "mlp", d_model, d_ff, bias=False)
+        self.wo = group_linear(config, "mlp", d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(text_config.dropout_rate)
         self.act = ACT2FN[text_config.dense_act_fn]
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if self.is_gated:
-            activated = self.act(self.wi_0(hidden_states, routing_weights)) * self.wi_1(hidden_states, routing_weights)
+            gate = self.act(apply_linear(self.wi_0, hidden_states, routing_weights))
+            activated = gate * apply_linear(self.wi_1, hidden_states, routing_weights)
         else:
-            activated = self.act(self.wi(hidden_states, routing_weights))
-        return self.wo(self.dropout(activated), routing_weights)
+            activated = self.act(apply_linear(self.wi, hidden_states, routing_weights))
+        return apply_linear(self.wo, self.dropout(activated), routing_weights)
 
 
 class WEMoET5LayerFF(nn.Module):
-    """T5's pre-norm feed-forward sub-layer with a WEMoE `DenseReluDense` and its router.
+    """T5's pre-norm feed-forward sub-layer with a WEMoE `DenseReluDense` and the block's router.
 
-    `granularity` says what the router reads: `"sample"` / `"token"` the hidden states entering the block (one
-    routing vector per sample, averaged over its real tokens, or per token); `"prompt"` (decoder only) the pooled
-    encoder output of the sample's prompt, one routing vector per sample for every decoded token."""
+    `granularity` says what the router reads (`route`): `"sample"` / `"token"` the hidden states it is given (one
+    routing vector per sample, averaged over its real tokens, or per token): those entering this block, or, when
+    attention is upscaled, those entering the self-attention; `"prompt"` (decoder only) the pooled encoder output
+    of the sample's prompt, one routing vector per sample for every decoded token."""
 
     def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig, granularity: str):
         super().__init__()
@@ -249,20 +268,31 @@ class WEMoET5LayerFF(nn.Module):
         self.dropout = nn.Dropout(text_config.dropout_rate)
         self.router = build_router(config, text_config.d_model, "per_layer")
 
+    def route(
+        self,
+        normed: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        shared_router: WEMoERouter | None = None,
+        prompt_states: torch.Tensor | None = None,
+        granularity: str | None = None,
+    ) -> torch.Tensor:
+        router = self.router if self.router is not None else shared_router
+        if (granularity or self.granularity) == "prompt":
+            # The pooled prompt `(batch, d)` as a one-token sequence: one routing vector `(batch, experts)` per sample.
+            return compute_routing_weights(router, prompt_states.unsqueeze(1), "sample", top_k=self.top_k)
+        return compute_routing_weights(router, normed, self.granularity, token_mask, self.top_k)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         shared_router: WEMoERouter | None = None,
         prompt_states: torch.Tensor | None = None,
+        routing_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(hidden_states)
-        router = self.router if self.router is not None else shared_router
-        if self.granularity == "prompt":
-            # The pooled prompt `(batch, d)` as a one-token sequence: one routing vector `(batch, experts)` per sample.
-            routing_weights = compute_routing_weights(router, prompt_states.unsqueeze(1), "sample", top_k=self.top_k)
-        else:
-            routing_weights = compute_routing_weights(router, normed, self.granularity, token_mask, self.top_k)
+        if routing_weights is None:
+            routing_weights = self.route(normed, token_mask, shared_router, prompt_states)
         forwarded = self.DenseReluDense(normed, routing_weights)
         return hidden_states + self.dropout(forwarded), routing_weights
 
@@ -276,10 +306,15 @@ class WEMoET5BlockOutput:
 
 
 class WEMoET5Block(nn.Module):
-    """A T5 block (self-attention, cross-attention in the decoder, feed-forward) with a WEMoE feed-forward."""
+    """A T5 block (self-attention, cross-attention in the decoder, feed-forward) with WEMoE blocks: one routing
+    vector per block from its router, read before the feed-forward block (the paper's MLP-only upscaling) or, when
+    attention is upscaled, before the self-attention. A decoder routed per token routes its cross-attention's key
+    and value projections, which read the prompt, by the prompt (`WEMoET5LayerFF.route` over the pooled encoder
+    output), so that they are the same at every decoding step and in the cache."""
 
     def __init__(self, config: WEMoEConfig, text_config: PreTrainedConfig, layer_idx: int, granularity: str):
         super().__init__()
+        self.routes_attention = "attention" in config.upscaled_groups
         self.is_decoder = text_config.is_decoder
         self.layer = nn.ModuleList([WEMoET5LayerSelfAttention(config, text_config, layer_idx == 0, layer_idx)])
         if self.is_decoder:
@@ -297,15 +332,26 @@ class WEMoET5Block(nn.Module):
         shared_router: WEMoERouter | None = None,
         prompt_states: torch.Tensor | None = None,
     ) -> WEMoET5BlockOutput:
-        hidden_states, self_attention_weights = self.layer[0](hidden_states, self_attention_bias, cache=cache)
+        feed_forward = self.layer[-1]
+        routing_weights = prompt_routing = None
+        if self.routes_attention:
+            normed = self.layer[0].layer_norm(hidden_states)
+            routing_weights = feed_forward.route(normed, token_mask, shared_router, prompt_states)
+            if self.is_decoder and encoder_hidden_states is not None:
+                prompt_routing = feed_forward.route(None, None, shared_router, prompt_states, granularity="prompt")
+        hidden_states, self_attention_weights = self.layer[0](
+            hidden_states, self_attention_bias, cache=cache, routing_weights=routing_weights
+        )
         hidden_states = clamp_inf_for_fp16(hidden_states)
         cross_attention_weights = None
         if self.is_decoder and encoder_hidden_states is not None:
             hidden_states, cross_attention_weights = self.layer[1](
-                hidden_states, encoder_hidden_states, cross_attention_bias, cache=cache
+                hidden_states, encoder_hidden_states, cross_attention_bias, cache, routing_weights, prompt_routing
             )
             hidden_states = clamp_inf_for_fp16(hidden_states)
-        hidden_states, routing_weights = self.layer[-1](hidden_states, token_mask, shared_router, prompt_states)
+        hidden_states, routing_weights = feed_forward(
+            hidden_states, token_mask, shared_router, prompt_states, routing_weights
+        )
         return WEMoET5BlockOutput(
             clamp_inf_for_fp16(hidden_states), routing_weights, self_attention_weights, cross_attention_weights
         )
@@ -346,7 +392,9 @@ class WEMoET5Stack(nn.Module):
         super().__init__()
         self.is_decoder = text_config.is_decoder
         granularity = config.decoder_routing if self.is_decoder else config.routing_granularity
-        self.routes_per_prompt = granularity == "prompt"
+        # A decoder routed per prompt reads the pooled prompt everywhere; one with upscaled attention, in its
+        # cross-attention's key and value projections.
+        self.reads_prompt = self.is_decoder and (granularity == "prompt" or "attention" in config.upscaled_groups)
         self.block = nn.ModuleList(
             [WEMoET5Block(config, text_config, i, granularity) for i in range(text_config.num_layers)]
         )
@@ -409,10 +457,13 @@ class WEMoET5Stack(nn.Module):
         """What a decoder routed per prompt routes from: the encoder's final hidden states averaged over each prompt's
         real tokens, `(batch, d_model)`; recomputed at every decoding step from the same encoder output, so the
         routing never depends on the step or on the cache. None for a stack that routes from its own states."""
-        if not self.routes_per_prompt:
+        if not self.reads_prompt:
             return None
         if encoder_hidden_states is None:
-            raise ValueError("A decoder routed per prompt (`decoder_routing='prompt'`) needs the encoder's output.")
+            raise ValueError(
+                "A decoder routed per prompt (`decoder_routing='prompt'`, or upscaled cross-attention) needs the "
+                "encoder's output."
+            )
         return masked_mean(encoder_hidden_states, encoder_attention_mask)
 
 
@@ -692,6 +743,7 @@ class WEMoEForConditionalGeneration(WEMoEPreTrainedModel, GenerationMixin):
             decoder_routing_weights=decoded.routing_weights if output_routing_weights else None,
         )
         return output if return_dict else output.to_tuple()
+
 
 WEMoEForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 

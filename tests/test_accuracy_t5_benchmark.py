@@ -51,7 +51,8 @@ def test_tiny_benchmark_runs_every_row_and_diagnostic_end_to_end(tmp_path):
     run = benchmark.main(["--tiny", "--cache", str(cache), "--results", str(results_dir)])
     results, names = run["results"], benchmark.TINY_TASKS
 
-    rows = ["pre-trained", "individual fine-tunes", *benchmark.methods(run["lambda"]["lambda"]), benchmark.ORACLE_ROW]
+    rows = ["pre-trained", "individual fine-tunes", *benchmark.methods(run["lambda"]["lambda"]),
+            *benchmark.ORACLE_ROWS]
     assert list(results) == rows
     for method, result in results.items():
         assert set(result["scores"]) == {*names, "average"}, method

@@ -30,7 +30,7 @@ def test_tiny_text_benchmark_runs_every_stage_and_reuses_its_cache(tmp_path):
 
     rows = ["individual fine-tunes", "individual LoRA fine-tunes", *benchmark.methods(0.5, benchmark.TINY)]
     assert [row for row in results if not row.startswith("task arithmetic (lambda")] == [
-        row for row in [*rows, "WEMoE, oracle routing (diagnostic)"] if not row.startswith("task arithmetic (lambda")
+        row for row in [*rows, *benchmark.ORACLE_ROWS] if not row.startswith("task arithmetic (lambda")
     ]
     for method, result in results.items():
         assert set(result["scores"]) == {*tasks, "average"}, method
@@ -61,6 +61,9 @@ def test_tiny_text_benchmark_runs_every_stage_and_reuses_its_cache(tmp_path):
     oracle = diagnostics.routing_analysis(cache / "models" / "oracle" / "wordnet_nouns", data)
     assert all(accuracy == 1.0 for accuracy in oracle["wordnet_nouns"]["routing_accuracy"])
     assert all(accuracy == 0.0 for accuracy in oracle["emoji_groups"]["routing_accuracy"])
+    # With attention upscaled too, each layer still routes once (its attention and MLP share the routing weights).
+    attention = diagnostics.routing_analysis(cache / "models" / "oracle_attention" / "wordnet_nouns", data)
+    assert attention["wordnet_nouns"]["routing_accuracy"] == [1.0] * 6
     # Diagnostics: routing accuracy per layer before and after, adaptation curves, and the plots.
     report = run["diagnostics"]
     assert len(report["WEMoE"]["routing_accuracy_after"]["emoji_groups"]) == 6  # MiniLM's layers

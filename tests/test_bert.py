@@ -111,8 +111,10 @@ def per_sample_reference_logits(wemoe, base, experts, inputs, task: str) -> torc
         {"variant": "wemoe", "router": {"hidden_layers": 1, "granularity": "token"}},
         {"variant": "e-wemoe", "keep": 1.0},
         {"variant": "wemoe", "expert_format": "lowrank", "rank": 32},
+        {"variant": "wemoe", "upscale": ["mlp", "attention"]},
+        {"variant": "e-wemoe", "keep": 1.0, "upscale": ["attention"]},
     ],
-    ids=["wemoe", "depth1-token", "e-wemoe-keep-all", "lowrank-full-rank"],
+    ids=["wemoe", "depth1-token", "e-wemoe-keep-all", "lowrank-full-rank", "mlp+attention", "e-wemoe-attention"],
 )
 def test_fresh_merge_equals_task_arithmetic_with_each_task_s_own_head(family, batch, options):
     base, experts = family
@@ -150,9 +152,10 @@ def test_routing_matches_a_reference_that_merges_weights_per_sample(family, batc
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
 
 
-def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer):
+@pytest.mark.parametrize("upscale", [["mlp"], ["mlp", "attention"]])
+def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer, upscale):
     base, experts = family
-    model = merge_bert(base, experts, variant="e-wemoe")
+    model = merge_bert(base, experts, variant="e-wemoe", upscale=upscale)
     randomize_routers(model)
     alone = tokenizer(TEXTS[3:], return_tensors="pt")
     padded = tokenizer(TEXTS, return_tensors="pt", padding=True)

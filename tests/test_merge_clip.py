@@ -16,8 +16,10 @@ from wemoe import merge_clip
         {"variant": "wemoe", "router": {"hidden_layers": 1}},
         {"variant": "wemoe", "router": {"hidden_layers": 0, "granularity": "token"}},
         {"variant": "e-wemoe", "keep": 1.0},
+        {"variant": "wemoe", "upscale": ["mlp", "attention"]},
+        {"variant": "e-wemoe", "keep": 1.0, "upscale": ["attention"], "router": {"granularity": "token"}},
     ],
-    ids=["wemoe", "depth1", "depth0-token", "e-wemoe-keep-all"],
+    ids=["wemoe", "depth1", "depth0-token", "e-wemoe-keep-all", "mlp+attention", "e-wemoe-attention-token"],
 )
 def test_fresh_merge_equals_task_arithmetic(base, experts, classnames, tokenizer, pixel_values, options):
     options = {**options, "router": {**options.get("router", {}), "init_lambda": 0.25}}
@@ -49,16 +51,20 @@ def test_per_sample_routing_matches_per_sample_merged_reference(
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
 
 
-def test_sample_logits_do_not_depend_on_the_rest_of_the_batch(base, experts, classnames, tokenizer, pixel_values):
-    model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
+@pytest.mark.parametrize("upscale", [["mlp"], ["mlp", "attention"]])
+def test_sample_logits_do_not_depend_on_the_rest_of_the_batch(
+    base, experts, classnames, tokenizer, pixel_values, upscale
+):
+    model = merge_clip(base, experts, classnames, tokenizer=tokenizer, upscale=upscale)
     randomize_routers(model)
     others = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         in_batch = model(pixel_values).logits[0]
         in_other_batch = model(torch.cat([others[:2], pixel_values[:1], others[2:]])).logits[2]
         alone = model(pixel_values[:1]).logits[0]
-    torch.testing.assert_close(in_other_batch, in_batch, atol=1e-6, rtol=0)
-    torch.testing.assert_close(alone, in_batch, atol=1e-6, rtol=0)
+    # Float32 rounding of batched matmuls moves logits of about 7 by 1e-6; a leak between samples moves them by ~1.
+    torch.testing.assert_close(in_other_batch, in_batch, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=0)
 
 
 def test_heads_are_the_base_text_embeddings_of_the_class_prompts(base, experts, classnames, tokenizer, pixel_values):

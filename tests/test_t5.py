@@ -49,8 +49,10 @@ def batch(tokenizer):
         {"variant": "wemoe"},
         {"variant": "wemoe", "router": {"hidden_layers": 1, "granularity": "token"}},
         {"variant": "e-wemoe", "keep": 1.0},
+        {"variant": "wemoe", "upscale": ["mlp", "attention"]},
+        {"variant": "e-wemoe", "keep": 1.0, "upscale": ["attention"], "router": {"decoder_routing": "prompt"}},
     ],
-    ids=["wemoe", "depth1-token", "e-wemoe-keep-all"],
+    ids=["wemoe", "depth1-token", "e-wemoe-keep-all", "mlp+attention", "e-wemoe-attention-prompt"],
 )
 def test_fresh_merge_equals_task_arithmetic(family, batch, options):
     base, experts = family
@@ -119,10 +121,14 @@ def test_padding_and_batch_mates_do_not_change_a_sample(family, tokenizer):
         torch.testing.assert_close(batched[3], solo[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["wemoe", "e-wemoe"])
-def test_generate_is_the_same_with_and_without_the_cache_and_alone_or_batched(family, tokenizer, variant):
+@pytest.mark.parametrize(
+    "options",
+    [{"variant": "wemoe"}, {"variant": "e-wemoe"}, {"variant": "wemoe", "upscale": ["mlp", "attention"]}],
+    ids=["wemoe", "e-wemoe", "mlp+attention"],
+)
+def test_generate_is_the_same_with_and_without_the_cache_and_alone_or_batched(family, tokenizer, options):
     base, experts = family
-    model = merge_t5(base, experts, variant=variant)
+    model = merge_t5(base, experts, **options)
     randomize_routers(model, std=1.0)
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     options = {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 8}
