@@ -284,7 +284,8 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
 # ------------------------------------------------------------------------------------------------- diagnostics
 BLOCKS = {"feed-forward": ("intermediate.", "output."), "attention": ("attention.",)}  # within a layer
 ADAPTED_ROWS = ("WEMoE", "E-WEMoE keep=0.1", "WEMoE, task routing", "WEMoE, task routing, softmax routing",
-                "E-WEMoE keep=0.1, task routing", "E-WEMoE keep=0.1, task routing, softmax routing")  # fmt: skip
+                "E-WEMoE keep=0.1, task routing", "E-WEMoE keep=0.1, task routing, softmax routing",
+                f"WEMoE, task routing{ATTENTION}", f"WEMoE, task routing, softmax routing{ATTENTION}")  # fmt: skip
 
 
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
