@@ -255,13 +255,23 @@ def recipe_dataset(tasks: TasksFile, task: str) -> dict:
     return {**files.train.model_dump(exclude_none=True), "label_column": files.label_column}
 
 
-def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
-    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
+def score_each_task(
+    directories: dict[str, Path], data: dict[str, dict], cache: Path, stem: str, eval_args: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Each task's score from its own model directory (`directories[task]`) on its entry of `data` (a DATA.yaml's
+    `tasks`), with `wemoe-eval`'s options `eval_args`, and their average; cached as `evaluate_dir` caches."""
     scores = {}
     for task, directory in directories.items():
-        one_task = write_yaml(data_config(tasks, "test", [task]), cache / f"data_{task}.yaml")
-        scores[task] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{task}.json")[task]
+        one_task = write_yaml({"tasks": {task: data[task]}}, cache / f"data_{task}.yaml")
+        scores[task] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{task}.json", eval_args)[task]
     return {**scores, "average": sum(scores.values()) / len(scores)}
+
+
+def score_each_alone(
+    directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str, eval_args: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """`score_each_task` on the tasks' test splits."""
+    return score_each_task(directories, data_config(tasks, "test")["tasks"], cache, stem, eval_args)
 
 
 def choose_on_validation(candidates: list[float], validation_average: Callable[[float], float], output: Path) -> dict:

@@ -74,6 +74,7 @@ from accuracy_common import (
     parse_benchmark_args,
     routing_table,
     save_atomically,
+    score_each_alone,
     train,
     write_results,
     write_yaml,
@@ -555,23 +556,14 @@ def count_parameters(model_dir: Path, method: str, num_tasks: int) -> tuple[int,
     return (tensors * num_tasks if method.startswith("AdaMerging") else 0), model.num_parameters()
 
 
-def score_each_alone(directories: dict[str, Path], tasks: TasksFile, cache: Path, stem: str) -> dict[str, float]:
-    """Each task's test accuracy from its own model directory (`directories[task]`), and their average."""
-    test = data_config(tasks, "test")["tasks"]
-    scores = {}
-    for name, directory in directories.items():
-        one_task = write_yaml({"tasks": {name: test[name]}}, cache / f"data_{name}.yaml")
-        scores[name] = evaluate_dir(directory, one_task, cache / "eval" / f"{stem}_{name}.json", EVAL_ARGS)[name]
-    return {**scores, "average": sum(scores.values()) / len(scores)}
-
-
 def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, scale: Scale, seed: int) -> dict:
     data_yaml = write_yaml(data_config(tasks, "test"), cache / "data.yaml")
     pretrained = evaluate_dir(checkpoints["base"], data_yaml, cache / "eval" / "pretrained.json", EVAL_ARGS)
     results = {
         "pre-trained": {"scores": pretrained, "parameters": (0, None)},
         "individual fine-tunes": {
-            "scores": score_each_alone({t: checkpoints[f"full/{t}"] for t in tasks.tasks}, tasks, cache, "full"),
+            "scores": score_each_alone({t: checkpoints[f"full/{t}"] for t in tasks.tasks}, tasks, cache, "full",
+                                       EVAL_ARGS),
             "parameters": (0, None),
         },
     }
@@ -587,7 +579,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
         scores = evaluate_dir(scored, data_yaml, cache / "eval" / f"{method_slug(method)}.json", EVAL_ARGS)
         results[method] = {"scores": scores, "parameters": count_parameters(scored, method, len(tasks.tasks)),
                            "model": str(scored), "seconds": seconds}  # fmt: skip
-    results.update(oracle_results(cache, tasks))
+    results.update(oracle_results(cache, tasks, EVAL_ARGS))
     results["task arithmetic lambda choice"] = choice
     return results
 

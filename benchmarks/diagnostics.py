@@ -79,13 +79,13 @@ def oracle_artifacts(artifact: Path, output: Path) -> dict[str, Path]:
     return copies
 
 
-def oracle_results(cache: Path, tasks) -> dict:
-    """Every `ORACLE_ROWS` row: each task scored by its expert alone (`oracle_artifacts`) in the converted model of
-    the row it names."""
+def oracle_results(cache: Path, tasks, eval_args: tuple[str, ...] = ()) -> dict:
+    """Every `ORACLE_ROWS` row: each task scored (with `wemoe-eval`'s options `eval_args`, as the benchmark scores
+    its other rows) by its expert alone (`oracle_artifacts`) in the converted model of the row it names."""
     results = {}
     for row, (source, stem) in ORACLE_ROWS.items():
         copies = oracle_artifacts(cache / "models" / method_slug(source), cache / "models" / stem)
-        results[row] = {"scores": score_each_alone(copies, tasks, cache, stem), "parameters": (0, None)}
+        results[row] = {"scores": score_each_alone(copies, tasks, cache, stem, eval_args), "parameters": (0, None)}
     return results
 
 

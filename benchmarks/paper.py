@@ -44,7 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accuracy_common import PAPER_ARGS, TASK_ROUTING_ARGS, Adaptation, convert_and_adapt, evaluate_dir, write_yaml
+from accuracy_common import (
+    PAPER_ARGS,
+    TASK_ROUTING_ARGS,
+    Adaptation,
+    convert_and_adapt,
+    evaluate_dir,
+    score_each_task,
+    write_yaml,
+)
 from huggingface_hub import snapshot_download
 
 from wemoe.checkpoints import resolve_checkpoint_dir
@@ -325,12 +333,8 @@ def run_suite(suite: Suite, recipe: dict, args: argparse.Namespace) -> dict:
     expert_args = (*eval_args, "--base", base) if suite.name == "clip" else eval_args
 
     results = {PRETRAINED: evaluate_dir(Path(base), data_yaml, cache / "eval" / "pretrained.json", eval_args)}
-    individual = {}
-    for task in recipe["tasks"]:
-        one_task = write_yaml({"tasks": {task["name"]: data[task["name"]]}}, cache / f"data_{task['name']}.yaml")
-        output = cache / "eval" / f"individual_{task['name']}.json"
-        individual[task["name"]] = evaluate_dir(Path(task["model"]), one_task, output, expert_args)[task["name"]]
-    results[INDIVIDUAL] = {**individual, "average": sum(individual.values()) / len(individual)}
+    experts = {task["name"]: Path(task["model"]) for task in recipe["tasks"]}
+    results[INDIVIDUAL] = score_each_task(experts, data, cache, "individual", expert_args)
     merged = rows(recipe, args.steps, args.batch_size, args.seed)
     for index, (row, (fields, adaptation)) in enumerate(merged.items(), 1):
         logger.info("[%s] row %d/%d: %s", suite.name, index, len(merged), row)
