@@ -58,16 +58,31 @@ def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :numel].bool()
 
 
-# One sample's merged tile of a weight matrix, in bytes: 64 rows of a ViT-B/32 fc1 in float32, 128 in bfloat16. On CPU
-# (2 threads, ViT-B/32, batch 16) this measured fastest for the whole model: fp32 1.59x the dense forward against
-# 1.72x at 96 KiB and 1.65x at 384 KiB; bf16 1.80x against 1.98x and 1.79x. Smaller tiles pay more in calls, larger
-# ones fall out of cache.
-TILE_BYTES = 192 * 1024
+# One sample's merged tile of a weight matrix, in bytes: 256 rows of a ViT-B/32 fc1 in float32, 512 in bfloat16. On
+# CPU (2 threads, ViT-B/32, batch 16, with W0 merged as an expert of weight 1) this measured fastest for the whole
+# model: with attention upscaled too, 2.10x the dense forward against 2.18x at 384 KiB, 2.09x at 1536 KiB and 2.43x
+# at 192 KiB; MLP only, 1.80x against 1.84x, 1.82x and 1.97x. Smaller tiles pay more in calls and run the per-sample
+# matmuls on fewer columns; larger ones fall out of cache.
+TILE_BYTES = 768 * 1024
 
 
 def tile_size(row_width: int, dtype: torch.dtype) -> int:
     """Rows (or, for column tiles, columns) of `row_width` entries merged and applied together per sample."""
     return max(1, TILE_BYTES // (row_width * dtype.itemsize))
+
+
+def even_tile(length: int, largest: int) -> int:
+    """At most `largest`, and where one is at least half of it, a divisor of `length`: every tile is then full and
+    reuses the buffers, where a last, partial tile allocates its own (Flan-T5-small's 2048-row fc: 1.7x the dense
+    encoder with tiles of 256 rows, 2.2x with 384 and a partial one)."""
+    if largest >= length:
+        return length
+    return next((tile for tile in range(largest, largest // 2, -1) if length % tile == 0), largest)
+
+
+def with_base_weight(routing_weights: torch.Tensor) -> torch.Tensor:
+    """Routing weights `(batch, num_experts)` with a leading column of ones: `[1, r] @ [W0; tau]` is the merge."""
+    return torch.cat([routing_weights.new_ones(routing_weights.shape[0], 1), routing_weights], dim=-1)
 
 
 def needs_autograd(*tensors: torch.Tensor) -> bool:
@@ -108,6 +123,15 @@ class WEMoETaskVectors(nn.Module):
     def prepare(self) -> None:
         """Build, ahead of the first forward, what forwards derive from the stored tensors (nothing here)."""
 
+    def stack_under(self, base: torch.Tensor) -> None:
+        """Hold a copy of the pre-trained tensor `base` and the task vectors in one tensor, where the format and
+        the path allow it (dense, tiles of rows), so that a merge reads each tile's `[W0; tau]` in place; nothing
+        here."""
+
+    def is_stacked_under(self, base: torch.Tensor) -> bool:
+        """Whether the store holds `base`, as it is now, above its task vectors (`stack_under`)."""
+        return False
+
     def per_token_read_fraction(self) -> float:
         """What `expert_outputs` reads per token, as a fraction of the dense task vectors."""
         return 1.0
@@ -118,7 +142,9 @@ class WEMoETaskVectors(nn.Module):
 
     def per_sample_tile(self, dtype: torch.dtype) -> int:
         """Rows, or input columns, per tile of the per-sample path for inputs of `dtype`."""
-        return tile_size(self.shape[0] if self.goes_by_columns() else self.shape[-1], dtype)
+        if self.goes_by_columns():
+            return even_tile(self.shape[1], tile_size(self.shape[0], dtype))
+        return even_tile(self.shape[0], tile_size(self.shape[-1], dtype))
 
     def tile(self, index: int, tile_rows: int) -> torch.Tensor:
         """Every expert's task vector restricted to rows `[index * tile_rows, (index + 1) * tile_rows)`, flattened:
@@ -131,18 +157,42 @@ class WEMoETaskVectors(nn.Module):
         (a full tile) when given."""
         raise NotImplementedError
 
+    def stacked_tile(
+        self, weight: torch.Tensor, index: int, tile_rows: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[W0; tau_1; ...; tau_n]` on one tile of rows as one `(1 + num_experts, rows * row_width)` matrix, for
+        `weight` the pre-trained tensor; written into `out` (a full tile) when given."""
+        base = weight[index * tile_rows : (index + 1) * tile_rows].reshape(1, -1)
+        return torch.cat([base, self.tile(index, tile_rows)], out=out)
+
+    def stacked_column_tile(
+        self, weight: torch.Tensor, index: int, columns: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[W0; tau_1; ...; tau_n]` on input columns `[index * columns, (index + 1) * columns)` of a matrix,
+        `(1 + num_experts, out * width)`; written into `out` `(1 + num_experts, out, columns)` (a full tile) when
+        given."""
+        base = weight[:, index * columns : (index + 1) * columns]
+        if out is None:
+            return torch.cat([base.reshape(1, -1), self.column_tile(index, columns)])
+        out[0].copy_(base)
+        self.column_tile(index, columns, out=out[1:])
+        return out.view(out.shape[0], -1)
+
     def merge_tile(
         self,
-        base: torch.Tensor,
+        weight: torch.Tensor,
         routing_weights: torch.Tensor,
         index: int,
         tile_rows: int,
         out: torch.Tensor | None = None,
+        stack_buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`base + sum_i r[b, i] * tau_i` on one tile of rows, for every row b of `(batch, num_experts)` routing
-        weights, where `base` is the same tile of the pre-trained tensor: `(batch, rows, *shape[1:])`; written into
-        `out` `(batch, rows * row_width)` when given."""
-        merged = torch.addmm(base.reshape(1, -1), routing_weights.to(base.dtype), self.tile(index, tile_rows), out=out)
+        """`W0 + sum_i r[b, i] * tau_i` on one tile of rows, for every row b of `(batch, num_experts)` routing
+        weights, where `weight` is the pre-trained tensor: `(batch, rows, *shape[1:])`; written into `out`
+        `(batch, rows * row_width)` when given. One matmul with W0 as an expert of weight 1: adding W0 to every
+        sample's tile afterwards cost as much as the merge itself (ViT-B/32 shapes, 2 threads)."""
+        stacked = self.stacked_tile(weight, index, tile_rows, out=stack_buffer)
+        merged = torch.mm(with_base_weight(routing_weights.to(stacked.dtype)), stacked, out=out)
         return merged.view(routing_weights.shape[0], -1, *self.shape[1:])
 
     def expert_outputs(self, rows: torch.Tensor) -> torch.Tensor:
@@ -186,15 +236,19 @@ class WEMoETaskVectors(nn.Module):
         tile_rows = self.per_sample_tile(hidden_states.dtype)
         routing_weights = routing_weights.to(hidden_states.dtype)
         output = hidden_states.new_empty(batch, seq, out_features)
-        # Without autograd, every full tile reuses two buffers: a fresh allocation per tile (1.5 MB at ViT-B/32
+        # Without autograd, every full tile reuses buffers: a fresh allocation per tile (several MB at ViT-B/32
         # size) costs page faults that measured as much as the merge itself.
         reuse = not needs_autograd(hidden_states, weight, routing_weights)
         merged_buffer = hidden_states.new_empty(batch, tile_rows * in_features) if reuse else None
         product_buffer = hidden_states.new_empty(batch, seq, tile_rows) if reuse else None
+        stack_buffer = None
+        if reuse and not self.is_stacked_under(weight):
+            stack_buffer = weight.new_empty(1 + routing_weights.shape[-1], tile_rows * in_features)
         for tile in range(math.ceil(out_features / tile_rows)):
             rows = slice(tile * tile_rows, min((tile + 1) * tile_rows, out_features))
             full = rows.stop - rows.start == tile_rows
-            merged = self.merge_tile(weight[rows], routing_weights, tile, tile_rows, merged_buffer if full else None)
+            buffers = (merged_buffer, stack_buffer) if full else (None, None)
+            merged = self.merge_tile(weight, routing_weights, tile, tile_rows, *buffers)
             product = torch.matmul(hidden_states, merged.transpose(-1, -2), out=product_buffer if full else None)
             output[..., rows] = product
         return output
@@ -208,22 +262,17 @@ class WEMoETaskVectors(nn.Module):
         (batch, seq, in_features), out_features = hidden_states.shape, weight.shape[0]
         columns = self.per_sample_tile(hidden_states.dtype)
         routing_weights = routing_weights.to(hidden_states.dtype)
-        num_experts = routing_weights.shape[-1]
+        base_and_routing = with_base_weight(routing_weights)
         output = hidden_states.new_zeros(batch, seq, out_features)
         reuse = not needs_autograd(hidden_states, weight, routing_weights)
         if reuse:
-            column_buffer = weight.new_empty(num_experts, out_features, columns)
-            base_buffer = weight.new_empty(out_features, columns)
+            stack_buffer = weight.new_empty(base_and_routing.shape[-1], out_features, columns)
             merged_buffer = hidden_states.new_empty(batch, out_features * columns)
         for index in range(math.ceil(in_features / columns)):
             tile = slice(index * columns, min((index + 1) * columns, in_features))
-            if reuse and tile.stop - tile.start == columns:
-                task_vectors = self.column_tile(index, columns, out=column_buffer)
-                base = base_buffer.copy_(weight[:, tile]).view(1, -1)
-                merged = torch.addmm(base, routing_weights, task_vectors, out=merged_buffer)
-            else:
-                task_vectors = self.column_tile(index, columns)
-                merged = torch.addmm(weight[:, tile].reshape(1, -1), routing_weights, task_vectors)
+            full = reuse and tile.stop - tile.start == columns
+            stacked = self.stacked_column_tile(weight, index, columns, out=stack_buffer if full else None)
+            merged = torch.mm(base_and_routing, stacked, out=merged_buffer if full else None)
             merged = merged.view(batch, out_features, -1).transpose(-1, -2)  # (batch, columns, out)
             if reuse:
                 output.baddbmm_(hidden_states[..., tile], merged)
@@ -251,6 +300,43 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         super().__init__()
         self.shape = tuple(shape)
         self.values = nn.Parameter(torch.zeros(num_experts, *shape), requires_grad=False)
+        self._stacked: torch.Tensor | None = None
+        self._stacked_base: tuple[int, int] | None = None  # the copied W0's address and version
+
+    def stack_under(self, base: torch.Tensor) -> None:
+        """Move `values` into a `(1 + num_experts, *shape)` tensor under a copy of `base`: each row tile's
+        `[W0; tau]` is then a view, read by the merge in place (copying the tile together measured 0.14x of the
+        dense forward at ViT-B/32 shape, with attention upscaled). The copy costs one more W0 per matrix. A matrix
+        that goes by input columns copies its tiles anyway, and is left as it is."""
+        if len(self.shape) != 2 or self.goes_by_columns() or base.is_meta or self.values.is_meta:
+            return
+        if (base.dtype, base.device, base.shape) != (self.values.dtype, self.values.device, self.values.shape[1:]):
+            return
+        stacked = torch.cat([base.detach().unsqueeze(0), self.values.detach()])
+        # `values` gets a storage of its own, the bytes after the copy of W0 (a slice of the stacked tensor's, which
+        # it keeps alive): savers (transformers; safetensors' `save_model`/`load_model`, which accelerate's
+        # checkpoints use) refuse a tensor that covers only part of its storage, and see a plain tensor instead.
+        after_base = stacked.untyped_storage()[stacked[0].numel() * stacked.element_size() :]
+        self.values.data = stacked.new_empty(0).set_(after_base, 0, self.values.shape)
+        self._stacked, self._stacked_base = stacked, (base.data_ptr(), base._version)
+
+    def is_stacked_under(self, base: torch.Tensor) -> bool:
+        # A W0 changed in place, or either tensor replaced (`.to()`, loading with assign), leaves the copy stale.
+        stacked = self._stacked
+        return (
+            stacked is not None
+            and self.values.data_ptr() == stacked[1].data_ptr()
+            and self.values.shape == stacked[1:].shape
+            and (base.data_ptr(), base._version) == self._stacked_base
+        )
+
+    def stacked_tile(
+        self, weight: torch.Tensor, index: int, tile_rows: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.is_stacked_under(weight):
+            return super().stacked_tile(weight, index, tile_rows, out)
+        rows = self._stacked[:, index * tile_rows : (index + 1) * tile_rows]
+        return rows.reshape(rows.shape[0], -1)
 
     @property
     def num_stored_entries(self) -> int:
@@ -608,10 +694,20 @@ class WEMoELinear(nn.Module):
         self.batch_routing = False
 
     def prepare(self) -> None:
-        """Build the task-vector stores' derived layouts (E-WEMoE's tile index) ahead of the first forward."""
+        """Build the task-vector stores' derived layouts (E-WEMoE's tile index) ahead of the first forward, and
+        stack dense task vectors under a copy of W0."""
+        self.weight_task_vectors.stack_under(self.weight)
         for store in (self.weight_task_vectors, self.bias_task_vectors):
             if store is not None:
                 store.prepare()
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`...: the converted task vectors are a tensor of their own; stack them again.
+        stacked = self.weight_task_vectors.is_stacked_under(self.weight)
+        module = super()._apply(fn, recurse)
+        if stacked:
+            self.weight_task_vectors.stack_under(self.weight)
+        return module
 
     def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         if not self.routing_gradients:

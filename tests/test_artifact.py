@@ -3,10 +3,13 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from fresh_process import run_in_fresh_process
 from reference import randomize_routers
 
+from modeling_wemoe import WEMoEForImageClassification
+from modeling_wemoe.modeling_wemoe import WEMoELinear
 from wemoe import default_image_processor, merge_clip, save_artifact
 from wemoe.toy import build_toy_expert
 
@@ -37,6 +40,28 @@ def test_round_trip_in_a_process_without_this_repository(
     labels = [prediction["label"] for prediction in results["pipeline"]]
     assert len(labels) == 2 and set(labels) <= set(classnames["shapes"])
     assert [prediction["task"] for prediction in results["pipeline_every_task"]] == list(classnames)
+
+
+def test_a_loaded_artifact_with_stacked_task_vectors_saves_and_loads_through_transformers_and_safetensors(
+    base, experts, classnames, tokenizer, pixel_values, tmp_path
+):
+    # Loading stacks each row-tiled matrix's task vectors under a copy of W0 (`WEMoELinear.prepare`); the state dict
+    # must still be plain tensors for save_pretrained and for safetensors' save_model/load_model (accelerate's
+    # checkpoints), which refuse tensors that share storage.
+    model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
+    randomize_routers(model)
+    processor = default_image_processor(base.config.vision_config)
+    loaded = WEMoEForImageClassification.from_pretrained(save_artifact(model, tmp_path / "first", processor))
+    stores = [m.weight_task_vectors for m in loaded.modules() if isinstance(m, WEMoELinear)]
+    assert sum(store._stacked is not None for store in stores) == loaded.config.vision_config.num_hidden_layers
+    safetensors.torch.save_model(loaded, tmp_path / "model.safetensors")
+    fresh = WEMoEForImageClassification(loaded.config)
+    safetensors.torch.load_model(fresh, tmp_path / "model.safetensors")
+    reloaded = WEMoEForImageClassification.from_pretrained(save_artifact(loaded, tmp_path / "second", processor))
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+        for copy in (fresh, reloaded):
+            torch.testing.assert_close(copy(pixel_values).logits, expected, atol=1e-6, rtol=0)
 
 
 def test_e_wemoe_artifact_is_at_most_035x_the_dense_one(base, tokenizer, tmp_path):

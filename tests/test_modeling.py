@@ -27,10 +27,11 @@ def tiles_of_32_rows(monkeypatch):
 
 
 def make_linear(
-    expert_format: str, bias: bool, seed: int = 0, wide: bool = False
+    expert_format: str, bias: bool, seed: int = 0, wide: bool = False, prepare: bool = True
 ) -> tuple[WEMoELinear, torch.Tensor, torch.Tensor]:
     """A WEMoELinear with random W0/b0 and task vectors; returns it with the dense task vectors it stores. `wide`:
-    more inputs than outputs (a down projection, laid out by `prepare` for tiles of input columns)."""
+    more inputs than outputs (a down projection, laid out by `prepare` for tiles of input columns). `prepare`: as
+    loading does (E-WEMoE's tile index; dense W0 and task vectors in one tensor)."""
     in_features, out_features = (OUT_FEATURES, IN_FEATURES) if wide else (IN_FEATURES, OUT_FEATURES)
     config = WEMoEConfig(
         vision_config={"hidden_size": 16, "num_attention_heads": 4},
@@ -61,7 +62,8 @@ def make_linear(
                 store.assign(task_vectors, mask.view_as(task_vectors))
             else:
                 store.assign(task_vectors)
-    layer.prepare()
+    if prepare:
+        layer.prepare()
     weight_tv = layer.weight_task_vectors.dense()
     bias_tv = layer.bias_task_vectors.dense() if bias else None
     return layer, weight_tv, bias_tv
@@ -92,6 +94,55 @@ def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format
         [merged_linear(layer, weight_tv, bias_tv, r, x) for r, x in zip(routing, inputs, strict=True)]
     )
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
+def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart():
+    # Prepared (at load), each row tile's [W0; tau] is read in place from one tensor holding a copy of W0 above the
+    # task vectors; before, or once anything has made that copy stale, the tile is copied together first. Both must
+    # be the per-sample merge of the W0 and task vectors the layer holds now.
+    layer, weight_tv, bias_tv = make_linear("dense", bias=True, prepare=False)
+    weight_tv = weight_tv.detach().clone()  # `dense()` is the stored tensor, which `prepare` moves
+    store = layer.weight_task_vectors
+    inputs = random_inputs(layer, 5, 7)
+    routing = torch.randn(5, NUM_EXPERTS)
+
+    def assert_merged(weight_tv, inputs, routing):
+        pairs = zip(routing, inputs, strict=True)
+        expected = torch.stack([merged_linear(layer, weight_tv, bias_tv.to(inputs.dtype), r, x) for r, x in pairs])
+        torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
+
+    assert not store.is_stacked_under(layer.weight)
+    assert_merged(weight_tv, inputs, routing)
+    layer.prepare()
+    assert store.is_stacked_under(layer.weight)
+    assert_merged(weight_tv, inputs, routing)
+    store.assign(3 * weight_tv)  # written in place: the stacked tensor holds them
+    assert store.is_stacked_under(layer.weight)
+    assert_merged(3 * weight_tv, inputs, routing)
+    store.assign(weight_tv)
+
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # W0 changed in place: the copy is stale
+    assert not store.is_stacked_under(layer.weight)
+    assert_merged(weight_tv, inputs, routing)
+    layer.prepare()
+    assert_merged(weight_tv, inputs, routing)
+
+    layer.to(torch.float64)  # moved tensors are stacked again
+    assert store.is_stacked_under(layer.weight) and store.values.dtype == torch.float64
+    assert_merged(weight_tv.double(), inputs.double(), routing.double())
+
+    # New task vectors in a new tensor (as loading with `assign=True` gives): apart, and the merge reads them.
+    store.values = torch.nn.Parameter(2 * weight_tv.double(), requires_grad=False)
+    assert not store.is_stacked_under(layer.weight)
+    assert_merged(2 * weight_tv.double(), inputs.double(), routing.double())
+
+
+def test_a_down_projection_s_task_vectors_are_not_stacked():
+    # It goes by tiles of input columns, copied out either way: a copy of W0 would only cost memory.
+    layer, _, _ = make_linear("dense", bias=True, wide=True)
+    assert not layer.weight_task_vectors.is_stacked_under(layer.weight)
+    assert layer.weight_task_vectors._stacked is None
 
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse"])
@@ -220,7 +271,7 @@ def test_a_bitmask_marking_an_extra_entry_after_all_stored_values_is_reported(gr
     inputs = torch.randn(2, 3, IN_FEATURES)
     with pytest.raises(ValueError, match="Corrupt sparse task vectors"):
         if granularity == "sample":
-            store.merge_tile(torch.zeros(32, IN_FEATURES), torch.randn(2, NUM_EXPERTS), 0, 32)
+            store.merge_tile(torch.zeros(OUT_FEATURES, IN_FEATURES), torch.randn(2, NUM_EXPERTS), 0, 32)
         else:
             store.expert_outputs(inputs.reshape(-1, IN_FEATURES))
 

@@ -191,5 +191,9 @@ def test_two_processes_give_the_routers_of_one_with_the_same_global_batch(
     ddp, single, start = all_tensors(tmp_path / "ddp"), all_tensors(tmp_path / "single"), all_tensors(artifact)
     routers = [key for key in single if ".router." in key]
     assert max((single[k] - start[k]).abs().max() for k in routers) > 1e-3  # the routers did move
+    # Each process merges its half of the batch, and the gradients are summed across processes: the last bits of
+    # fp32 differ (a matmul's rounding depends on its row count), and Adam's normalisation lifts that to ~1e-6
+    # after six steps. A gradient that did not reach the routers, or came from the wrong samples, differs by the
+    # routers' movement (over 1e-3, asserted above).
     for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=0, msg=key)

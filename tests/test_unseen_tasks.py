@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import write_image_dataset
 from PIL import Image
+from test_artifact_format import TOLERANCE as RECORDED_LOGITS_TOLERANCE
 from test_tta import write_yaml
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, T5Config, pipeline
 
@@ -380,7 +381,7 @@ def test_add_task_to_an_artifact_saved_by_0_1_0(tmp_path):
     expected = json.loads((fixture / "expected.json").read_text())
     with torch.no_grad():
         logits = model(torch.tensor(expected["pixel_values"])).logits
-    torch.testing.assert_close(logits[:, :5], torch.tensor(expected["logits"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:, :5], torch.tensor(expected["logits"]), **RECORDED_LOGITS_TOLERANCE)
     assert (added / "expected.json").is_file()  # the artifact's other files are kept
 
 
