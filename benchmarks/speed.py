@@ -184,9 +184,9 @@ def bfloat16_speed_table(models: dict[str, torch.nn.Module], pixel_values: torch
 
 def profile_category(operator: str, shapes: list, num_experts: int) -> str:
     """Which part of a forward an operator is: the merges W0 + sum_i r_i tau_i are the matmuls whose routing-weight
-    operand has one column per expert."""
+    operand has one column per expert (and one for W0, `[1, r] @ [W0; tau]`)."""
     routing_operand = {"aten::addmm": 1, "aten::mm": 0}.get(operator)
-    if routing_operand is not None and shapes[routing_operand][-1:] == [num_experts]:
+    if routing_operand is not None and shapes[routing_operand][-1:] in ([num_experts], [num_experts + 1]):
         return "merges (weight tiles and biases)"
     if operator in ("aten::addmm", "aten::mm"):
         return "linears (attention, routers, dense MLPs)"

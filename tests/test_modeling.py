@@ -11,19 +11,21 @@ from modeling_wemoe.modeling_wemoe import (
     WEMoERouter,
     WEMoESparseTaskVectors,
     compute_routing_weights,
+    even_tile,
     num_kept_entries,
     pack_bitmask,
     unpack_bitmask,
 )
 
 # 70 output rows (or, for the wide layer, input columns): two full tiles of the per-sample path and a partial third,
-# with tiles of 32 float32 rows of 12 entries.
+# with tiles of 32 float32 rows of 12 entries (30 under autograd; no divisor of 70 is near either).
 NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 3, 12, 70
 
 
 @pytest.fixture(autouse=True)
 def tiles_of_32_rows(monkeypatch):
     monkeypatch.setattr(modeling_wemoe.modeling_wemoe, "TILE_BYTES", 32 * IN_FEATURES * 4)
+    monkeypatch.setattr(modeling_wemoe.modeling_wemoe, "RECORDED_TILE_BYTES", 30 * IN_FEATURES * 4)
 
 
 def make_linear(
@@ -136,6 +138,22 @@ def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart
     store.values = torch.nn.Parameter(2 * weight_tv.double(), requires_grad=False)
     assert not store.is_stacked_under(layer.weight)
     assert_merged(2 * weight_tv.double(), inputs.double(), routing.double())
+
+
+@pytest.mark.parametrize(
+    ("length", "largest", "tile"),
+    [(2048, 384, 256), (3072, 256, 256), (768, 256, 256), (70, 32, 32), (70, 28, 28), (100, 200, 100), (97, 10, 10)],
+)
+def test_tiles_divide_the_rows_where_a_divisor_is_at_least_half_the_largest_tile(length, largest, tile):
+    assert even_tile(length, largest) == tile
+
+
+def test_forwards_recorded_for_backward_take_their_own_tile_size_except_over_a_sparse_tile_index():
+    dense, _, _ = make_linear("dense", bias=False)
+    sparse, _, _ = make_linear("sparse", bias=False)
+    assert dense.weight_task_vectors.per_sample_tile(torch.float32) == 32
+    assert dense.weight_task_vectors.per_sample_tile(torch.float32, recorded=True) == 30
+    assert sparse.weight_task_vectors.per_sample_tile(torch.float32, recorded=True) == 32
 
 
 def test_a_down_projection_s_task_vectors_are_not_stacked():
