@@ -647,9 +647,11 @@ def regime_table(regime: dict, names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ generalization (the paper's 5.3)
-# The paper holds out MNIST and EuroSAT (merging SVHN and RESISC45, their nearest kin); here mnist (digits stays
-# merged) and textures.
-HELD_OUT = ("mnist", "textures")
+# The paper holds out MNIST and EuroSAT (merging SVHN and RESISC45, their nearest kin), tasks its CLIP already does
+# well zero-shot, so that routing a held-out input back to the base has something to keep. Here mnist (digits stays
+# merged), at chance zero-shot as every task but one, and faces: the one task this base knows zero-shot (90% on
+# validation; chosen there), without which every row is at chance and the table cannot show the claim.
+HELD_OUT = ("mnist", "faces")
 SEVERITY = 3
 
 
@@ -661,7 +663,7 @@ def unseen_tasks(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sc
     model their zero-shot heads were built for, with the learning rate and steps chosen for the main table."""
     adaptation = row_adaptations(cache, tasks, scale, seed)
     merged = [task for task in tasks.tasks if task not in held_out]
-    cache = cache / "unseen"
+    cache = cache / "unseen" / "-".join(held_out)  # artifacts merged without these tasks' experts
     cache.mkdir(parents=True, exist_ok=True)
     merged_data = write_yaml(data_config(tasks, "test", merged), cache / "data.yaml")
     every_task_data = write_yaml(data_config(tasks, "test"), cache / "data_every_task.yaml")
