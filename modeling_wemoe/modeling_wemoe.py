@@ -307,7 +307,8 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         self.shape = tuple(shape)
         self.values = nn.Parameter(torch.zeros(num_experts, *shape), requires_grad=False)
         self._stacked: torch.Tensor | None = None
-        self._stacked_base: tuple[int, int] | None = None  # the copied W0's address and version
+        # The W0 copied (held, so that no other tensor can take its address) and its version counter then.
+        self._stacked_base: tuple[torch.Tensor, int] | None = None
 
     def stack_under(self, base: torch.Tensor) -> None:
         """Move `values` into a `(1 + num_experts, *shape)` tensor under a copy of `base`: each row tile's
@@ -324,16 +325,17 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         # checkpoints use) refuse a tensor that covers only part of its storage, and see a plain tensor instead.
         after_base = stacked.untyped_storage()[stacked[0].numel() * stacked.element_size() :]
         self.values.data = stacked.new_empty(0).set_(after_base, 0, self.values.shape)
-        self._stacked, self._stacked_base = stacked, (base.data_ptr(), base._version)
+        self._stacked, self._stacked_base = stacked, (base.detach(), base._version)
 
     def is_stacked_under(self, base: torch.Tensor) -> bool:
         # A W0 changed in place, or either tensor replaced (`.to()`, loading with assign), leaves the copy stale.
-        stacked = self._stacked
+        if self._stacked is None:
+            return False
+        copied, version = self._stacked_base
         return (
-            stacked is not None
-            and self.values.data_ptr() == stacked[1].data_ptr()
-            and self.values.shape == stacked[1:].shape
-            and (base.data_ptr(), base._version) == self._stacked_base
+            self.values.data_ptr() == self._stacked[1].data_ptr()
+            and self.values.shape == self._stacked[1:].shape
+            and (base.data_ptr(), base._version) == (copied.data_ptr(), version)
         )
 
     def stacked_tile(

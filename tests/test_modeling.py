@@ -134,6 +134,17 @@ def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart
     assert store.is_stacked_under(layer.weight) and store.values.dtype == torch.float64
     assert_merged(weight_tv.double(), inputs.double(), routing.double())
 
+    # A new W0 in a new tensor, even one equal to the old and at the same version count: apart until prepared again.
+    replacement = layer.weight.detach().clone()
+    with torch.no_grad():
+        while replacement._version < layer.weight._version:
+            replacement.add_(0)
+    layer.weight = torch.nn.Parameter(replacement, requires_grad=False)
+    assert layer.weight._version == store._stacked_base[1]
+    assert not store.is_stacked_under(layer.weight)
+    assert_merged(weight_tv.double(), inputs.double(), routing.double())
+    layer.prepare()
+
     # New task vectors in a new tensor (as loading with `assign=True` gives): apart, and the merge reads them.
     store.values = torch.nn.Parameter(2 * weight_tv.double(), requires_grad=False)
     assert not store.is_stacked_under(layer.weight)
