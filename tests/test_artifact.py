@@ -47,7 +47,7 @@ def test_a_loaded_artifact_with_stacked_task_vectors_saves_and_loads_through_tra
 ):
     # Loading stacks each row-tiled matrix's task vectors under a copy of W0 (`WEMoELinear.prepare`); the state dict
     # must still be plain tensors for save_pretrained and for safetensors' save_model/load_model (accelerate's
-    # checkpoints), which refuse tensors that share storage.
+    # checkpoints), which refuse a tensor that covers only part of its storage.
     model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
     randomize_routers(model)
     processor = default_image_processor(base.config.vision_config)
