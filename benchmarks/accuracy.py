@@ -22,10 +22,11 @@ fine-tunes 90, task arithmetic 69 on ViT-B/32's eight tasks).
    diagnostic oracle-routing row (every router forced to the evaluated task's expert: the best any routing can do with
    these experts).
 6. The paper's adaptation (WEMoE, E-WEMoE) and AdaMerging are fixed before any merge is scored: Adam, lr 1e-4, batch
-   16 per task, unlabeled test inputs, `Scale.tta_steps` steps (1000, the paper's). The task-routing rows' learning
-   rate and steps are chosen on the validation splits (`selection.choose_adaptation`, once per routing
-   normalization), then the rows adapt on the unlabeled test inputs. `recommended.json` names the merged row with the
-   best validation average (`selection.recommend`). Nothing is chosen by looking at test accuracy.
+   16 per task, unlabeled test inputs, `Scale.tta_steps` steps (1000, the paper's). The task-routing rows' steps are
+   chosen on the validation splits (`selection.choose_adaptation`, once per routing normalization, at
+   `selection.TASK_ROUTING_LRS`), then the rows adapt on the unlabeled test inputs. `recommended.json` names the
+   merged row with the best validation average (`selection.recommend`). Nothing is chosen by looking at test
+   accuracy.
 7. Diagnostics: routing accuracy per layer before and after adaptation, the mean routing weight per layer and task,
    validation entropy and accuracy along adaptation, and the task-vector norms per layer (plots in --results).
 
@@ -85,7 +86,15 @@ from accuracy_common import (
 )
 from diagnostics import oracle_results, task_vector_norms, write_diagnostics
 from PIL import Image, ImageDraw, ImageFont
-from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
+from selection import (
+    PAPER,
+    TASK_ROUTING,
+    TASK_ROUTING_LRS,
+    RowAdaptations,
+    TaskRoutingGrid,
+    recommend,
+    recommended_line,
+)
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
 from wemoe import default_image_processor
@@ -534,8 +543,8 @@ def check_regime(checkpoints: dict[str, Path], tasks: TasksFile, cache: Path, st
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
-# Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
-TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 500))
+# Task routing's steps are chosen on validation among these (`selection.TaskRoutingChoices`).
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=TASK_ROUTING_LRS, steps=(100, 500))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 
 

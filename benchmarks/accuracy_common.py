@@ -128,10 +128,10 @@ def convert_and_adapt(cache: Path, method: str, recipe: dict, data_yaml: Path, a
     if recipe.get("variant") == "static":
         return converted
     adapted = cache / "models" / f"{slug}_tta"
-    if not adapted.is_dir():
+    if not adapted.is_dir():  # three checkpoints, the last the final step (each one a point of the adaptation curve)
         wemoe_tta([str(converted), str(data_yaml), "--output", str(adapted), "--steps", str(adaptation.steps),
                    "--lr", str(adaptation.lr), "--batch-size", str(adaptation.batch_size), "--seed",
-                   str(adaptation.seed), "--checkpointing-steps", str(max(1, adaptation.steps // 3)),
+                   str(adaptation.seed), "--checkpointing-steps", str(-(-adaptation.steps // 3)),
                    *adaptation.tta_args])  # fmt: skip
     return adapted
 
@@ -188,7 +188,7 @@ def parse_benchmark_args(
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2).")
     args = parser.parse_args(argv)
     args.cache = args.cache.resolve()  # recipes and LoRA adapters record absolute paths to what they build on
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.fresh:
         shutil.rmtree(args.cache, ignore_errors=True)

@@ -28,8 +28,8 @@
 5. The paper's adaptation (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) for WEMoE, E-WEMoE and
    AdaMerging runs 700 of the paper's 1000 steps (`Scale.tta_steps`): with one thread, next to another benchmark on
    a 2-core machine, a WEMoE step (16 prompts of each of the 4 tasks) took 0.57 s and an AdaMerging step 0.43 s.
-   Fixed before any merge was scored. The task-routing rows' learning rate and steps are chosen on the validation
-   splits (`selection.choose_adaptation`, once per routing normalization); `recommended.json` names the merged row
+   Fixed before any merge was scored. The task-routing rows' steps are chosen on the validation splits
+   (`selection.choose_adaptation`, once per routing normalization, at `selection.TASK_ROUTING_LRS`); `recommended.json` names the merged row
    with the best validation average. Nothing is chosen by looking at test accuracy: task arithmetic's lambda is
    chosen on validation too.
 6. Diagnostics (`diagnostics.py`, shared with `accuracy_text.py`): routing accuracy per encoder layer before and after
@@ -80,7 +80,15 @@ from accuracy_common import (
     write_yaml,
 )
 from diagnostics import oracle_results, task_vector_norms, write_diagnostics
-from selection import PAPER, TASK_ROUTING, RowAdaptations, TaskRoutingGrid, recommend, recommended_line
+from selection import (
+    PAPER,
+    TASK_ROUTING,
+    TASK_ROUTING_LRS,
+    RowAdaptations,
+    TaskRoutingGrid,
+    recommend,
+    recommended_line,
+)
 from text_tasks import DEFAULT_TASKS, build_tasks
 from transformers import (
     AutoTokenizer,
@@ -476,8 +484,8 @@ def build_checkpoints(cache: Path, tasks: TasksFile, scale: Scale, seed: int) ->
 
 # ----------------------------------------------------------------------------------------------------- the runs
 PAPER_TTA_LR = 1e-4
-# Task routing's learning rate and steps are chosen on validation among these (`selection.TaskRoutingChoices`).
-TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3, 3e-3), steps=(100, 200, 400))
+# Task routing's steps are chosen on validation among these (`selection.TaskRoutingChoices`).
+TASK_ROUTING_GRID = TaskRoutingGrid(lrs=TASK_ROUTING_LRS, steps=(100, 200, 400))
 TINY_TASK_ROUTING_GRID = TaskRoutingGrid(lrs=(1e-3,), steps=(1, 2))
 PROMPT_ROUTING = {"decoder_routing": "prompt"}
 EVAL_ARGS = ("--max-new-tokens", "4", "--batch-size", "64")

@@ -31,6 +31,10 @@ from wemoe.streams import entropy_loss
 
 CARRIED_FILES = ("README.md", RECIPE_FILE)
 
+# Inputs per task the diagnostics read (routing weights, the adaptation curves they plot): enough for a plot, and a
+# fraction of a benchmark's time. Choices on validation (`selection`) score every input.
+DIAGNOSTIC_SAMPLES = 128
+
 
 def expert_tasks(config) -> list[str]:
     """The tasks with an expert, in expert order (routing weight `i` is the `i`-th's): every task, unless the artifact
@@ -131,7 +135,7 @@ def tie_shared_hits(routing: torch.Tensor, expert: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_analysis(model_dir: Path, data: Mapping, samples: int = 128, batch_size: int = 32) -> dict:
+def routing_analysis(model_dir: Path, data: Mapping, samples: int = DIAGNOSTIC_SAMPLES, batch_size: int = 32) -> dict:
     """Per task: the mean routing weight per layer and expert, and the routing accuracy per layer, over up to
     `samples` of its test inputs (None for a task without an expert: no routing is its own)."""
     model = load_artifact_model(model_dir)
@@ -162,29 +166,35 @@ def routing_analysis(model_dir: Path, data: Mapping, samples: int = 128, batch_s
 
 
 @torch.no_grad()
-def stream_scores(model, streams: Mapping, datasets: Mapping, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """Per task: mean entropy of the adaptation objective's logits, and the accuracy of their argmax against the
-    labels (the task's classes; for a T5, the label word chosen at the first decoding step)."""
+def stream_scores(
+    model, streams: Mapping, datasets: Mapping, batch_size: int = 64, samples: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Per task, over its first `samples` inputs (all by default): mean entropy of the adaptation objective's logits,
+    and the accuracy of their argmax against the labels (the task's classes; for a T5, the label word chosen at the
+    first decoding step)."""
     scores = {}
     for task, stream in streams.items():
         dataset, spec = datasets[task]
+        scored = len(dataset) if samples is None else min(samples, len(dataset))
         names = list(model.config.task_labels[task])
         labels, _ = class_indices(task, dataset[spec.label_column], class_names_of(dataset, spec) or names)
         entropies, correct, counted = [], 0, 0
-        for start in range(0, len(dataset), batch_size):
-            rows = list(range(start, min(start + batch_size, len(dataset))))
+        for start in range(0, scored, batch_size):
+            rows = list(range(start, min(start + batch_size, scored)))
             logits = stream.logits(model, stream.encode(dataset[rows][stream.column], rows))
             entropies.append(float(entropy_loss(logits)) * len(rows))
             kept = labels[rows] != -1
             correct += int((logits.argmax(-1)[kept] == labels[rows][kept]).sum())
             counted += int(kept.sum())
-        scores[task] = {"entropy": sum(entropies) / len(dataset), "accuracy": correct / max(counted, 1)}
+        scores[task] = {"entropy": sum(entropies) / scored, "accuracy": correct / max(counted, 1)}
     return scores
 
 
-def adaptation_curve(artifact: Path, checkpoint_dir: Path, validation: Mapping) -> list[dict]:
-    """Validation entropy and accuracy of the unadapted artifact and at every checkpoint of its adaptation: each
-    checkpoint's routers loaded into the artifact."""
+def adaptation_curve(
+    artifact: Path, checkpoint_dir: Path, validation: Mapping, samples: int | None = None
+) -> list[dict]:
+    """Validation entropy and accuracy (over the first `samples` inputs of each task; all by default) of the unadapted
+    artifact and at every checkpoint of its adaptation: each checkpoint's routers loaded into the artifact."""
     model = load_artifact_model(artifact)
     backbone = backbone_for_config(model.config)
     processor = backbone.load_processor(str(artifact), model.config)
@@ -195,7 +205,7 @@ def adaptation_curve(artifact: Path, checkpoint_dir: Path, validation: Mapping) 
     for step in [0, *steps]:
         if step:
             model.load_state_dict(load_file(checkpoint_dir / f"step_{step}" / "model.safetensors"), strict=False)
-        scores = stream_scores(model, streams, datasets)
+        scores = stream_scores(model, streams, datasets, samples=samples)
         curve.append(
             {
                 "step": step,
@@ -292,7 +302,8 @@ def write_diagnostics(
 ) -> dict:
     """A benchmark's diagnostics of its adapted rows (`adapted`: method -> the artifact `wemoe-tta` wrote, its
     unadapted source beside it without `_tta`, its checkpoints in `ADAPTED.checkpoints`): routing accuracy per layer on
-    the `test` data before and after adaptation, the adaptation curve on `validation`, and the task-vector `norms`;
+    the `test` data before and after adaptation, the adaptation curve on `validation` (`DIAGNOSTIC_SAMPLES` inputs of
+    each task, as the routing), and the task-vector `norms`;
     written as `stem_diagnostics.json` in `output` with the plots `stem_routing_METHOD.png` (`what`: the routing
     weights', in the title), `stem_adaptation.png` and `stem_task_vector_norms.png`."""
     report = {}
@@ -302,7 +313,7 @@ def write_diagnostics(
         report[method] = {
             "routing_accuracy_before": {task: before[task]["routing_accuracy"] for task in before},
             "routing_accuracy_after": {task: after[task]["routing_accuracy"] for task in after},
-            "curve": adaptation_curve(converted, Path(f"{artifact}.checkpoints"), validation),
+            "curve": adaptation_curve(converted, Path(f"{artifact}.checkpoints"), validation, DIAGNOSTIC_SAMPLES),
         }
         experts = expert_tasks(load_artifact_model(converted).config)
         plot_routing(after, experts, output / f"{stem}_routing_{method_slug(method)}.png",
