@@ -29,9 +29,9 @@
    AdaMerging runs 700 of the paper's 1000 steps (`Scale.tta_steps`): with one thread, next to another benchmark on
    a 2-core machine, a WEMoE step (16 prompts of each of the 4 tasks) took 0.57 s and an AdaMerging step 0.43 s.
    Fixed before any merge was scored. The task-routing rows' steps are chosen on the validation splits
-   (`selection.choose_adaptation`, once per routing normalization, at `selection.TASK_ROUTING_LRS`); `recommended.json` names the merged row
-   with the best validation average. Nothing is chosen by looking at test accuracy: task arithmetic's lambda is
-   chosen on validation too.
+   (`selection.choose_adaptation`, once per routing normalization, at `selection.TASK_ROUTING_LRS`);
+   `recommended.json` names the merged row with the best validation average. Nothing is chosen by looking at test
+   accuracy: task arithmetic's lambda is chosen on validation too.
 6. Diagnostics (`diagnostics.py`, shared with `accuracy_text.py`): routing accuracy per encoder layer before and after
    adaptation (the encoder routes each prompt as a whole; a decoder routed per prompt adds its layers after the
    encoder's), the routing weights per layer and task, the task-vector norms per layer, and validation entropy and
@@ -43,7 +43,7 @@ row shows the static part and the learned routing each costing about half of the
 Every stage is cached under --cache (delete a stage's directory, or pass --fresh, to recompute it).
 
     pip install -e ".[benchmarks]" && apt-get install -y fortunes wordnet-base unicode-data
-    python benchmarks/accuracy_t5.py --fresh --threads 1    # 39 minutes (2339 s) on a shared 2-core machine
+    python benchmarks/accuracy_t5.py --fresh --threads 1    # 38m50s beside the CLIP benchmark, 2-core machine
     python benchmarks/accuracy_t5.py --tiny --cache /tmp/acc_t5 --results /tmp/acc_t5/results   # CI-sized check
 """
 
