@@ -16,7 +16,7 @@ paper's classifier-merging experiment (each task keeps its own head), end to end
    oracle-routing row.
 4. The paper's adaptation (Adam, lr 1e-4, batch 16 per task, unlabeled test inputs) runs as many steps as the CPU
    budget allows: 50 of the paper's 1000 steps (`Scale.tta_steps`; a step adapts on 16 inputs of each of the 6 tasks,
-   3.7 s on 2 cores; over 80 steps, in an earlier run, its validation accuracy moved by less than one point). The
+   3.1 s on 2 cores; over 80 steps, in an earlier run, its validation accuracy moved by less than one point). The
    task-routing rows' steps are chosen on the validation splits (`selection.choose_adaptation`, once per routing
    normalization, at `selection.TASK_ROUTING_LRS`; a task-routing step trains each router on its own input, about 3x
    faster); `recommended.json` names the merged row with the best validation average. Nothing is chosen by looking
