@@ -62,7 +62,7 @@ ROWS = {
 }  # fmt: skip
 MIB = 2**20
 BFLOAT16_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1", "low-rank rank 64")
-PROFILED_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1")
+PROFILED_ROWS = ("dense CLIP", "WEMoE dense", "E-WEMoE keep=0.1", "WEMoE, MLP + attention")
 BERT_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 BERT_ROWS = {
     "WEMoE dense": {},
@@ -102,10 +102,8 @@ class NaivePerSampleLoop(torch.nn.Module):
             for name, linear in self.linears.items():
                 layer = int(name.split(".")[2])
                 r = routing[layer][b]
-                merged[f"{name}.weight"] = linear.weight + torch.einsum(
-                    "e,eoi->oi", r, linear.weight_task_vectors.dense()
-                )
-                merged[f"{name}.bias"] = linear.bias + r @ linear.bias_task_vectors.dense()
+                merged[f"{name}.weight"] = linear.weight_task_vectors.merged_weight(linear.weight, r)
+                merged[f"{name}.bias"] = linear.bias + linear.bias_task_vectors.combine(r)
             outputs.append(functional_call(self.dense, merged, (pixel_values[b : b + 1],)).last_hidden_state)
         return torch.cat(outputs)
 
@@ -228,6 +226,7 @@ def bert_speed_table(num_experts: int, batch: int, repeats: int, seq_len: int = 
             **options,
         )
         models[row] = randomize_(WEMoEForSequenceClassification(config).eval())
+        models[row].prepare_task_vectors()  # as `from_pretrained` does at load
     with torch.no_grad():
         timings = interleaved_medians(
             {
@@ -296,7 +295,9 @@ def main() -> None:
     parser.add_argument("--no-bert", action="store_true", help="Skip the BERT-base-shaped rows.")
     parser.add_argument("--no-bfloat16", action="store_true", help="Skip the bfloat16 rows.")
     parser.add_argument(
-        "--profile", action="store_true", help="Print where the dense, WEMoE and E-WEMoE forwards spend their time."
+        "--profile",
+        action="store_true",
+        help="Print where the dense, WEMoE, E-WEMoE and MLP + attention forwards spend their time.",
     )
     parser.add_argument(
         "--adaptation-steps", action="store_true", help="Then the adaptation-step table (see above)."
@@ -356,7 +357,7 @@ def clip_forward_tables(args: argparse.Namespace, pixel_values: torch.Tensor) ->
         print(f"\nThe same in bfloat16, {args.threads} threads")
         bfloat16_speed_table(models, pixel_values, args.repeats)
         if args.profile:
-            profiled = {row: models[row] for row in PROFILED_ROWS if row in models}
+            profiled = {row: models[row] for row in PROFILED_ROWS if row in models and row in BFLOAT16_ROWS}
             print_profile(profiled, pixel_values.to(torch.bfloat16), args.experts)
 
 

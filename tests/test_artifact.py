@@ -45,15 +45,17 @@ def test_round_trip_in_a_process_without_this_repository(
 def test_a_loaded_artifact_with_stacked_task_vectors_saves_and_loads_through_transformers_and_safetensors(
     base, experts, classnames, tokenizer, pixel_values, tmp_path
 ):
-    # Loading stacks each row-tiled matrix's task vectors under a copy of W0 (`WEMoELinear.prepare`); the state dict
-    # must still be plain tensors for save_pretrained and for safetensors' save_model/load_model (accelerate's
-    # checkpoints), which refuse a tensor that covers only part of its storage.
+    # Loading stacks each matrix's task vectors under a copy of W0 (`WEMoELinear.prepare`; transposed for fc2, which
+    # goes by input columns); the state dict must still be plain tensors for save_pretrained and for safetensors'
+    # save_model/load_model (accelerate's checkpoints), which refuse a tensor that covers only part of its storage
+    # or is not contiguous.
     model = merge_clip(base, experts, classnames, tokenizer=tokenizer)
     randomize_routers(model)
     processor = default_image_processor(base.config.vision_config)
     loaded = WEMoEForImageClassification.from_pretrained(save_artifact(model, tmp_path / "first", processor))
     stores = [m.weight_task_vectors for m in loaded.modules() if isinstance(m, WEMoELinear)]
-    assert sum(store._stacked is not None for store in stores) == loaded.config.vision_config.num_hidden_layers
+    assert sum(store._stacked is not None for store in stores) == 2 * loaded.config.vision_config.num_hidden_layers
+    assert any(not store.values.is_contiguous() for store in stores)
     safetensors.torch.save_model(loaded, tmp_path / "model.safetensors")
     fresh = WEMoEForImageClassification(loaded.config)
     safetensors.torch.load_model(fresh, tmp_path / "model.safetensors")

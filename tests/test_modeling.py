@@ -98,11 +98,12 @@ def test_per_sample_linear_matches_a_weight_merged_for_each_sample(expert_format
     torch.testing.assert_close(layer(inputs, routing), expected, atol=1e-5, rtol=0)
 
 
-def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart():
-    # Prepared (at load), each row tile's [W0; tau] is read in place from one tensor holding a copy of W0 above the
-    # task vectors; before, or once anything has made that copy stale, the tile is copied together first. Both must
-    # be the per-sample merge of the W0 and task vectors the layer holds now.
-    layer, weight_tv, bias_tv = make_linear("dense", bias=True, prepare=False)
+@pytest.mark.parametrize("wide", [False, True], ids=["row-tiles", "column-tiles"])
+def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart(wide):
+    # Prepared (at load), each tile's [W0; tau] is read in place from one tensor holding a copy of W0 above the task
+    # vectors (transposed, for tiles of input columns); before, or once anything has made that copy stale, the tile
+    # is copied together first. Both must be the per-sample merge of the W0 and task vectors the layer holds now.
+    layer, weight_tv, bias_tv = make_linear("dense", bias=True, prepare=False, wide=wide)
     weight_tv = weight_tv.detach().clone()  # `dense()` is the stored tensor, which `prepare` moves
     store = layer.weight_task_vectors
     inputs = random_inputs(layer, 5, 7)
@@ -151,6 +152,18 @@ def test_dense_task_vectors_stacked_under_a_copy_of_w0_give_what_they_give_apart
     assert_merged(2 * weight_tv.double(), inputs.double(), routing.double())
 
 
+@pytest.mark.parametrize("prepare", [False, True], ids=["apart", "stacked"])
+@pytest.mark.parametrize("wide", [False, True], ids=["row-tiles", "column-tiles"])
+def test_batch_routing_merges_one_weight_from_the_mean_routing_weights(wide, prepare):
+    # The reference's adaptation mode: one weight for the batch, read from the stack (in either order) once prepared.
+    layer, weight_tv, bias_tv = make_linear("dense", bias=True, wide=wide, prepare=prepare)
+    assert layer.weight_task_vectors.is_stacked_under(layer.weight) == prepare
+    inputs = random_inputs(layer, 5, 7)
+    routing = torch.randn(5, NUM_EXPERTS)
+    expected = merged_linear(layer, weight_tv, bias_tv, routing.mean(0), inputs)
+    torch.testing.assert_close(layer.forward_batch_as_one(inputs, routing), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("length", "largest", "tile"),
     [(2048, 384, 256), (3072, 256, 256), (768, 256, 256), (70, 32, 32), (70, 28, 28), (100, 200, 100), (97, 10, 10)],
@@ -167,11 +180,26 @@ def test_forwards_recorded_for_backward_take_their_own_tile_size_except_over_a_s
     assert sparse.weight_task_vectors.per_sample_tile(torch.float32, recorded=True) == 32
 
 
-def test_a_down_projection_s_task_vectors_are_not_stacked():
-    # It goes by tiles of input columns, copied out either way: a copy of W0 would only cost memory.
-    layer, _, _ = make_linear("dense", bias=True, wide=True)
-    assert not layer.weight_task_vectors.is_stacked_under(layer.weight)
-    assert layer.weight_task_vectors._stacked is None
+def test_a_down_projection_s_task_vectors_are_held_transposed_and_read_as_they_were_assigned():
+    # Tiled by input columns, its stack is [W0^T; tau^T], so that a tile of columns is a view; `values` is then a
+    # view with the transpose's strides, which the other readers (batch routing, the per-token formula, savers) must
+    # read as the (num_experts, out, in) tensor it was.
+    layer, weight_tv, _ = make_linear("dense", bias=True, wide=True, prepare=False)
+    weight_tv = weight_tv.detach().clone()
+    layer.prepare()
+    store = layer.weight_task_vectors
+    assert store.is_stacked_under(layer.weight) and store._stacked.shape == (1 + NUM_EXPERTS, OUT_FEATURES, IN_FEATURES)
+    assert not store.values.is_contiguous()
+    torch.testing.assert_close(store._stacked[0], layer.weight.t(), atol=0, rtol=0)
+    torch.testing.assert_close(store.dense(), weight_tv, atol=0, rtol=0)
+    saved = layer.state_dict()["weight_task_vectors.values"]
+    assert saved.is_contiguous()
+    torch.testing.assert_close(saved, weight_tv, atol=0, rtol=0)
+    assert layer.state_dict(keep_vars=True)["weight_task_vectors.values"] is store.values
+    routing = torch.randn(2, NUM_EXPERTS)
+    torch.testing.assert_close(store.combine(routing), torch.einsum("be,eoi->boi", routing, weight_tv))
+    rows = torch.randn(4, OUT_FEATURES)
+    torch.testing.assert_close(store.expert_outputs(rows), torch.einsum("eoi,ti->eot", weight_tv, rows))
 
 
 @pytest.mark.parametrize("expert_format", ["dense", "sparse"])

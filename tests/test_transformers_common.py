@@ -9,6 +9,7 @@ class attribute with its reason.
 
 import os
 import re
+import tempfile
 import unittest
 from functools import cached_property
 from unittest import mock
@@ -21,6 +22,7 @@ from toy_t5 import build_toy_t5_base, build_toy_t5_expert
 from transformers_common_suite import load_common_tests
 
 from modeling_wemoe import WEMoEForConditionalGeneration, WEMoEForImageClassification, WEMoEForSequenceClassification
+from modeling_wemoe.modeling_wemoe import WEMoEDenseTaskVectors, WEMoELinear
 from wemoe import merge_bert, merge_clip, merge_t5
 from wemoe.toy import build_toy_base, build_toy_expert, toy_tokenizer
 
@@ -182,6 +184,31 @@ class WEMoECommonTests(ModelTesterMixin):
         if return_labels:
             inputs_dict["labels"] = self.model_tester.labels  # the same labels each call: outputs are compared
         return inputs_dict
+
+    def test_load_contiguous_weights(self):
+        """The suite's check that loading leaves every parameter in the contiguous layout it was saved in, but for
+        the one WEMoE lays out on purpose: dense task vectors of a matrix tiled by input columns are held transposed
+        under W0 at load (`WEMoEDenseTaskVectors.stack_under`), a view with the transpose's strides. Those must be
+        exactly that view, every other parameter contiguous, and the state dict (what savers read) contiguous."""
+        for model_class in self.all_model_classes:
+            config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+            model = model_class(config)
+            self.assertTrue(all(param.is_contiguous() for param in model.parameters()))
+            with tempfile.TemporaryDirectory() as directory:
+                model.save_pretrained(directory)
+                model = model_class.from_pretrained(directory)
+            held_transposed = set()
+            for linear in model.modules():
+                store = getattr(linear, "weight_task_vectors", None)
+                if isinstance(linear, WEMoELinear) and isinstance(store, WEMoEDenseTaskVectors):
+                    if store.goes_by_columns():
+                        self.assertTrue(store.is_stacked_under(linear.weight))
+                        self.assertTrue(store.values.transpose(-1, -2).is_contiguous())
+                        held_transposed.add(id(store.values))
+            self.assertTrue(held_transposed)
+            others = [param for param in model.parameters() if id(param) not in held_transposed]
+            self.assertTrue(all(param.is_contiguous() for param in others))
+            self.assertTrue(all(tensor.is_contiguous() for tensor in model.state_dict().values()))
 
     def _prepare_config_and_inputs_for_retain_grad_hidden_states_attentions(self):
         """Only the routers train, so the embeddings' output (the first hidden state) gets a gradient only from an
