@@ -432,13 +432,6 @@ class WEMoEDenseTaskVectors(WEMoETaskVectors):
         merged = with_base_weight(routing_weights.unsqueeze(0).to(stacked.dtype)) @ stacked
         return self.stacked_order(merged.view(self._stacked.shape[1:]))
 
-    def combine(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        if self.values.is_contiguous():
-            return super().combine(routing_weights)
-        held = self.stacked_order(self.values)  # held transposed (`stack_under`): contiguous this way round
-        merged = routing_weights.to(held.dtype) @ held.reshape(held.shape[0], -1)
-        return self.stacked_order(merged.view(*routing_weights.shape[:-1], *held.shape[1:]))
-
     def extra_repr(self) -> str:
         return f"num_experts={self.values.shape[0]}, shape={self.shape}"
 
