@@ -66,6 +66,8 @@ from accuracy_common import (
     ATTENTION_FIELDS,
     LAMBDAS,
     ORACLE_ROWS,
+    PRETRAINED_REST,
+    PRETRAINED_REST_FIELDS,
     Adaptation,
     TasksFile,
     choose_on_validation,
@@ -569,6 +571,7 @@ def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
         "E-WEMoE keep=0.1, task routing, softmax routing": ({"variant": "e-wemoe", "keep": 0.1, **softmax},
                                                             TASK_ROUTING),
         f"WEMoE, task routing{ATTENTION}": ({"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
+        f"WEMoE, task routing{PRETRAINED_REST}": ({"variant": "wemoe", **PRETRAINED_REST_FIELDS}, TASK_ROUTING),
     }  # fmt: skip
 
 

@@ -53,6 +53,11 @@ TASK_ROUTING_ARGS = ("--objective", TASK_ROUTING)
 # expert on a converted, unadapted model of the row they name (raw routing): the static part's cost alone.
 ATTENTION_FIELDS = {"upscale": ["mlp", "attention"]}
 ATTENTION = ", MLP + attention upscaled"
+# The same, with every weight it does not upscale (embeddings, norms) kept pre-trained rather than merged by task
+# arithmetic (`static_merge.scaling: 0`): an input routed to zero, as task routing routes a task without an expert,
+# then sees exactly the base its zero-shot head was built for.
+PRETRAINED_REST_FIELDS = {**ATTENTION_FIELDS, "static_merge": {"method": "task_arithmetic", "scaling": 0.0}}
+PRETRAINED_REST = f"{ATTENTION}, other weights pre-trained"
 ORACLE_ROWS = {
     "WEMoE, oracle routing (diagnostic)": ("WEMoE", "oracle"),
     f"WEMoE{ATTENTION}, oracle routing (diagnostic)": (f"WEMoE, task routing{ATTENTION}", "oracle_attention"),

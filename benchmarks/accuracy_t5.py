@@ -61,6 +61,8 @@ from accuracy_common import (
     ATTENTION_FIELDS,
     LAMBDAS,
     ORACLE_ROWS,
+    PRETRAINED_REST,
+    PRETRAINED_REST_FIELDS,
     Adaptation,
     TaskFiles,
     TasksFile,
@@ -530,6 +532,7 @@ def methods(lambda_star: float) -> dict[str, tuple[dict, str | None]]:
         "E-WEMoE keep=0.1, task routing, decoder routed per prompt": ({**e_wemoe, "router": PROMPT_ROUTING},
                                                                       TASK_ROUTING),
         f"WEMoE, task routing{ATTENTION}": ({"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
+        f"WEMoE, task routing{PRETRAINED_REST}": ({"variant": "wemoe", **PRETRAINED_REST_FIELDS}, TASK_ROUTING),
     }  # fmt: skip
 
 

@@ -43,6 +43,8 @@ from accuracy_common import (
     ATTENTION_FIELDS,
     LAMBDAS,
     ORACLE_ROWS,
+    PRETRAINED_REST,
+    PRETRAINED_REST_FIELDS,
     Adaptation,
     TaskFiles,
     TasksFile,
@@ -246,6 +248,8 @@ def methods(lambda_star: float, scale: Scale) -> dict[str, tuple[str, dict, str 
         f"WEMoE low-rank r={scale.lowrank_rank}, task routing": ("full", lowrank, TASK_ROUTING),
         f"WEMoE, LoRA experts (r={LORA_RANK}), task routing": ("lora", lora, TASK_ROUTING),
         f"WEMoE, task routing{ATTENTION}": ("full", {"variant": "wemoe", **ATTENTION_FIELDS}, TASK_ROUTING),
+        f"WEMoE, task routing{PRETRAINED_REST}": ("full", {"variant": "wemoe", **PRETRAINED_REST_FIELDS},
+                                                  TASK_ROUTING),
     }  # fmt: skip
 
 
@@ -292,7 +296,7 @@ def run_methods(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, sca
 BLOCKS = {"feed-forward": ("intermediate.", "output."), "attention": ("attention.",)}  # within a layer
 ADAPTED_ROWS = ("WEMoE", "E-WEMoE keep=0.1", "WEMoE, task routing", "WEMoE, task routing, softmax routing",
                 "E-WEMoE keep=0.1, task routing", "E-WEMoE keep=0.1, task routing, softmax routing",
-                f"WEMoE, task routing{ATTENTION}")  # fmt: skip
+                f"WEMoE, task routing{ATTENTION}", f"WEMoE, task routing{PRETRAINED_REST}")  # fmt: skip
 
 
 def diagnostics(cache: Path, checkpoints: dict[str, Path], tasks: TasksFile, results: dict, output: Path) -> dict:
