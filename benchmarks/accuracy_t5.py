@@ -43,7 +43,7 @@ row shows the static part and the learned routing each costing about half of the
 Every stage is cached under --cache (delete a stage's directory, or pass --fresh, to recompute it).
 
     pip install -e ".[benchmarks]" && apt-get install -y fortunes wordnet-base unicode-data
-    python benchmarks/accuracy_t5.py --fresh --threads 1    # 38m50s beside the CLIP benchmark, 2-core machine
+    python benchmarks/accuracy_t5.py --fresh --threads 1    # 43m56s beside the CLIP benchmark, 2-core machine
     python benchmarks/accuracy_t5.py --tiny --cache /tmp/acc_t5 --results /tmp/acc_t5/results   # CI-sized check
 """
 
