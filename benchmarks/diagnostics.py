@@ -49,8 +49,9 @@ def modules_of_class(model: torch.nn.Module, class_name: str) -> list[tuple[str,
 
 
 @torch.no_grad()
-def route_to(model: torch.nn.Module, expert: int) -> None:
-    """Every router outputs 1.0 for `expert` and 0 for the others, whatever its input."""
+def route_to(model: torch.nn.Module, expert: int | None) -> None:
+    """Every router outputs 1.0 for `expert` and 0 for the others, whatever its input; 0 for every expert with
+    `expert=None` (the base, as task routing routes a task without an expert)."""
     routers = modules_of_class(model, "WEMoERouter")
     if not routers:
         raise ValueError(f"{type(model).__name__} has no WEMoE router to route.")
@@ -58,7 +59,8 @@ def route_to(model: torch.nn.Module, expert: int) -> None:
         raise ValueError("Oracle routing forces raw router outputs; this model normalises them (softmax).")
     for _, router in routers:
         one_hot = torch.zeros(router.num_experts)
-        one_hot[expert] = 1.0
+        if expert is not None:
+            one_hot[expert] = 1.0
         if router.hidden_layers == 0:
             router.weight.copy_(one_hot)
         else:

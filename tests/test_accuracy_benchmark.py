@@ -75,12 +75,12 @@ def test_tiny_benchmark_runs_every_method_end_to_end(tmp_path):
         (a != b).any() for a, b in zip(base.vision_model.parameters(), mnist.vision_model.parameters(), strict=True)
     )
     assert all((a == b).all() for a, b in zip(base.text_model.parameters(), mnist.text_model.parameters(), strict=True))
-    base_weights = base.vision_model.state_dict()
     # WEMoE rows were adapted (a tta output beside each converted model); static rows were not.
     assert (cache / "models" / "wemoe_tta" / "config.json").is_file()
     check_task_routing_and_recommendation(benchmark, cache, results_dir, results, "accuracy")
     assert not (cache / "models" / "task_arithmetic__lambda_0_3_tta").exists()
     # The "other weights pre-trained" row keeps what it does not upscale as the base has it; the other row merges it.
+    base_weights = base.vision_model.state_dict()
     rows = {f"WEMoE, task routing{benchmark.PRETRAINED_REST}": True, f"WEMoE, task routing{benchmark.ATTENTION}": False}
     for row, kept in rows.items():
         converted = load_file(cache / "models" / benchmark.method_slug(row) / "model.safetensors")

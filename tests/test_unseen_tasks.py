@@ -98,15 +98,6 @@ def test_a_task_without_model_has_a_head_and_no_expert(merged, with_pets, base, 
             torch.testing.assert_close(model(pixel_values, task=task).logits, plain(pixel_values, task=task).logits)
 
 
-def routed_to_zero(model):
-    """`model` with every router's output layer zeroed: each input's raw routing weights are all 0."""
-    for module in model.modules():
-        if type(module).__name__ == "WEMoERouter":
-            torch.nn.init.zeros_(module.fc2.weight)
-            torch.nn.init.zeros_(module.fc2.bias)
-    return model
-
-
 @pytest.mark.parametrize("upscale", [["mlp"], ["mlp", "attention"]])
 def test_routed_to_zero_it_sees_the_pre_trained_base_when_the_rest_is_not_merged(
     saved_checkpoints, classnames, base, pixel_values, upscale, tmp_path
@@ -115,13 +106,16 @@ def test_routed_to_zero_it_sees_the_pre_trained_base_when_the_rest_is_not_merged
     for; with `static_merge.scaling: 0` the weights that are not upscaled stay pre-trained, so there the model is
     exactly the base (the benchmark's "other weights pre-trained" row); with 0.3 the merged embeddings and norms
     (and, MLP-only, attention) still move it."""
+    from diagnostics import route_to
+
     with torch.no_grad():
         expected = F.normalize(base.visual_projection(base.vision_model(pixel_values).pooler_output), dim=-1)
         head = zero_shot_head(base, toy_tokenizer(), PETS)
         for scaling, equal in ((0.0, True), (0.3, False)):
             recipe = recipe_of(saved_checkpoints, classnames, pets_at=1, upscale=upscale,
                                static_merge={"method": "task_arithmetic", "scaling": scaling})  # fmt: skip
-            model = routed_to_zero(load(wemoe.convert(recipe, tmp_path / f"scaling-{scaling}")))
+            model = load(wemoe.convert(recipe, tmp_path / f"scaling-{scaling}"))
+            route_to(model, None)
             output = model(pixel_values, task="pets")
             assert torch.allclose(output.image_embeds, expected, atol=1e-6) is equal, scaling
             if equal:
